@@ -1,0 +1,250 @@
+//! The [`EshopboxAuthBuilder`]: every setting of the layer, checked once in `build`.
+
+use std::fmt;
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::credentials::Credentials;
+use crate::error::Error;
+use crate::layer::EshopboxAuthLayer;
+use crate::replay::{CloneBodies, EmptyBodies};
+use crate::token::cache::TokenCache;
+use crate::token::endpoint::{EshopboxEndpoint, RequestFormat};
+
+/// Eshopbox's token endpoint.
+pub const DEFAULT_TOKEN_URL: &str = "https://auth.myeshopbox.com/api/v1/generateToken";
+
+/// Default [`refresh_margin`](EshopboxAuthBuilder::refresh_margin): 5 minutes.
+pub const DEFAULT_REFRESH_MARGIN: Duration = Duration::from_secs(5 * 60);
+
+/// Default [`token_timeout`](EshopboxAuthBuilder::token_timeout): 30 seconds.
+pub const DEFAULT_TOKEN_TIMEOUT: Duration = Duration::from_secs(30);
+
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Builder for [`EshopboxAuthLayer`], from [`EshopboxAuthLayer::builder`].
+///
+/// Setters take and return the builder; [`build`](Self::build) checks everything and
+/// reports bad input as an [`Error`] of kind [`Config`](crate::ErrorKind::Config).
+///
+/// `P` is the [`ReplayPolicy`](crate::ReplayPolicy) that decides which bodies may be
+/// resent after a 401.
+#[must_use]
+pub struct EshopboxAuthBuilder<P = EmptyBodies> {
+    credentials: Credentials,
+    token_url: String,
+    refresh_margin: Duration,
+    token_timeout: Duration,
+    retry_on_unauthorized: bool,
+    request_format: RequestFormat,
+    http_client: Option<reqwest::Client>,
+    replay: P,
+}
+
+impl EshopboxAuthBuilder {
+    pub(crate) fn new(credentials: Credentials) -> Self {
+        EshopboxAuthBuilder {
+            credentials,
+            token_url: DEFAULT_TOKEN_URL.to_owned(),
+            refresh_margin: DEFAULT_REFRESH_MARGIN,
+            token_timeout: DEFAULT_TOKEN_TIMEOUT,
+            retry_on_unauthorized: true,
+            request_format: RequestFormat::Json,
+            http_client: None,
+            replay: EmptyBodies,
+        }
+    }
+}
+
+impl<P> EshopboxAuthBuilder<P> {
+    /// The token endpoint (default [`DEFAULT_TOKEN_URL`]). Must be `https://`, or
+    /// `http://` on a loopback host (`localhost`, `127.0.0.0/8`, `[::1]`) for tests.
+    pub fn token_url(mut self, url: &str) -> Self {
+        url.clone_into(&mut self.token_url);
+        self
+    }
+
+    /// How long before expiry to refresh (default 5 minutes). It is capped at half the
+    /// token's lifetime, and up to a tenth of it is taken off at random so several
+    /// processes do not refresh in lockstep. Within the margin, requests keep using the
+    /// still-valid token while one refresh runs in the background.
+    pub fn refresh_margin(mut self, margin: Duration) -> Self {
+        self.refresh_margin = margin;
+        self
+    }
+
+    /// The longest one token request may take, connecting included (default 30 s).
+    /// Requests waiting on that refresh fail with
+    /// [`Unavailable`](crate::ErrorKind::Unavailable) when it runs out.
+    pub fn token_timeout(mut self, timeout: Duration) -> Self {
+        self.token_timeout = timeout;
+        self
+    }
+
+    /// Whether to resend a request once, with a new token, when it is answered
+    /// `401 Unauthorized` (default `true`). Either way, the token that was refused is
+    /// dropped so that the next request gets a new one.
+    pub fn retry_on_unauthorized(mut self, retry: bool) -> Self {
+        self.retry_on_unauthorized = retry;
+        self
+    }
+
+    /// How the token request body is encoded (default [`RequestFormat::Json`]).
+    pub fn request_format(mut self, format: RequestFormat) -> Self {
+        self.request_format = format;
+        self
+    }
+
+    /// The `reqwest::Client` for token requests. By default the layer builds its own,
+    /// with a 10 s connect timeout and redirects off (a redirect would carry the client
+    /// secret to another URL).
+    pub fn http_client(mut self, client: reqwest::Client) -> Self {
+        self.http_client = Some(client);
+        self
+    }
+
+    /// Which request bodies may be resent after a 401; see [`crate::replay`].
+    pub fn replay_bodies<Q>(self, policy: Q) -> EshopboxAuthBuilder<Q> {
+        EshopboxAuthBuilder {
+            credentials: self.credentials,
+            token_url: self.token_url,
+            refresh_margin: self.refresh_margin,
+            token_timeout: self.token_timeout,
+            retry_on_unauthorized: self.retry_on_unauthorized,
+            request_format: self.request_format,
+            http_client: self.http_client,
+            replay: policy,
+        }
+    }
+
+    /// Resends any `Clone` body after a 401 (for example `Full<Bytes>`), by cloning it
+    /// before the first attempt. Shorthand for `replay_bodies(CloneBodies)`.
+    pub fn replay_cloneable_bodies(self) -> EshopboxAuthBuilder<CloneBodies> {
+        self.replay_bodies(CloneBodies)
+    }
+
+    /// Checks the settings and builds the layer.
+    ///
+    /// Fails with [`ErrorKind::Config`](crate::ErrorKind::Config) on an empty
+    /// credential, a token URL that does not parse or is plain `http://` on a host
+    /// other than loopback, a zero token timeout, or an HTTP client that cannot be
+    /// built.
+    pub fn build(self) -> Result<EshopboxAuthLayer<P>, Error> {
+        self.credentials.validate()?;
+        let url = check_token_url(&self.token_url)?;
+        if self.token_timeout.is_zero() {
+            return Err(Error::config("token_timeout must be more than zero"));
+        }
+        let client = match self.http_client {
+            Some(client) => client,
+            None => reqwest::Client::builder()
+                .connect_timeout(CONNECT_TIMEOUT.min(self.token_timeout))
+                .timeout(self.token_timeout)
+                .redirect(reqwest::redirect::Policy::none())
+                .build()
+                .map_err(|e| {
+                    Error::config("could not build the HTTP client for token requests")
+                        .with_source(e)
+                })?,
+        };
+        let source = EshopboxEndpoint::new(client, url, self.request_format, self.credentials);
+        let cache = TokenCache::new(Box::new(source), self.refresh_margin, self.token_timeout);
+        Ok(EshopboxAuthLayer::from_parts(
+            Arc::new(cache),
+            self.retry_on_unauthorized,
+            self.replay,
+        ))
+    }
+}
+
+/// Parses the token URL and refuses plain http except on loopback.
+fn check_token_url(raw: &str) -> Result<reqwest::Url, Error> {
+    let url = reqwest::Url::parse(raw)
+        .map_err(|e| Error::config(format!("token_url is not a valid URL: {e}")))?;
+    match url.scheme() {
+        "https" => Ok(url),
+        "http" if is_loopback(&url) => Ok(url),
+        "http" => Err(Error::config(
+            "token_url must use https (plain http is only allowed on a loopback host)",
+        )),
+        other => Err(Error::config(format!(
+            "token_url must use https, not {other:?}"
+        ))),
+    }
+}
+
+fn is_loopback(url: &reqwest::Url) -> bool {
+    match url.host() {
+        Some(url::Host::Domain(name)) => name.eq_ignore_ascii_case("localhost"),
+        Some(url::Host::Ipv4(ip)) => IpAddr::V4(ip).is_loopback(),
+        Some(url::Host::Ipv6(ip)) => IpAddr::V6(ip).is_loopback(),
+        None => false,
+    }
+}
+
+impl<P: fmt::Debug> fmt::Debug for EshopboxAuthBuilder<P> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("EshopboxAuthBuilder")
+            .field("credentials", &self.credentials)
+            .field("token_url", &self.token_url)
+            .field("refresh_margin", &self.refresh_margin)
+            .field("token_timeout", &self.token_timeout)
+            .field("retry_on_unauthorized", &self.retry_on_unauthorized)
+            .field("request_format", &self.request_format)
+            .field("replay", &self.replay)
+            .finish_non_exhaustive()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ErrorKind;
+
+    #[test]
+    fn https_and_loopback_http_are_accepted() {
+        for ok in [
+            DEFAULT_TOKEN_URL,
+            "http://127.0.0.1:8080/api/v1/generateToken",
+            "http://127.9.9.9/t",
+            "http://localhost:1/t",
+            "http://[::1]:9/t",
+        ] {
+            assert!(check_token_url(ok).is_ok(), "{ok}");
+        }
+    }
+
+    #[test]
+    fn plain_http_elsewhere_and_junk_are_refused() {
+        for (bad, says) in [
+            ("http://auth.myeshopbox.com/api/v1/generateToken", "must use https"),
+            ("http://10.0.0.1/t", "must use https"),
+            ("http://localhost.evil.com/t", "must use https"),
+            ("ftp://127.0.0.1/t", "not \"ftp\""),
+            ("not a url", "not a valid URL"),
+        ] {
+            let err = check_token_url(bad).unwrap_err();
+            assert_eq!(err.kind(), ErrorKind::Config, "{bad}");
+            assert!(err.to_string().contains(says), "{bad}: {err}");
+        }
+    }
+
+    #[test]
+    fn build_reports_bad_settings() {
+        let creds = || Credentials::new("id", "secret", "rt");
+        let err = EshopboxAuthLayer::builder(creds())
+            .token_url("http://example.com/t")
+            .build()
+            .unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::Config);
+        let err = EshopboxAuthLayer::builder(creds())
+            .token_timeout(Duration::ZERO)
+            .build()
+            .unwrap_err();
+        assert!(err.to_string().contains("token_timeout"));
+        let err = EshopboxAuthLayer::new(Credentials::new("id", "", "rt")).unwrap_err();
+        assert!(err.to_string().contains("client_secret is empty"));
+        assert!(EshopboxAuthLayer::new(creds()).is_ok());
+    }
+}

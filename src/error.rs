@@ -1,0 +1,202 @@
+//! The crate's error type.
+//!
+//! A token failure reaches the caller of the service as an [`Error`] boxed in a
+//! [`tower::BoxError`]; `downcast_ref::<eshopbox_auth::Error>()` recovers it and
+//! [`Error::kind`] tells what went wrong. No message or source produced here ever
+//! contains the client secret, the refresh token or an access token.
+
+use std::error::Error as StdError;
+use std::fmt;
+use std::sync::Arc;
+
+use http::StatusCode;
+
+/// What went wrong, coarse enough to match on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum ErrorKind {
+    /// The builder was given something unusable: a malformed or plain-http token URL,
+    /// an empty credential, a zero timeout, or the layer was used outside a tokio runtime.
+    Config,
+    /// The token endpoint rejected the credentials or the refresh token
+    /// (`invalid_grant`, `invalid_client`, any other 4xx but 408 and 429).
+    /// Trying again with the same credentials will not help.
+    Rejected,
+    /// The token endpoint could not be reached, timed out, or answered 5xx, 408 or 429.
+    /// A later attempt may succeed.
+    Unavailable,
+    /// The token endpoint answered, but not with a usable token: not JSON, a missing or
+    /// empty `access_token`, a `token_type` other than Bearer, a token that cannot be
+    /// sent in a header, or an oversized body.
+    InvalidResponse,
+}
+
+impl ErrorKind {
+    fn as_str(self) -> &'static str {
+        match self {
+            ErrorKind::Config => "configuration error",
+            ErrorKind::Rejected => "credentials rejected",
+            ErrorKind::Unavailable => "token endpoint unavailable",
+            ErrorKind::InvalidResponse => "invalid token response",
+        }
+    }
+}
+
+impl fmt::Display for ErrorKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// An error from obtaining an Eshopbox access token or from building the layer.
+///
+/// Cheap to clone: every request that waited on one failed refresh receives a clone
+/// of the same error.
+#[derive(Clone)]
+pub struct Error {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    kind: ErrorKind,
+    message: String,
+    status: Option<StatusCode>,
+    oauth_error: Option<String>,
+    source: Option<Box<dyn StdError + Send + Sync>>,
+}
+
+impl Error {
+    pub(crate) fn new(kind: ErrorKind, message: impl Into<String>) -> Self {
+        Error {
+            inner: Arc::new(Inner {
+                kind,
+                message: message.into(),
+                status: None,
+                oauth_error: None,
+                source: None,
+            }),
+        }
+    }
+
+    pub(crate) fn config(message: impl Into<String>) -> Self {
+        Error::new(ErrorKind::Config, message)
+    }
+
+    pub(crate) fn invalid_response(message: impl Into<String>) -> Self {
+        Error::new(ErrorKind::InvalidResponse, message)
+    }
+
+    pub(crate) fn unavailable(message: impl Into<String>) -> Self {
+        Error::new(ErrorKind::Unavailable, message)
+    }
+
+    /// Adds the HTTP status and OAuth `error` code of the endpoint's answer.
+    ///
+    /// Only called while the error is still uniquely owned.
+    pub(crate) fn with_status(mut self, status: StatusCode, oauth_error: Option<String>) -> Self {
+        if let Some(inner) = Arc::get_mut(&mut self.inner) {
+            inner.status = Some(status);
+            inner.oauth_error = oauth_error;
+        }
+        self
+    }
+
+    /// Adds an underlying cause. The caller guarantees it carries no secret.
+    pub(crate) fn with_source(mut self, source: impl StdError + Send + Sync + 'static) -> Self {
+        if let Some(inner) = Arc::get_mut(&mut self.inner) {
+            inner.source = Some(Box::new(source));
+        }
+        self
+    }
+
+    /// What went wrong.
+    pub fn kind(&self) -> ErrorKind {
+        self.inner.kind
+    }
+
+    /// The HTTP status the token endpoint answered with, when it answered.
+    pub fn status(&self) -> Option<StatusCode> {
+        self.inner.status
+    }
+
+    /// The OAuth 2 `error` code of the endpoint's answer (`invalid_grant`, …), when it
+    /// sent one.
+    pub fn oauth_error(&self) -> Option<&str> {
+        self.inner.oauth_error.as_deref()
+    }
+
+    /// Whether a later attempt may succeed without changing the credentials.
+    pub fn is_transient(&self) -> bool {
+        self.inner.kind == ErrorKind::Unavailable
+    }
+}
+
+impl fmt::Debug for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut d = f.debug_struct("Error");
+        d.field("kind", &self.inner.kind)
+            .field("message", &self.inner.message);
+        if let Some(status) = self.inner.status {
+            d.field("status", &status);
+        }
+        if let Some(code) = &self.inner.oauth_error {
+            d.field("oauth_error", code);
+        }
+        if let Some(source) = &self.inner.source {
+            d.field("source", source);
+        }
+        d.finish()
+    }
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "eshopbox auth: {}: {}", self.inner.kind, self.inner.message)?;
+        if let Some(status) = self.inner.status {
+            write!(f, " (HTTP {}", status.as_u16())?;
+            if let Some(code) = &self.inner.oauth_error {
+                write!(f, ", {code}")?;
+            }
+            f.write_str(")")?;
+        }
+        Ok(())
+    }
+}
+
+impl StdError for Error {
+    fn source(&self) -> Option<&(dyn StdError + 'static)> {
+        self.inner
+            .source
+            .as_deref()
+            .map(|s| s as &(dyn StdError + 'static))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn display_names_kind_status_and_code() {
+        let e = Error::new(ErrorKind::Rejected, "the token endpoint refused the refresh token")
+            .with_status(StatusCode::BAD_REQUEST, Some("invalid_grant".into()));
+        assert_eq!(
+            e.to_string(),
+            "eshopbox auth: credentials rejected: the token endpoint refused the refresh token \
+             (HTTP 400, invalid_grant)"
+        );
+        assert_eq!(e.kind(), ErrorKind::Rejected);
+        assert_eq!(e.status(), Some(StatusCode::BAD_REQUEST));
+        assert_eq!(e.oauth_error(), Some("invalid_grant"));
+        assert!(!e.is_transient());
+    }
+
+    #[test]
+    fn clones_share_source() {
+        let io = std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "refused");
+        let e = Error::unavailable("could not connect").with_source(io);
+        let c = e.clone();
+        assert!(c.source().is_some());
+        assert!(c.is_transient());
+    }
+}

@@ -1,0 +1,207 @@
+//! The response future of [`EshopboxAuth`](crate::EshopboxAuth).
+//!
+//! A request goes through at most these states:
+//!
+//! ```text
+//! Token ──► Ready ──► Called ──► done
+//!   ▲                   │ 401, first attempt, body replayable
+//!   └───────────────────┘ (at most once)
+//! ```
+//!
+//! - `Token`: no usable token was cached; wait for the shared refresh.
+//! - `Ready`: drive the inner service to readiness (skipped for the first attempt,
+//!   whose service the caller already polled ready).
+//! - `Called`: the inner service's future.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{ready, Context, Poll};
+
+use http::header::AUTHORIZATION;
+use http::{Request, Response, StatusCode};
+use pin_project_lite::pin_project;
+use tower::{BoxError, Service};
+
+use crate::error::Error;
+use crate::token::cache::TokenCache;
+use crate::token::{BoxFuture, Token};
+
+/// The copy of a request kept for one resend after a 401, with the service to send it.
+pub(crate) struct Replay<S, B> {
+    pub(crate) service: S,
+    pub(crate) request: Request<B>,
+}
+
+pin_project! {
+    /// Response future of [`EshopboxAuth`](crate::EshopboxAuth).
+    pub struct ResponseFuture<S, B>
+    where
+        S: Service<Request<B>>,
+    {
+        #[pin]
+        state: State<S, B>,
+        cache: Arc<TokenCache>,
+        // The generation of the token the first attempt carried.
+        generation: u64,
+        replay: Option<Replay<S, B>>,
+        resent: bool,
+    }
+}
+
+pin_project! {
+    #[project = StateProj]
+    enum State<S, B>
+    where
+        S: Service<Request<B>>,
+    {
+        Token {
+            token: BoxFuture<Result<Arc<Token>, Error>>,
+            service: Option<S>,
+            request: Option<Request<B>>,
+            // Whether `service` was already polled ready.
+            ready: bool,
+        },
+        Ready {
+            service: Option<S>,
+            request: Option<Request<B>>,
+        },
+        Called {
+            #[pin]
+            future: S::Future,
+        },
+    }
+}
+
+impl<S, B> ResponseFuture<S, B>
+where
+    S: Service<Request<B>>,
+{
+    /// The first attempt was sent at once with the token of this generation.
+    pub(crate) fn called(
+        future: S::Future,
+        cache: Arc<TokenCache>,
+        generation: u64,
+        replay: Option<Replay<S, B>>,
+    ) -> Self {
+        ResponseFuture {
+            state: State::Called { future },
+            cache,
+            generation,
+            replay,
+            resent: false,
+        }
+    }
+
+    /// The first attempt waits for a token; `service` has been polled ready.
+    pub(crate) fn waiting(
+        service: S,
+        request: Request<B>,
+        cache: Arc<TokenCache>,
+        replay: Option<Replay<S, B>>,
+    ) -> Self {
+        ResponseFuture {
+            state: State::Token {
+                token: cache.wait(),
+                service: Some(service),
+                request: Some(request),
+                ready: true,
+            },
+            cache,
+            generation: 0,
+            replay,
+            resent: false,
+        }
+    }
+}
+
+impl<S, B, RB> Future for ResponseFuture<S, B>
+where
+    S: Service<Request<B>, Response = Response<RB>>,
+    S::Error: Into<BoxError>,
+{
+    type Output = Result<Response<RB>, BoxError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let mut this = self.project();
+        loop {
+            match this.state.as_mut().project() {
+                StateProj::Token {
+                    token,
+                    service,
+                    request,
+                    ready,
+                } => {
+                    let token = ready!(token.as_mut().poll(cx))?;
+                    let (Some(mut service), Some(mut request)) = (service.take(), request.take())
+                    else {
+                        return Poll::Ready(Err(polled_after_completion()));
+                    };
+                    request
+                        .headers_mut()
+                        .insert(AUTHORIZATION, token.header.clone());
+                    if *ready {
+                        *this.generation = token.generation;
+                        let future = service.call(request);
+                        this.state.set(State::Called { future });
+                    } else {
+                        this.state.set(State::Ready {
+                            service: Some(service),
+                            request: Some(request),
+                        });
+                    }
+                }
+                StateProj::Ready { service, request } => {
+                    let Some(svc) = service.as_mut() else {
+                        return Poll::Ready(Err(polled_after_completion()));
+                    };
+                    ready!(svc.poll_ready(cx)).map_err(Into::into)?;
+                    let (Some(mut service), Some(request)) = (service.take(), request.take())
+                    else {
+                        return Poll::Ready(Err(polled_after_completion()));
+                    };
+                    let future = service.call(request);
+                    this.state.set(State::Called { future });
+                }
+                StateProj::Called { future } => {
+                    let response = ready!(future.poll(cx)).map_err(Into::into)?;
+                    if response.status() != StatusCode::UNAUTHORIZED || *this.resent {
+                        return Poll::Ready(Ok(response));
+                    }
+                    // The first attempt was refused: drop this token (only if it is still
+                    // the current one), then resend once if a copy of the request exists.
+                    this.cache.invalidate(*this.generation);
+                    let Some(Replay {
+                        service,
+                        mut request,
+                    }) = this.replay.take()
+                    else {
+                        return Poll::Ready(Ok(response));
+                    };
+                    *this.resent = true;
+                    drop(response);
+                    tracing::debug!("request answered 401; resending it once with a new token");
+                    match this.cache.get() {
+                        Some((header, _)) => {
+                            request.headers_mut().insert(AUTHORIZATION, header);
+                            this.state.set(State::Ready {
+                                service: Some(service),
+                                request: Some(request),
+                            });
+                        }
+                        None => this.state.set(State::Token {
+                            token: this.cache.wait(),
+                            service: Some(service),
+                            request: Some(request),
+                            ready: false,
+                        }),
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn polled_after_completion() -> BoxError {
+    "eshopbox auth: response future polled after completion".into()
+}

@@ -1,0 +1,109 @@
+//! Tower middleware that keeps an [Eshopbox] access token fresh and puts it on every
+//! request.
+//!
+//! Eshopbox gives each app a long-lived refresh token, which is traded for a
+//! 24-hour Bearer access token at `POST https://auth.myeshopbox.com/api/v1/generateToken`.
+//! [`EshopboxAuthLayer`] wraps any HTTP client service
+//! (`tower::Service<http::Request<B>>`) and:
+//!
+//! - sets `Authorization: Bearer <access_token>` on each request (replacing any it
+//!   had), with a header value built once per token and marked sensitive;
+//! - reads the token lock-free from an [`arc_swap`] cell: a request that finds a valid
+//!   token takes no lock and makes no token call;
+//! - fetches a token with exactly one POST however many requests need it at once, in
+//!   a spawned task, so cancelling the requests that wait does not abort it;
+//! - refreshes ahead of expiry ([`refresh_margin`](EshopboxAuthBuilder::refresh_margin),
+//!   capped at half the token's lifetime, with jitter) in the background, while
+//!   requests keep using the still-valid token; a failed early refresh keeps it;
+//! - on `401 Unauthorized`, drops that token (only if no newer one has replaced it)
+//!   and resends the request once with a new token, if its body can be replayed
+//!   (see [`replay`]);
+//! - reports token failures as an [`Error`] with an [`ErrorKind`] to match on, never
+//!   containing a secret.
+//!
+//! # Example
+//!
+//! ```
+//! use eshopbox_auth::{Credentials, EshopboxAuthLayer};
+//! use http::{Request, Response};
+//! use std::convert::Infallible;
+//! use tower::{service_fn, Service, ServiceBuilder, ServiceExt};
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+//! let credentials = Credentials::new("client-id", "client-secret", "refresh-token");
+//! let auth = EshopboxAuthLayer::builder(credentials)
+//! #   .token_url(&mock_token_endpoint().await)
+//!     .build()?;
+//!
+//! // Any `Service<http::Request<B>>` works: a hyper-util client, a tonic channel, …
+//! // Here, a stand-in that echoes the header it received.
+//! let client = service_fn(|req: Request<String>| async move {
+//!     let auth = req.headers()["authorization"].to_str().unwrap().to_owned();
+//!     Ok::<_, Infallible>(Response::new(auth))
+//! });
+//!
+//! let mut client = ServiceBuilder::new().layer(auth).service(client);
+//! let request = Request::get("https://acme.myeshopbox.com/api/v2/inventoryListing")
+//!     .body(String::new())?;
+//! let response = client.ready().await?.call(request).await?;
+//! assert_eq!(response.body(), "Bearer doc-token");
+//! # Ok(())
+//! # }
+//! # // A one-shot token endpoint on loopback, standing in for Eshopbox.
+//! # async fn mock_token_endpoint() -> String {
+//! #     use tokio::io::{AsyncReadExt, AsyncWriteExt};
+//! #     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+//! #     let addr = listener.local_addr().unwrap();
+//! #     tokio::spawn(async move {
+//! #         let (mut socket, _) = listener.accept().await.unwrap();
+//! #         let mut buf = vec![0; 4096];
+//! #         let _ = socket.read(&mut buf).await;
+//! #         let body = r#"{"access_token":"doc-token","expires_in":86400,"token_type":"Bearer"}"#;
+//! #         let reply = format!(
+//! #             "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+//! #             body.len()
+//! #         );
+//! #         socket.write_all(reply.as_bytes()).await.unwrap();
+//! #     });
+//! #     format!("http://{addr}/api/v1/generateToken")
+//! # }
+//! ```
+//!
+//! # Errors
+//!
+//! The service's error type is [`tower::BoxError`]. When a token cannot be had, it
+//! holds an [`Error`]: `err.downcast_ref::<eshopbox_auth::Error>()` and
+//! [`Error::kind`]. Errors of the inner service are passed through, boxed.
+//!
+//! A request goes through three files: [`EshopboxAuth::call`](tower::Service::call)
+//! in `service.rs`, the state machine in `future.rs`, and the token cache in
+//! `token/cache.rs`.
+//!
+//! [Eshopbox]: https://www.eshopbox.com
+
+#![deny(unsafe_code, unreachable_pub)]
+#![warn(missing_docs)]
+#![cfg_attr(docsrs, feature(doc_cfg))]
+
+mod builder;
+mod credentials;
+mod error;
+pub mod future;
+mod layer;
+pub mod replay;
+mod service;
+mod token;
+
+#[cfg(test)]
+mod tests;
+
+pub use builder::{
+    EshopboxAuthBuilder, DEFAULT_REFRESH_MARGIN, DEFAULT_TOKEN_TIMEOUT, DEFAULT_TOKEN_URL,
+};
+pub use credentials::Credentials;
+pub use error::{Error, ErrorKind};
+pub use layer::EshopboxAuthLayer;
+pub use replay::{CloneBodies, EmptyBodies, ReplayPolicy};
+pub use service::EshopboxAuth;
+pub use token::endpoint::RequestFormat;

@@ -1,0 +1,137 @@
+//! The [`EshopboxAuth`] service: puts the current token on each request.
+
+use std::fmt;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use http::header::AUTHORIZATION;
+use http::{Request, Response};
+use tower::{BoxError, Service};
+
+use crate::future::{Replay, ResponseFuture};
+use crate::replay::{EmptyBodies, ReplayPolicy};
+use crate::token::cache::TokenCache;
+
+/// Middleware that authenticates each request with the current Eshopbox access token.
+///
+/// Made by [`EshopboxAuthLayer`](crate::EshopboxAuthLayer); see the
+/// [crate documentation](crate) for what it does to a request.
+pub struct EshopboxAuth<S, P = EmptyBodies> {
+    inner: S,
+    cache: Arc<TokenCache>,
+    retry_on_unauthorized: bool,
+    replay: P,
+}
+
+impl<S, P> EshopboxAuth<S, P> {
+    pub(crate) fn new(
+        inner: S,
+        cache: Arc<TokenCache>,
+        retry_on_unauthorized: bool,
+        replay: P,
+    ) -> Self {
+        EshopboxAuth {
+            inner,
+            cache,
+            retry_on_unauthorized,
+            replay,
+        }
+    }
+
+    /// The wrapped service.
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+
+    /// The wrapped service, mutably.
+    pub fn get_mut(&mut self) -> &mut S {
+        &mut self.inner
+    }
+
+    /// Unwraps the inner service.
+    pub fn into_inner(self) -> S {
+        self.inner
+    }
+}
+
+impl<S, P, B, RB> Service<Request<B>> for EshopboxAuth<S, P>
+where
+    S: Service<Request<B>, Response = Response<RB>> + Clone,
+    S::Error: Into<BoxError>,
+    P: ReplayPolicy<B>,
+{
+    type Response = Response<RB>;
+    type Error = BoxError;
+    type Future = ResponseFuture<S, B>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx).map_err(Into::into)
+    }
+
+    fn call(&mut self, request: Request<B>) -> Self::Future {
+        let (request, replay) = self.keep_copy(request);
+        match self.cache.get() {
+            Some((header, generation)) => {
+                let mut request = request;
+                request.headers_mut().insert(AUTHORIZATION, header);
+                let future = self.inner.call(request);
+                ResponseFuture::called(future, self.cache.clone(), generation, replay)
+            }
+            None => {
+                // The token must be fetched first. `self.inner` is the service the
+                // caller polled ready: take it along and leave a fresh clone behind.
+                let clone = self.inner.clone();
+                let ready = std::mem::replace(&mut self.inner, clone);
+                ResponseFuture::waiting(ready, request, self.cache.clone(), replay)
+            }
+        }
+    }
+}
+
+impl<S, P> EshopboxAuth<S, P>
+where
+    S: Clone,
+{
+    /// Splits off a copy of the request for a resend after 401, when retries are on and
+    /// the policy can replay the body. Costs nothing otherwise.
+    fn keep_copy<B>(&self, request: Request<B>) -> (Request<B>, Option<Replay<S, B>>)
+    where
+        P: ReplayPolicy<B>,
+    {
+        if !self.retry_on_unauthorized {
+            return (request, None);
+        }
+        let Some(body) = self.replay.replay(request.body()) else {
+            return (request, None);
+        };
+        let (parts, original) = request.into_parts();
+        let copy = Request::from_parts(parts.clone(), body);
+        let replay = Replay {
+            service: self.inner.clone(),
+            request: copy,
+        };
+        (Request::from_parts(parts, original), Some(replay))
+    }
+}
+
+impl<S: Clone, P: Clone> Clone for EshopboxAuth<S, P> {
+    fn clone(&self) -> Self {
+        EshopboxAuth {
+            inner: self.inner.clone(),
+            cache: self.cache.clone(),
+            retry_on_unauthorized: self.retry_on_unauthorized,
+            replay: self.replay.clone(),
+        }
+    }
+}
+
+impl<S: fmt::Debug, P: fmt::Debug> fmt::Debug for EshopboxAuth<S, P> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("EshopboxAuth")
+            .field("inner", &self.inner)
+            .field("cache", &self.cache)
+            .field("retry_on_unauthorized", &self.retry_on_unauthorized)
+            .field("replay", &self.replay)
+            .finish()
+    }
+}

@@ -1,0 +1,320 @@
+//! The shared token cache: a lock-free read path and single-flight refreshes.
+//!
+//! The current token lives in an [`ArcSwapOption`]. A request loads it (no lock, no
+//! allocation) and, depending on the time:
+//!
+//! - before `refresh_at`: uses it;
+//! - between `refresh_at` and `expires_at` (the soft window): uses it and makes sure a
+//!   background refresh is running;
+//! - at or after `expires_at`, or with no token: waits for a refresh.
+//!
+//! A refresh runs in its own spawned task, so dropping the request that started it
+//! does not abort it. Requests that want its result subscribe to a `watch` channel.
+//! The `inflight` mutex is only taken to start or join a refresh, never on the fast
+//! path, and never across an `.await`.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
+
+use arc_swap::ArcSwapOption;
+use http::HeaderValue;
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+use super::{BoxFuture, Source, Token, TokenResponse};
+use crate::error::Error;
+
+type Outcome = Option<Result<Arc<Token>, Error>>;
+
+/// Why a refresh was started; reported in logs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Reason {
+    /// No token yet, or the last one was invalidated by a 401.
+    Missing,
+    /// The token is in its soft window.
+    Early,
+    /// The token expired.
+    Expired,
+}
+
+pub(crate) struct TokenCache {
+    current: ArcSwapOption<Token>,
+    /// True while a refresh task runs; lets the soft window skip the mutex.
+    refreshing: AtomicBool,
+    inflight: Mutex<Option<watch::Receiver<Outcome>>>,
+    next_generation: AtomicU64,
+    source: Box<dyn Source>,
+    margin: Duration,
+    timeout: Duration,
+}
+
+impl TokenCache {
+    pub(crate) fn new(source: Box<dyn Source>, margin: Duration, timeout: Duration) -> Self {
+        TokenCache {
+            current: ArcSwapOption::empty(),
+            refreshing: AtomicBool::new(false),
+            inflight: Mutex::new(None),
+            next_generation: AtomicU64::new(1),
+            source,
+            margin,
+            timeout,
+        }
+    }
+
+    /// The fast path: the header and generation of a token that may be used now, or
+    /// `None` when the caller must wait for [`TokenCache::wait`].
+    ///
+    /// In the soft window this starts a background refresh (unless one runs) and still
+    /// returns the current token.
+    pub(crate) fn get(self: &Arc<Self>) -> Option<(HeaderValue, u64)> {
+        let guard = self.current.load();
+        let token = guard.as_ref()?;
+        let now = Instant::now();
+        if now >= token.refresh_at {
+            if now >= token.expires_at {
+                return None;
+            }
+            self.refresh_in_background();
+        }
+        Some((token.header.clone(), token.generation))
+    }
+
+    /// A future that resolves to a usable token: the current one if it became valid in
+    /// the meantime, else the result of the running refresh (started if needed).
+    pub(crate) fn wait(self: &Arc<Self>) -> BoxFuture<Result<Arc<Token>, Error>> {
+        let cache = self.clone();
+        Box::pin(async move {
+            let mut rx = match cache.join_or_start()? {
+                Joined::Valid(token) => return Ok(token),
+                Joined::Refresh(rx) => rx,
+            };
+            let outcome = match rx.wait_for(Option::is_some).await {
+                Ok(outcome) => outcome.clone(),
+                Err(_) => None,
+            };
+            outcome.unwrap_or_else(|| {
+                Err(Error::unavailable(
+                    "the token refresh task stopped before finishing (runtime shutting down)",
+                ))
+            })
+        })
+    }
+
+    /// Invalidates the token with this generation if it is still the current one.
+    /// Returns whether it was; a token that was already replaced is left alone, so many
+    /// 401s for one token cause one refresh.
+    pub(crate) fn invalidate(&self, generation: u64) -> bool {
+        loop {
+            let current = self.current.load_full();
+            match &current {
+                Some(token) if token.generation == generation => {}
+                _ => return false,
+            }
+            let previous = self.current.compare_and_swap(&current, None);
+            if ptr_eq(&previous, &current) {
+                tracing::debug!(generation, "access token rejected with 401; invalidated");
+                return true;
+            }
+            // The token was swapped for a copy (for example with a later refresh_at)
+            // in between: look again.
+        }
+    }
+
+    fn lock_inflight(&self) -> MutexGuard<'_, Option<watch::Receiver<Outcome>>> {
+        self.inflight.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn join_or_start(self: &Arc<Self>) -> Result<Joined, Error> {
+        let mut slot = self.lock_inflight();
+        // Re-check under the lock: a refresh may have completed since the caller looked.
+        let now = Instant::now();
+        let reason = match self.current.load_full() {
+            Some(token) if now < token.expires_at => return Ok(Joined::Valid(token)),
+            Some(_) => Reason::Expired,
+            None => Reason::Missing,
+        };
+        match &*slot {
+            Some(rx) => Ok(Joined::Refresh(rx.clone())),
+            None => self.start(&mut slot, reason).map(Joined::Refresh),
+        }
+    }
+
+    fn refresh_in_background(self: &Arc<Self>) {
+        if self.refreshing.load(Ordering::Acquire) {
+            return;
+        }
+        let mut slot = self.lock_inflight();
+        if slot.is_some() {
+            return;
+        }
+        // Re-check under the lock: a refresh may have just replaced the token.
+        let due = self
+            .current
+            .load()
+            .as_ref()
+            .is_some_and(|t| Instant::now() >= t.refresh_at);
+        if due {
+            if let Err(e) = self.start(&mut slot, Reason::Early) {
+                tracing::warn!(error = %e, "could not start a background token refresh");
+            }
+        }
+    }
+
+    /// Spawns the refresh task. Called with the `inflight` slot locked and empty.
+    fn start(
+        self: &Arc<Self>,
+        slot: &mut Option<watch::Receiver<Outcome>>,
+        reason: Reason,
+    ) -> Result<watch::Receiver<Outcome>, Error> {
+        let runtime = tokio::runtime::Handle::try_current().map_err(|_| {
+            Error::config("no tokio runtime: the token refresh must run inside a tokio runtime")
+        })?;
+        let (tx, rx) = watch::channel(None);
+        *slot = Some(rx.clone());
+        self.refreshing.store(true, Ordering::Release);
+        let cache = self.clone();
+        runtime.spawn(async move {
+            let outcome = cache.refresh(reason).await;
+            {
+                let mut slot = cache.lock_inflight();
+                *slot = None;
+                cache.refreshing.store(false, Ordering::Release);
+            }
+            // Nobody may be waiting any more; the token is stored either way.
+            let _ = tx.send(Some(outcome));
+        });
+        Ok(rx)
+    }
+
+    async fn refresh(&self, reason: Reason) -> Result<Arc<Token>, Error> {
+        tracing::debug!(?reason, "requesting an access token");
+        let sent_at = Instant::now();
+        let result = match tokio::time::timeout(self.timeout, self.source.fetch()).await {
+            Ok(result) => result,
+            Err(_) => Err(Error::unavailable(format!(
+                "the token request took longer than {:?}",
+                self.timeout
+            ))),
+        };
+        match result {
+            Ok(response) => {
+                let token = Arc::new(self.token_from(response, sent_at));
+                self.current.store(Some(token.clone()));
+                Ok(token)
+            }
+            Err(error) => {
+                tracing::warn!(?reason, %error, "token refresh failed");
+                self.back_off();
+                Err(error)
+            }
+        }
+    }
+
+    fn token_from(&self, response: TokenResponse, sent_at: Instant) -> Token {
+        let generation = self.next_generation.fetch_add(1, Ordering::Relaxed);
+        let lifetime = response.lifetime;
+        let expires_at = sent_at + lifetime;
+        let refresh_at = expires_at - early_by(self.margin, lifetime, fastrand::f64());
+        tracing::debug!(
+            generation,
+            lifetime_secs = lifetime.as_secs(),
+            scope = response.scope.as_deref().unwrap_or(""),
+            id_token = response.has_id_token,
+            "access token received"
+        );
+        Token {
+            header: response.header,
+            generation,
+            refresh_at,
+            expires_at,
+        }
+    }
+
+    /// After a failed refresh, pushes the still-valid token's next refresh attempt back,
+    /// so the soft window does not turn into a retry loop. The token itself stays.
+    fn back_off(&self) {
+        loop {
+            let current = self.current.load_full();
+            let Some(token) = current.as_deref() else {
+                return;
+            };
+            let now = Instant::now();
+            if now >= token.expires_at {
+                return;
+            }
+            let remaining = token.expires_at - now;
+            let wait = (remaining / 2)
+                .clamp(Duration::from_secs(1), Duration::from_secs(30))
+                .min(remaining);
+            let delayed = Token {
+                refresh_at: now + wait,
+                ..token.clone()
+            };
+            let previous = self
+                .current
+                .compare_and_swap(&current, Some(Arc::new(delayed)));
+            if ptr_eq(&previous, &current) {
+                return;
+            }
+        }
+    }
+}
+
+impl std::fmt::Debug for TokenCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // `Token`'s Debug shows no header value, so no secret is printed here.
+        f.debug_struct("TokenCache")
+            .field("current", &self.current.load().as_deref())
+            .field("refreshing", &self.refreshing.load(Ordering::Relaxed))
+            .field("margin", &self.margin)
+            .field("timeout", &self.timeout)
+            .finish_non_exhaustive()
+    }
+}
+
+enum Joined {
+    Valid(Arc<Token>),
+    Refresh(watch::Receiver<Outcome>),
+}
+
+fn ptr_eq(a: &Option<Arc<Token>>, b: &Option<Arc<Token>>) -> bool {
+    match (a, b) {
+        (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+        (None, None) => true,
+        _ => false,
+    }
+}
+
+/// How long before expiry to refresh: the margin, capped at half the lifetime so a
+/// short-lived token is not refreshed on every request, shortened by up to 10 % of
+/// jitter (`unit` in `[0, 1)`) so replicas do not refresh in lockstep.
+pub(crate) fn early_by(margin: Duration, lifetime: Duration, unit: f64) -> Duration {
+    let capped = margin.min(lifetime / 2);
+    capped.mul_f64(1.0 - 0.1 * unit.clamp(0.0, 1.0))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn margin_is_capped_at_half_the_lifetime() {
+        let min = Duration::from_secs(60);
+        assert_eq!(early_by(5 * min, 24 * 60 * min, 0.0), 5 * min);
+        assert_eq!(
+            early_by(5 * min, Duration::from_secs(2), 0.0),
+            Duration::from_secs(1)
+        );
+        assert_eq!(early_by(5 * min, Duration::ZERO, 0.5), Duration::ZERO);
+    }
+
+    #[test]
+    fn jitter_only_shortens_the_margin_by_at_most_a_tenth() {
+        let margin = Duration::from_secs(300);
+        let life = Duration::from_secs(86400);
+        assert_eq!(early_by(margin, life, 1.0), Duration::from_secs(270));
+        let mid = early_by(margin, life, 0.5);
+        assert!(mid < margin && mid > Duration::from_secs(270));
+    }
+}

@@ -1,0 +1,67 @@
+//! Where the access token comes from and where it is kept.
+//!
+//! - [`response`] turns the token endpoint's answer into a validated [`TokenResponse`].
+//! - [`endpoint`] makes the `POST /api/v1/generateToken` call.
+//! - [`cache`] keeps the current [`Token`] in an `arc-swap` and runs single-flight refreshes.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::time::Duration;
+
+use http::HeaderValue;
+use secrecy::SecretString;
+use tokio::time::Instant;
+
+use crate::error::Error;
+
+pub(crate) mod cache;
+pub(crate) mod endpoint;
+pub(crate) mod response;
+
+/// A boxed, sendable future: the token paths are off the hot path, so one allocation
+/// per refresh (or per waiting request) is fine.
+pub(crate) type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
+
+/// A validated answer of the token endpoint.
+pub(crate) struct TokenResponse {
+    /// `Bearer <access_token>`, already marked sensitive.
+    pub(crate) header: HeaderValue,
+    /// How long the token lives, already defaulted and clamped.
+    pub(crate) lifetime: Duration,
+    /// A rotated refresh token, when the endpoint sent one.
+    pub(crate) refresh_token: Option<SecretString>,
+    /// The granted scope (not a secret).
+    pub(crate) scope: Option<String>,
+    /// Whether an `id_token` came along (its value is not kept).
+    pub(crate) has_id_token: bool,
+}
+
+/// Something that can obtain a fresh access token.
+pub(crate) trait Source: Send + Sync + 'static {
+    /// Requests one token. The returned future must not borrow `self`.
+    fn fetch(&self) -> BoxFuture<Result<TokenResponse, Error>>;
+}
+
+/// The token as requests use it: the ready-made header value and when it goes stale.
+#[derive(Clone)]
+pub(crate) struct Token {
+    /// `Bearer <access_token>`, built once per token and marked sensitive.
+    pub(crate) header: HeaderValue,
+    /// Identifies this token across the copies the cache makes of it, so a 401 can
+    /// invalidate exactly the token it was answered for.
+    pub(crate) generation: u64,
+    /// From this instant on, a request triggers a background refresh.
+    pub(crate) refresh_at: Instant,
+    /// From this instant on, requests wait for a new token.
+    pub(crate) expires_at: Instant,
+}
+
+impl std::fmt::Debug for Token {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Token")
+            .field("generation", &self.generation)
+            .field("refresh_at", &self.refresh_at)
+            .field("expires_at", &self.expires_at)
+            .finish_non_exhaustive()
+    }
+}

@@ -1,0 +1,251 @@
+//! Parsing and validating the token endpoint's answer.
+//!
+//! Error messages here name the field and the rule it broke, never the field's value:
+//! serde's own messages can quote the offending input, so they are not passed on.
+
+use std::time::Duration;
+
+use http::HeaderValue;
+use secrecy::SecretString;
+use serde::Deserialize;
+
+use super::TokenResponse;
+use crate::error::Error;
+
+/// Lifetime assumed when the answer has no `expires_in`: Eshopbox issues 24 h tokens.
+pub(crate) const DEFAULT_LIFETIME: Duration = Duration::from_secs(24 * 60 * 60);
+
+/// Longest lifetime believed: 30 days, the longest Eshopbox documents. A larger
+/// `expires_in` is clamped to this.
+pub(crate) const MAX_LIFETIME: Duration = Duration::from_secs(30 * 24 * 60 * 60);
+
+#[derive(Deserialize)]
+struct Raw {
+    access_token: Option<String>,
+    token_type: Option<String>,
+    expires_in: Option<serde_json::Value>,
+    id_token: Option<String>,
+    scope: Option<String>,
+    refresh_token: Option<String>,
+}
+
+/// Parses a successful (2xx) answer.
+pub(crate) fn parse(body: &[u8]) -> Result<TokenResponse, Error> {
+    let raw: Raw = serde_json::from_slice(body).map_err(|e| {
+        let what = match e.classify() {
+            serde_json::error::Category::Data => "JSON of the wrong shape",
+            serde_json::error::Category::Eof => "truncated JSON",
+            _ => "something that is not JSON",
+        };
+        Error::invalid_response(format!(
+            "token endpoint answered {what} (line {}, column {})",
+            e.line(),
+            e.column()
+        ))
+    })?;
+
+    let access_token = raw
+        .access_token
+        .ok_or_else(|| Error::invalid_response("token endpoint answered without access_token"))?;
+    if access_token.is_empty() {
+        return Err(Error::invalid_response(
+            "token endpoint answered an empty access_token",
+        ));
+    }
+    if let Some(kind) = &raw.token_type {
+        if !kind.eq_ignore_ascii_case("bearer") {
+            return Err(Error::invalid_response(format!(
+                "token endpoint answered token_type {:?}, expected Bearer",
+                truncate(kind)
+            )));
+        }
+    }
+    let header = bearer_header(&access_token)?;
+    let lifetime = match raw.expires_in {
+        None | Some(serde_json::Value::Null) => DEFAULT_LIFETIME,
+        Some(value) => lifetime(&value)?,
+    };
+    let refresh_token = match raw.refresh_token {
+        Some(rt) if rt.trim().is_empty() => None,
+        Some(rt) => Some(SecretString::from(rt)),
+        None => None,
+    };
+    Ok(TokenResponse {
+        header,
+        lifetime,
+        refresh_token,
+        scope: raw.scope,
+        has_id_token: raw.id_token.is_some(),
+    })
+}
+
+/// `Bearer <token>`, marked sensitive. The token must be a single run of visible
+/// characters: no whitespace or control characters (which also rules out CR/LF header
+/// injection).
+fn bearer_header(token: &str) -> Result<HeaderValue, Error> {
+    if token.bytes().any(|b| b.is_ascii_whitespace() || b.is_ascii_control()) {
+        return Err(Error::invalid_response(
+            "token endpoint answered an access_token with whitespace or control characters, \
+             which cannot be sent in an Authorization header",
+        ));
+    }
+    let mut value = HeaderValue::try_from(format!("Bearer {token}")).map_err(|_| {
+        Error::invalid_response(
+            "token endpoint answered an access_token that is not a valid header value",
+        )
+    })?;
+    value.set_sensitive(true);
+    Ok(value)
+}
+
+/// `expires_in` as a number of seconds (integer, float or numeric string). Zero or
+/// negative means already stale; more than [`MAX_LIFETIME`] is clamped.
+fn lifetime(value: &serde_json::Value) -> Result<Duration, Error> {
+    let seconds = match value {
+        serde_json::Value::Number(n) => n.as_f64(),
+        serde_json::Value::String(s) => s.trim().parse::<f64>().ok(),
+        _ => None,
+    }
+    .filter(|s| s.is_finite())
+    .ok_or_else(|| Error::invalid_response("token endpoint answered a non-numeric expires_in"))?;
+    if seconds <= 0.0 {
+        return Ok(Duration::ZERO);
+    }
+    Ok(Duration::try_from_secs_f64(seconds)
+        .unwrap_or(MAX_LIFETIME)
+        .min(MAX_LIFETIME))
+}
+
+/// The OAuth 2 `error` code of an error answer, if it is a plausible code
+/// (`invalid_grant`, …): short and made of `[A-Za-z0-9_.-]`. Anything else is dropped
+/// rather than echoed, so an odd body cannot smuggle a secret into an error message.
+pub(crate) fn oauth_error_code(body: &[u8]) -> Option<String> {
+    #[derive(Deserialize)]
+    struct OAuthError {
+        error: Option<serde_json::Value>,
+    }
+    let parsed: OAuthError = serde_json::from_slice(body).ok()?;
+    let code = parsed.error?.as_str()?.to_owned();
+    let plausible = !code.is_empty()
+        && code.len() <= 64
+        && code
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'));
+    plausible.then_some(code)
+}
+
+fn truncate(s: &str) -> String {
+    s.chars().take(16).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ErrorKind;
+    use secrecy::ExposeSecret;
+
+    const SAMPLE: &str = r#"{
+        "access_token": "eyJhbGciOiJSUzI1N.InR5cCI6IkpXVCIsI",
+        "id_token": "eyyRwffpgDlOyAxcv.OkguyrSHtteckIyueW",
+        "scope": "openid profile offline_access",
+        "expires_in": 86400,
+        "token_type": "Bearer"
+    }"#;
+
+    #[test]
+    fn parses_the_documented_sample() {
+        let t = parse(SAMPLE.as_bytes()).unwrap();
+        assert_eq!(t.header, "Bearer eyJhbGciOiJSUzI1N.InR5cCI6IkpXVCIsI");
+        assert!(t.header.is_sensitive());
+        assert_eq!(t.lifetime, Duration::from_secs(86400));
+        assert_eq!(t.scope.as_deref(), Some("openid profile offline_access"));
+        assert!(t.has_id_token);
+        assert!(t.refresh_token.is_none());
+    }
+
+    #[test]
+    fn rotated_refresh_token_is_kept() {
+        let t = parse(br#"{"access_token":"a","expires_in":60,"refresh_token":"rt2"}"#).unwrap();
+        assert_eq!(t.refresh_token.unwrap().expose_secret(), "rt2");
+        assert!(!t.has_id_token);
+    }
+
+    #[test]
+    fn expires_in_defaults_clamps_and_accepts_strings() {
+        let life = |json: &str| parse(json.as_bytes()).map(|t| t.lifetime);
+        assert_eq!(life(r#"{"access_token":"a"}"#).unwrap(), DEFAULT_LIFETIME);
+        assert_eq!(
+            life(r#"{"access_token":"a","expires_in":null}"#).unwrap(),
+            DEFAULT_LIFETIME
+        );
+        assert_eq!(
+            life(r#"{"access_token":"a","expires_in":0}"#).unwrap(),
+            Duration::ZERO
+        );
+        assert_eq!(
+            life(r#"{"access_token":"a","expires_in":-1}"#).unwrap(),
+            Duration::ZERO
+        );
+        assert_eq!(
+            life(r#"{"access_token":"a","expires_in":1000000000000}"#).unwrap(),
+            MAX_LIFETIME
+        );
+        assert_eq!(
+            life(r#"{"access_token":"a","expires_in":1e300}"#).unwrap(),
+            MAX_LIFETIME
+        );
+        assert_eq!(
+            life(r#"{"access_token":"a","expires_in":"3600"}"#).unwrap(),
+            Duration::from_secs(3600)
+        );
+        assert_eq!(
+            life(r#"{"access_token":"a","expires_in":1.5}"#).unwrap(),
+            Duration::from_millis(1500)
+        );
+        let err = life(r#"{"access_token":"a","expires_in":"soon"}"#).unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::InvalidResponse);
+        assert!(err.to_string().contains("expires_in"));
+    }
+
+    #[test]
+    fn token_type_must_be_bearer_in_any_case() {
+        assert!(parse(br#"{"access_token":"a","token_type":"bEaReR"}"#).is_ok());
+        let err = parse(br#"{"access_token":"a","token_type":"mac"}"#).unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::InvalidResponse);
+        assert!(err.to_string().contains("token_type"));
+    }
+
+    #[test]
+    fn bad_bodies_name_the_cause_without_echoing_values() {
+        let cases: &[(&[u8], &str)] = &[
+            (b"<html>bad gateway</html>", "not JSON"),
+            (br#"{"access_token":"abc"#, "truncated JSON"),
+            (br#"{"access_token":42}"#, "wrong shape"),
+            (br#"{"token_type":"Bearer"}"#, "without access_token"),
+            (br#"{"access_token":""}"#, "empty access_token"),
+            (
+                br#"{"access_token":"secret-abc\r\nX-Evil: 1"}"#,
+                "control characters",
+            ),
+            (br#"{"access_token":"secret abc"}"#, "whitespace"),
+        ];
+        for (body, expected) in cases {
+            let err = parse(body).unwrap_err();
+            assert_eq!(err.kind(), ErrorKind::InvalidResponse, "{expected}");
+            let shown = format!("{err} {err:?}");
+            assert!(shown.contains(expected), "{shown} should mention {expected}");
+            assert!(!shown.contains("secret"), "{shown} leaks the token");
+        }
+    }
+
+    #[test]
+    fn oauth_error_codes_are_read_only_when_plausible() {
+        assert_eq!(
+            oauth_error_code(br#"{"error":"invalid_grant","error_description":"x"}"#).as_deref(),
+            Some("invalid_grant")
+        );
+        assert_eq!(oauth_error_code(br#"{"error":"has spaces in it"}"#), None);
+        assert_eq!(oauth_error_code(br#"{"error":{"errors":[]}}"#), None);
+        assert_eq!(oauth_error_code(b"<html>"), None);
+    }
+}
