@@ -218,7 +218,10 @@ mod tests {
     #[test]
     fn plain_http_elsewhere_and_junk_are_refused() {
         for (bad, says) in [
-            ("http://auth.myeshopbox.com/api/v1/generateToken", "must use https"),
+            (
+                "http://auth.myeshopbox.com/api/v1/generateToken",
+                "must use https",
+            ),
             ("http://10.0.0.1/t", "must use https"),
             ("http://localhost.evil.com/t", "must use https"),
             ("ftp://127.0.0.1/t", "not \"ftp\""),

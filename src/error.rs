@@ -151,7 +151,11 @@ impl fmt::Debug for Error {
 
 impl fmt::Display for Error {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "eshopbox auth: {}: {}", self.inner.kind, self.inner.message)?;
+        write!(
+            f,
+            "eshopbox auth: {}: {}",
+            self.inner.kind, self.inner.message
+        )?;
         if let Some(status) = self.inner.status {
             write!(f, " (HTTP {}", status.as_u16())?;
             if let Some(code) = &self.inner.oauth_error {
@@ -178,8 +182,11 @@ mod tests {
 
     #[test]
     fn display_names_kind_status_and_code() {
-        let e = Error::new(ErrorKind::Rejected, "the token endpoint refused the refresh token")
-            .with_status(StatusCode::BAD_REQUEST, Some("invalid_grant".into()));
+        let e = Error::new(
+            ErrorKind::Rejected,
+            "the token endpoint refused the refresh token",
+        )
+        .with_status(StatusCode::BAD_REQUEST, Some("invalid_grant".into()));
         assert_eq!(
             e.to_string(),
             "eshopbox auth: credentials rejected: the token endpoint refused the refresh token \

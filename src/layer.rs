@@ -52,7 +52,11 @@ impl EshopboxAuthLayer {
 }
 
 impl<P> EshopboxAuthLayer<P> {
-    pub(crate) fn from_parts(cache: Arc<TokenCache>, retry_on_unauthorized: bool, replay: P) -> Self {
+    pub(crate) fn from_parts(
+        cache: Arc<TokenCache>,
+        retry_on_unauthorized: bool,
+        replay: P,
+    ) -> Self {
         EshopboxAuthLayer {
             cache,
             retry_on_unauthorized,

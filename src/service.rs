@@ -18,7 +18,7 @@ use crate::token::cache::TokenCache;
 /// [crate documentation](crate) for what it does to a request.
 pub struct EshopboxAuth<S, P = EmptyBodies> {
     inner: S,
-    cache: Arc<TokenCache>,
+    pub(crate) cache: Arc<TokenCache>,
     retry_on_unauthorized: bool,
     replay: P,
 }

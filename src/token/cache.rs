@@ -121,6 +121,15 @@ impl TokenCache {
         }
     }
 
+    /// Waits until no refresh is running (tests use it instead of sleeping).
+    #[cfg(test)]
+    pub(crate) async fn settled(&self) {
+        let rx = self.lock_inflight().clone();
+        if let Some(mut rx) = rx {
+            let _ = rx.wait_for(Option::is_some).await;
+        }
+    }
+
     fn lock_inflight(&self) -> MutexGuard<'_, Option<watch::Receiver<Outcome>>> {
         self.inflight.lock().unwrap_or_else(PoisonError::into_inner)
     }

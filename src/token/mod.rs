@@ -36,6 +36,16 @@ pub(crate) struct TokenResponse {
     pub(crate) has_id_token: bool,
 }
 
+impl std::fmt::Debug for TokenResponse {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TokenResponse")
+            .field("lifetime", &self.lifetime)
+            .field("scope", &self.scope)
+            .field("rotated", &self.refresh_token.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
 /// Something that can obtain a fresh access token.
 pub(crate) trait Source: Send + Sync + 'static {
     /// Requests one token. The returned future must not borrow `self`.

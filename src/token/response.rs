@@ -83,7 +83,10 @@ pub(crate) fn parse(body: &[u8]) -> Result<TokenResponse, Error> {
 /// characters: no whitespace or control characters (which also rules out CR/LF header
 /// injection).
 fn bearer_header(token: &str) -> Result<HeaderValue, Error> {
-    if token.bytes().any(|b| b.is_ascii_whitespace() || b.is_ascii_control()) {
+    if token
+        .bytes()
+        .any(|b| b.is_ascii_whitespace() || b.is_ascii_control())
+    {
         return Err(Error::invalid_response(
             "token endpoint answered an access_token with whitespace or control characters, \
              which cannot be sent in an Authorization header",
@@ -233,7 +236,10 @@ mod tests {
             let err = parse(body).unwrap_err();
             assert_eq!(err.kind(), ErrorKind::InvalidResponse, "{expected}");
             let shown = format!("{err} {err:?}");
-            assert!(shown.contains(expected), "{shown} should mention {expected}");
+            assert!(
+                shown.contains(expected),
+                "{shown} should mention {expected}"
+            );
             assert!(!shown.contains("secret"), "{shown} leaks the token");
         }
     }
