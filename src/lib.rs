@@ -84,6 +84,7 @@
 
 #![deny(unsafe_code, unreachable_pub)]
 #![warn(missing_docs)]
+#![deny(rustdoc::broken_intra_doc_links)]
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
 mod builder;

@@ -1,0 +1,175 @@
+//! A token endpoint on 127.0.0.1 for integration tests: answers each
+//! `POST /api/v1/generateToken` with whatever the test scripts, and records what it
+//! was sent.
+
+#![allow(dead_code)]
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use http::{Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpListener;
+
+pub const CLIENT_ID: &str = "client-id-1";
+pub const CLIENT_SECRET: &str = "s3cr3t-client-secret";
+pub const REFRESH_TOKEN: &str = "rt-long-lived-refresh-token";
+
+/// What the endpoint answers to one token request.
+#[derive(Clone)]
+pub struct Reply {
+    pub status: StatusCode,
+    pub content_type: &'static str,
+    pub body: Bytes,
+}
+
+impl Reply {
+    /// 200 with a token in the documented shape.
+    pub fn token(access_token: &str, expires_in: i64) -> Self {
+        Reply::json(
+            200,
+            &serde_json::json!({
+                "access_token": access_token,
+                "id_token": "id-token-value",
+                "scope": "openid profile offline_access",
+                "expires_in": expires_in,
+                "token_type": "Bearer",
+            })
+            .to_string(),
+        )
+    }
+
+    pub fn json(status: u16, body: &str) -> Self {
+        Reply {
+            status: StatusCode::from_u16(status).unwrap(),
+            content_type: "application/json",
+            body: Bytes::copy_from_slice(body.as_bytes()),
+        }
+    }
+
+    pub fn raw(status: u16, content_type: &'static str, body: impl Into<Bytes>) -> Self {
+        Reply {
+            status: StatusCode::from_u16(status).unwrap(),
+            content_type,
+            body: body.into(),
+        }
+    }
+}
+
+/// One token request as the endpoint received it.
+#[derive(Clone, Debug)]
+pub struct Seen {
+    pub method: http::Method,
+    pub path: String,
+    pub content_type: Option<String>,
+    pub body: Bytes,
+}
+
+type Script = Box<dyn FnMut(usize) -> Reply + Send>;
+
+struct State {
+    posts: AtomicUsize,
+    seen: Mutex<Vec<Seen>>,
+    script: Mutex<Script>,
+}
+
+/// The running endpoint. It lives as long as the test's runtime.
+#[derive(Clone)]
+pub struct TokenServer {
+    pub addr: SocketAddr,
+    state: Arc<State>,
+}
+
+impl TokenServer {
+    /// Starts an endpoint whose n-th request (from 1) is answered by `script(n)`.
+    pub async fn start(script: impl FnMut(usize) -> Reply + Send + 'static) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let state = Arc::new(State {
+            posts: AtomicUsize::new(0),
+            seen: Mutex::new(Vec::new()),
+            script: Mutex::new(Box::new(script)),
+        });
+        let server_state = state.clone();
+        tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    return;
+                };
+                let state = server_state.clone();
+                tokio::spawn(async move {
+                    let service = service_fn(move |req| answer(state.clone(), req));
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), service)
+                        .await;
+                });
+            }
+        });
+        TokenServer { addr, state }
+    }
+
+    /// An endpoint that hands out `tok-1`, `tok-2`, … valid for `expires_in` seconds.
+    pub async fn counting(expires_in: i64) -> Self {
+        Self::start(move |n| Reply::token(&format!("tok-{n}"), expires_in)).await
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}/api/v1/generateToken", self.addr)
+    }
+
+    pub fn posts(&self) -> usize {
+        self.state.posts.load(Ordering::SeqCst)
+    }
+
+    pub fn seen(&self) -> Vec<Seen> {
+        self.state.seen.lock().unwrap().clone()
+    }
+}
+
+async fn answer(
+    state: Arc<State>,
+    req: Request<Incoming>,
+) -> Result<Response<Full<Bytes>>, Infallible> {
+    let (parts, body) = req.into_parts();
+    let body = body
+        .collect()
+        .await
+        .map(|b| b.to_bytes())
+        .unwrap_or_default();
+    let n = state.posts.fetch_add(1, Ordering::SeqCst) + 1;
+    state.seen.lock().unwrap().push(Seen {
+        method: parts.method,
+        path: parts.uri.path().to_owned(),
+        content_type: parts
+            .headers
+            .get(http::header::CONTENT_TYPE)
+            .map(|v| v.to_str().unwrap_or_default().to_owned()),
+        body,
+    });
+    let reply = (state.script.lock().unwrap())(n);
+    let mut response = Response::new(Full::new(reply.body));
+    *response.status_mut() = reply.status;
+    response.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static(reply.content_type),
+    );
+    Ok(response)
+}
+
+/// Credentials matching the constants above.
+pub fn credentials() -> eshopbox_auth::Credentials {
+    eshopbox_auth::Credentials::new(CLIENT_ID, CLIENT_SECRET, REFRESH_TOKEN)
+}
+
+/// Asserts that `text` contains none of the secrets, nor any of `tokens`.
+pub fn assert_no_secret(text: &str, tokens: &[&str]) {
+    for secret in [CLIENT_SECRET, REFRESH_TOKEN].iter().chain(tokens) {
+        assert!(!text.contains(secret), "{text:?} leaks {secret:?}");
+    }
+}

@@ -1,0 +1,342 @@
+//! The layer against a real token endpoint on 127.0.0.1: wire format, single flight,
+//! 401 resend, error kinds and redaction.
+
+mod support;
+
+use std::convert::Infallible;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use eshopbox_auth::{Error, ErrorKind, EshopboxAuthLayer, RequestFormat};
+use http::{Request, Response, StatusCode};
+use http_body_util::Empty;
+use support::{assert_no_secret, credentials, Reply, TokenServer};
+use tower::{BoxError, Service, ServiceBuilder, ServiceExt};
+
+/// An API stand-in: echoes the Authorization header; answers 401 to `rejected`.
+#[derive(Clone, Debug)]
+struct Api {
+    rejected: &'static str,
+    calls: Arc<AtomicUsize>,
+}
+
+fn api(rejected: &'static str, calls: Arc<AtomicUsize>) -> Api {
+    Api { rejected, calls }
+}
+
+impl Service<Request<Empty<Bytes>>> for Api {
+    type Response = Response<String>;
+    type Error = Infallible;
+    type Future = std::future::Ready<Result<Response<String>, Infallible>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: Request<Empty<Bytes>>) -> Self::Future {
+        self.calls.fetch_add(1, Ordering::SeqCst);
+        let auth = req.headers()["authorization"].to_str().unwrap().to_owned();
+        let mut res = Response::new(auth.clone());
+        if auth == self.rejected {
+            *res.status_mut() = StatusCode::UNAUTHORIZED;
+        }
+        std::future::ready(Ok(res))
+    }
+}
+
+fn get() -> Request<Empty<Bytes>> {
+    Request::get("https://acme.myeshopbox.com/api/v2/inventoryListing")
+        .body(Empty::new())
+        .unwrap()
+}
+
+async fn one_request(server: &TokenServer) -> Result<Response<String>, BoxError> {
+    let layer = EshopboxAuthLayer::builder(credentials())
+        .token_url(&server.url())
+        .build()?;
+    let mut svc = ServiceBuilder::new()
+        .layer(layer)
+        .service(api("", Arc::default()));
+    svc.ready().await?.call(get()).await
+}
+
+#[tokio::test]
+async fn token_request_is_a_json_post_of_the_refresh_grant() {
+    let server = TokenServer::counting(86400).await;
+    let res = one_request(&server).await.unwrap();
+    assert_eq!(res.body(), "Bearer tok-1");
+
+    let seen = server.seen();
+    assert_eq!(seen.len(), 1);
+    assert_eq!(seen[0].method, http::Method::POST);
+    assert_eq!(seen[0].path, "/api/v1/generateToken");
+    assert_eq!(seen[0].content_type.as_deref(), Some("application/json"));
+    let body: serde_json::Value = serde_json::from_slice(&seen[0].body).unwrap();
+    assert_eq!(
+        body,
+        serde_json::json!({
+            "client_id": support::CLIENT_ID,
+            "client_secret": support::CLIENT_SECRET,
+            "grant_type": "refresh_token",
+            "refresh_token": support::REFRESH_TOKEN,
+        })
+    );
+}
+
+#[tokio::test]
+async fn form_encoding_sends_the_same_fields() {
+    let server = TokenServer::counting(86400).await;
+    let layer = EshopboxAuthLayer::builder(credentials())
+        .token_url(&server.url())
+        .request_format(RequestFormat::Form)
+        .build()
+        .unwrap();
+    let mut svc = layer.layer_service(api("", Arc::default()));
+    svc.ready().await.unwrap().call(get()).await.unwrap();
+
+    let seen = &server.seen()[0];
+    assert_eq!(
+        seen.content_type.as_deref(),
+        Some("application/x-www-form-urlencoded")
+    );
+    let mut fields: Vec<(String, String)> = serde_urlencoded::from_bytes(&seen.body).unwrap();
+    fields.sort();
+    assert_eq!(
+        fields,
+        [
+            ("client_id".into(), support::CLIENT_ID.into()),
+            ("client_secret".into(), support::CLIENT_SECRET.into()),
+            ("grant_type".into(), "refresh_token".into()),
+            ("refresh_token".into(), support::REFRESH_TOKEN.into()),
+        ]
+    );
+}
+
+/// `ServiceBuilder` without the generics noise.
+trait LayerService {
+    fn layer_service<S>(&self, inner: S) -> eshopbox_auth::EshopboxAuth<S>;
+}
+
+impl LayerService for EshopboxAuthLayer {
+    fn layer_service<S>(&self, inner: S) -> eshopbox_auth::EshopboxAuth<S> {
+        tower::Layer::layer(self, inner)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thousand_concurrent_cold_requests_make_one_post() {
+    let server = TokenServer::counting(86400).await;
+    let layer = EshopboxAuthLayer::builder(credentials())
+        .token_url(&server.url())
+        .build()
+        .unwrap();
+    let calls = Arc::new(AtomicUsize::new(0));
+    let svc = layer.layer_service(api("", calls.clone()));
+
+    let tasks: Vec<_> = (0..1000)
+        .map(|_| {
+            let mut svc = svc.clone();
+            tokio::spawn(async move { svc.ready().await?.call(get()).await })
+        })
+        .collect();
+    for task in tasks {
+        assert_eq!(task.await.unwrap().unwrap().body(), "Bearer tok-1");
+    }
+    assert_eq!(server.posts(), 1);
+    assert_eq!(calls.load(Ordering::SeqCst), 1000);
+}
+
+#[tokio::test]
+async fn a_401_fetches_a_new_token_and_resends() {
+    let server = TokenServer::counting(86400).await;
+    let layer = EshopboxAuthLayer::builder(credentials())
+        .token_url(&server.url())
+        .build()
+        .unwrap();
+    let calls = Arc::new(AtomicUsize::new(0));
+    let mut svc = layer.layer_service(api("Bearer tok-1", calls.clone()));
+    let res = svc.ready().await.unwrap().call(get()).await.unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    assert_eq!(res.body(), "Bearer tok-2");
+    assert_eq!(server.posts(), 2);
+    assert_eq!(calls.load(Ordering::SeqCst), 2);
+}
+
+#[tokio::test]
+async fn a_rotated_refresh_token_is_used_from_then_on() {
+    let server = TokenServer::start(|n| {
+        Reply::json(
+            200,
+            &format!(r#"{{"access_token":"tok-{n}","expires_in":86400,"refresh_token":"rt-{n}"}}"#),
+        )
+    })
+    .await;
+    let layer = EshopboxAuthLayer::builder(credentials())
+        .token_url(&server.url())
+        .build()
+        .unwrap();
+    // tok-1 is refused, so a second token request is made.
+    let mut svc = layer.layer_service(api("Bearer tok-1", Arc::default()));
+    svc.ready().await.unwrap().call(get()).await.unwrap();
+    let sent: Vec<String> = server
+        .seen()
+        .iter()
+        .map(|s| {
+            let v: serde_json::Value = serde_json::from_slice(&s.body).unwrap();
+            v["refresh_token"].as_str().unwrap().to_owned()
+        })
+        .collect();
+    assert_eq!(sent, [support::REFRESH_TOKEN, "rt-1"]);
+}
+
+/// One bad answer of the endpoint and the error it must turn into.
+struct Case {
+    name: &'static str,
+    reply: Reply,
+    kind: ErrorKind,
+    says: &'static str,
+}
+
+#[tokio::test]
+async fn bad_answers_become_typed_errors_without_secrets() {
+    let cases = [
+        Case {
+            name: "400 invalid_grant",
+            reply: Reply::json(
+                400,
+                r#"{"error":"invalid_grant","error_description":"Unknown or invalid refresh token."}"#,
+            ),
+            kind: ErrorKind::Rejected,
+            says: "(HTTP 400, invalid_grant)",
+        },
+        Case {
+            name: "401 invalid_client",
+            reply: Reply::json(401, r#"{"error":"invalid_client"}"#),
+            kind: ErrorKind::Rejected,
+            says: "(HTTP 401, invalid_client)",
+        },
+        Case {
+            name: "403 without a body",
+            reply: Reply::raw(403, "text/plain", ""),
+            kind: ErrorKind::Rejected,
+            says: "(HTTP 403)",
+        },
+        Case {
+            name: "500",
+            reply: Reply::raw(500, "text/plain", "oops"),
+            kind: ErrorKind::Unavailable,
+            says: "(HTTP 500)",
+        },
+        Case {
+            name: "429",
+            reply: Reply::json(429, r#"{"message":"Too many requests"}"#),
+            kind: ErrorKind::Unavailable,
+            says: "(HTTP 429)",
+        },
+        Case {
+            name: "HTML 200",
+            reply: Reply::raw(200, "text/html", "<html><body>proxy login</body></html>"),
+            kind: ErrorKind::InvalidResponse,
+            says: "not JSON",
+        },
+        Case {
+            name: "truncated JSON",
+            reply: Reply::json(200, r#"{"access_token":"tok-secret-1","expires_in":86"#),
+            kind: ErrorKind::InvalidResponse,
+            says: "truncated JSON",
+        },
+        Case {
+            name: "missing access_token",
+            reply: Reply::json(200, r#"{"expires_in":86400,"token_type":"Bearer"}"#),
+            kind: ErrorKind::InvalidResponse,
+            says: "without access_token",
+        },
+        Case {
+            name: "CR/LF in the token",
+            reply: Reply::json(
+                200,
+                r#"{"access_token":"tok-secret-1\r\nX-Injected: yes","token_type":"Bearer"}"#,
+            ),
+            kind: ErrorKind::InvalidResponse,
+            says: "control characters",
+        },
+        Case {
+            name: "token_type mac",
+            reply: Reply::json(200, r#"{"access_token":"tok-secret-1","token_type":"mac"}"#),
+            kind: ErrorKind::InvalidResponse,
+            says: "expected Bearer",
+        },
+        Case {
+            name: "oversized body",
+            reply: Reply::raw(200, "application/json", vec![b' '; 1 << 20]),
+            kind: ErrorKind::InvalidResponse,
+            says: "more than 65536 bytes",
+        },
+    ];
+    for case in cases {
+        let reply = case.reply.clone();
+        let server = TokenServer::start(move |_| reply.clone()).await;
+        let err = one_request(&server).await.unwrap_err();
+        let eshopbox = err
+            .downcast_ref::<Error>()
+            .unwrap_or_else(|| panic!("{}: not an eshopbox_auth::Error: {err}", case.name));
+        assert_eq!(eshopbox.kind(), case.kind, "{}: {eshopbox}", case.name);
+        let shown = full_report(&err);
+        assert!(shown.contains(case.says), "{}: {shown}", case.name);
+        assert_no_secret(&shown, &["tok-secret-1"]);
+        assert_eq!(server.posts(), 1, "{}", case.name);
+    }
+}
+
+#[tokio::test]
+async fn an_unreachable_endpoint_is_unavailable() {
+    // A port that was just free: nothing listens there.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    drop(listener);
+    let layer = EshopboxAuthLayer::builder(credentials())
+        .token_url(&format!("http://{addr}/api/v1/generateToken"))
+        .build()
+        .unwrap();
+    let mut svc = layer.layer_service(api("", Arc::default()));
+    let err = svc.ready().await.unwrap().call(get()).await.unwrap_err();
+    let eshopbox = err.downcast_ref::<Error>().unwrap();
+    assert_eq!(eshopbox.kind(), ErrorKind::Unavailable);
+    assert!(eshopbox.is_transient());
+    let shown = full_report(&err);
+    assert!(shown.contains("could not connect"), "{shown}");
+    assert_no_secret(&shown, &[]);
+}
+
+#[tokio::test]
+async fn debug_output_never_shows_a_secret() {
+    let server = TokenServer::start(|_| Reply::token("tok-secret-access", 86400)).await;
+    let creds = credentials();
+    let builder = EshopboxAuthLayer::builder(creds.clone()).token_url(&server.url());
+    let builder_shown = format!("{builder:?}");
+    let layer = builder.build().unwrap();
+    let mut svc = layer.layer_service(api("", Arc::default()));
+    let res = svc.ready().await.unwrap().call(get()).await.unwrap();
+    assert_eq!(res.body(), "Bearer tok-secret-access");
+
+    let shown = format!("{creds:?} {builder_shown} {layer:?} {svc:?} {:#?}", svc);
+    assert!(shown.contains(support::CLIENT_ID), "{shown}");
+    assert!(
+        shown.contains("generation: 1"),
+        "the token state is shown: {shown}"
+    );
+    assert_no_secret(&shown, &["tok-secret-access"]);
+}
+
+/// Display and Debug of the error and of every source below it.
+fn full_report(err: &BoxError) -> String {
+    let mut text = format!("{err} | {err:?}");
+    let mut source = err.source();
+    while let Some(s) = source {
+        text.push_str(&format!(" | {s} | {s:?}"));
+        source = s.source();
+    }
+    text
+}
