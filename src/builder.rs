@@ -9,8 +9,10 @@ use crate::credentials::Credentials;
 use crate::error::Error;
 use crate::layer::EshopboxAuthLayer;
 use crate::replay::{CloneBodies, EmptyBodies};
-use crate::token::cache::TokenCache;
-use crate::token::endpoint::{EshopboxEndpoint, RequestFormat};
+use secrecy::SecretString;
+
+use crate::token::cache::{Timing, TokenCache};
+use crate::token::endpoint::{EshopboxEndpoint, RequestFormat, RotationHook};
 
 /// Eshopbox's token endpoint.
 pub const DEFAULT_TOKEN_URL: &str = "https://auth.myeshopbox.com/api/v1/generateToken";
@@ -20,6 +22,10 @@ pub const DEFAULT_REFRESH_MARGIN: Duration = Duration::from_secs(5 * 60);
 
 /// Default [`token_timeout`](EshopboxAuthBuilder::token_timeout): 30 seconds.
 pub const DEFAULT_TOKEN_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Default [`failure_cooldown`](EshopboxAuthBuilder::failure_cooldown): 2 seconds
+/// (drawn between 1 and 5 s each time).
+pub const DEFAULT_FAILURE_COOLDOWN: Duration = Duration::from_secs(2);
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -39,6 +45,8 @@ pub struct EshopboxAuthBuilder<P = EmptyBodies> {
     retry_on_unauthorized: bool,
     request_format: RequestFormat,
     http_client: Option<reqwest::Client>,
+    on_rotated: Option<RotationHook>,
+    failure_cooldown: Duration,
     replay: P,
 }
 
@@ -52,6 +60,8 @@ impl EshopboxAuthBuilder {
             retry_on_unauthorized: true,
             request_format: RequestFormat::Json,
             http_client: None,
+            on_rotated: None,
+            failure_cooldown: DEFAULT_FAILURE_COOLDOWN,
             replay: EmptyBodies,
         }
     }
@@ -104,6 +114,45 @@ impl<P> EshopboxAuthBuilder<P> {
         self
     }
 
+    /// Called with the new refresh token whenever the token endpoint rotates it, so
+    /// the application can persist it. The layer itself uses the new one for every
+    /// later refresh and never sends the old one again.
+    ///
+    /// The hook runs on the refresh task: keep it short (hand the value to a channel
+    /// or spawn for slow storage).
+    ///
+    /// ```
+    /// use eshopbox_auth::{Credentials, EshopboxAuthLayer};
+    /// use eshopbox_auth::secrecy::ExposeSecret;
+    ///
+    /// # fn main() -> Result<(), eshopbox_auth::Error> {
+    /// let layer = EshopboxAuthLayer::builder(Credentials::new("id", "secret", "rt"))
+    ///     .on_refresh_token_rotated(|new| {
+    ///         let _persist_me: &str = new.expose_secret();
+    ///     })
+    ///     .build()?;
+    /// # let _ = layer;
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn on_refresh_token_rotated<F>(mut self, hook: F) -> Self
+    where
+        F: Fn(&SecretString) + Send + Sync + 'static,
+    {
+        self.on_rotated = Some(Arc::new(hook));
+        self
+    }
+
+    /// How long a permanent token failure (credentials rejected, invalid answer) is
+    /// remembered while no valid token exists, so a burst of requests makes one POST
+    /// rather than one each (default 2 s). Each time, the actual period is drawn at
+    /// random between half and two and a half times this: 1 to 5 s by default.
+    /// Zero turns it off.
+    pub fn failure_cooldown(mut self, cooldown: Duration) -> Self {
+        self.failure_cooldown = cooldown;
+        self
+    }
+
     /// Which request bodies may be resent after a 401; see [`crate::replay`].
     pub fn replay_bodies<Q>(self, policy: Q) -> EshopboxAuthBuilder<Q> {
         EshopboxAuthBuilder {
@@ -114,6 +163,8 @@ impl<P> EshopboxAuthBuilder<P> {
             retry_on_unauthorized: self.retry_on_unauthorized,
             request_format: self.request_format,
             http_client: self.http_client,
+            on_rotated: self.on_rotated,
+            failure_cooldown: self.failure_cooldown,
             replay: policy,
         }
     }
@@ -148,8 +199,21 @@ impl<P> EshopboxAuthBuilder<P> {
                         .with_source(e)
                 })?,
         };
-        let source = EshopboxEndpoint::new(client, url, self.request_format, self.credentials);
-        let cache = TokenCache::new(Box::new(source), self.refresh_margin, self.token_timeout);
+        let source = EshopboxEndpoint::new(
+            client,
+            url,
+            self.request_format,
+            self.credentials,
+            self.on_rotated,
+        );
+        let cache = TokenCache::new(
+            Box::new(source),
+            Timing {
+                margin: self.refresh_margin,
+                timeout: self.token_timeout,
+                failure_cooldown: self.failure_cooldown,
+            },
+        );
         Ok(EshopboxAuthLayer::from_parts(
             Arc::new(cache),
             self.retry_on_unauthorized,
@@ -192,6 +256,8 @@ impl<P: fmt::Debug> fmt::Debug for EshopboxAuthBuilder<P> {
             .field("token_timeout", &self.token_timeout)
             .field("retry_on_unauthorized", &self.retry_on_unauthorized)
             .field("request_format", &self.request_format)
+            .field("failure_cooldown", &self.failure_cooldown)
+            .field("on_refresh_token_rotated", &self.on_rotated.is_some())
             .field("replay", &self.replay)
             .finish_non_exhaustive()
     }

@@ -8,6 +8,7 @@
 use std::error::Error as StdError;
 use std::fmt;
 use std::sync::Arc;
+use std::time::Duration;
 
 use http::StatusCode;
 
@@ -62,6 +63,7 @@ struct Inner {
     message: String,
     status: Option<StatusCode>,
     oauth_error: Option<String>,
+    retry_after: Option<Duration>,
     source: Option<Box<dyn StdError + Send + Sync>>,
 }
 
@@ -73,6 +75,7 @@ impl Error {
                 message: message.into(),
                 status: None,
                 oauth_error: None,
+                retry_after: None,
                 source: None,
             }),
         }
@@ -101,6 +104,14 @@ impl Error {
         self
     }
 
+    /// Adds how long the endpoint asked us to wait (`Retry-After`).
+    pub(crate) fn with_retry_after(mut self, wait: Option<Duration>) -> Self {
+        if let Some(inner) = Arc::get_mut(&mut self.inner) {
+            inner.retry_after = wait;
+        }
+        self
+    }
+
     /// Adds an underlying cause. The caller guarantees it carries no secret.
     pub(crate) fn with_source(mut self, source: impl StdError + Send + Sync + 'static) -> Self {
         if let Some(inner) = Arc::get_mut(&mut self.inner) {
@@ -125,6 +136,12 @@ impl Error {
         self.inner.oauth_error.as_deref()
     }
 
+    /// How long the token endpoint asked clients to wait before trying again
+    /// (its `Retry-After` header on a 429 or 503), capped at one minute.
+    pub fn retry_after(&self) -> Option<Duration> {
+        self.inner.retry_after
+    }
+
     /// Whether a later attempt may succeed without changing the credentials.
     pub fn is_transient(&self) -> bool {
         self.inner.kind == ErrorKind::Unavailable
@@ -141,6 +158,9 @@ impl fmt::Debug for Error {
         }
         if let Some(code) = &self.inner.oauth_error {
             d.field("oauth_error", code);
+        }
+        if let Some(wait) = self.inner.retry_after {
+            d.field("retry_after", &wait);
         }
         if let Some(source) = &self.inner.source {
             d.field("source", source);

@@ -100,11 +100,15 @@ mod token;
 mod tests;
 
 pub use builder::{
-    EshopboxAuthBuilder, DEFAULT_REFRESH_MARGIN, DEFAULT_TOKEN_TIMEOUT, DEFAULT_TOKEN_URL,
+    EshopboxAuthBuilder, DEFAULT_FAILURE_COOLDOWN, DEFAULT_REFRESH_MARGIN, DEFAULT_TOKEN_TIMEOUT,
+    DEFAULT_TOKEN_URL,
 };
 pub use credentials::Credentials;
 pub use error::{Error, ErrorKind};
 pub use layer::EshopboxAuthLayer;
 pub use replay::{CloneBodies, EmptyBodies, ReplayPolicy};
+/// The [`secrecy`](https://docs.rs/secrecy) crate, whose `SecretString` carries a rotated
+/// refresh token to [`EshopboxAuthBuilder::on_refresh_token_rotated`].
+pub use secrecy;
 pub use service::EshopboxAuth;
 pub use token::endpoint::RequestFormat;

@@ -16,7 +16,7 @@ use tokio_test::{assert_pending, assert_ready};
 use tower::{service_fn, BoxError, Layer, Service, ServiceExt};
 
 use crate::replay::{CloneBodies, EmptyBodies, ReplayPolicy};
-use crate::token::cache::TokenCache;
+use crate::token::cache::{Timing, TokenCache};
 use crate::token::{BoxFuture, Source, TokenResponse};
 use crate::{Error, ErrorKind, EshopboxAuthLayer};
 
@@ -31,6 +31,8 @@ struct Script {
 
 struct ScriptState {
     calls: watch::Sender<usize>,
+    /// When each fetch started.
+    times: Mutex<Vec<tokio::time::Instant>>,
     lifetime: Mutex<Duration>,
     failures: Mutex<VecDeque<Error>>,
     gate: Option<Semaphore>,
@@ -50,6 +52,7 @@ impl Script {
         Script {
             shared: Arc::new(ScriptState {
                 calls: watch::channel(0).0,
+                times: Mutex::new(Vec::new()),
                 lifetime: Mutex::new(lifetime),
                 failures: Mutex::new(VecDeque::new()),
                 gate,
@@ -72,6 +75,12 @@ impl Script {
         }
     }
 
+    /// The gaps between consecutive fetches.
+    fn gaps(&self) -> Vec<Duration> {
+        let times = self.shared.times.lock().unwrap();
+        times.windows(2).map(|w| w[1] - w[0]).collect()
+    }
+
     fn fail_next(&self, error: Error) {
         self.shared.failures.lock().unwrap().push_back(error);
     }
@@ -81,7 +90,14 @@ impl Script {
     }
 
     fn layer_with<P>(&self, retry: bool, replay: P) -> EshopboxAuthLayer<P> {
-        let cache = TokenCache::new(Box::new(self.clone()), MARGIN, Duration::from_secs(30));
+        let cache = TokenCache::new(
+            Box::new(self.clone()),
+            Timing {
+                margin: MARGIN,
+                timeout: Duration::from_secs(30),
+                failure_cooldown: Duration::from_secs(2),
+            },
+        );
         EshopboxAuthLayer::from_parts(Arc::new(cache), retry, replay)
     }
 }
@@ -91,6 +107,11 @@ impl Source for Script {
         let shared = self.shared.clone();
         Box::pin(async move {
             let mut n = 0;
+            shared
+                .times
+                .lock()
+                .unwrap()
+                .push(tokio::time::Instant::now());
             shared.calls.send_modify(|c| {
                 *c += 1;
                 n = *c;
@@ -397,7 +418,7 @@ async fn failed_early_refresh_keeps_the_valid_token_and_backs_off() {
     let mut svc = script.layer().layer(api.service());
     send(&mut svc, get()).await.unwrap();
 
-    script.fail_next(Error::unavailable("endpoint down"));
+    script.fail_next(Error::new(ErrorKind::Rejected, "refused"));
     advance(Duration::from_secs(3600 - 200)).await;
     let res = send(&mut svc, get()).await.unwrap();
     assert_eq!(res.body(), "Bearer tok-1");
@@ -756,7 +777,15 @@ async fn token_failure_fails_every_waiter_with_the_typed_error() {
     assert_eq!(script.calls(), 1);
     assert_eq!(api.calls(), 0);
 
-    // After a failure, the next request tries again (and here succeeds).
+    // The permanent failure is remembered for 1 to 5 s: a burst right after it
+    // gets the same error without a new token request ...
+    for _ in 0..20 {
+        let err = send(&mut svc.clone(), get()).await.unwrap_err();
+        assert_eq!(error_kind(&err), ErrorKind::Rejected);
+    }
+    assert_eq!(script.calls(), 1);
+    // ... and after that, the next request tries again (and here succeeds).
+    advance(Duration::from_secs(5)).await;
     script.release(1);
     let res = send(&mut svc.clone(), get()).await.unwrap();
     assert_eq!(res.body(), "Bearer tok-2");
@@ -770,7 +799,7 @@ async fn a_hanging_endpoint_fails_waiters_at_the_timeout() {
     // The gate is never opened: the token request hangs until the 30 s timeout.
     let err = send(&mut svc, get()).await.unwrap_err();
     assert_eq!(error_kind(&err), ErrorKind::Unavailable);
-    assert!(err.to_string().contains("longer than 30s"), "{err}");
+    assert!(err.to_string().contains("token timeout of 30s"), "{err}");
 }
 
 // 10. Debug shows no secret ---------------------------------------------------------
@@ -785,4 +814,112 @@ async fn debug_of_layer_and_service_shows_no_token() {
     let shown = format!("{layer:?} {:?}", cache_of_service(&svc));
     assert!(shown.contains("generation: 1"), "{shown}");
     assert!(!shown.contains("tok-1"), "{shown}");
+}
+
+// Resilience ------------------------------------------------------------------------
+
+fn down() -> Error {
+    Error::unavailable("endpoint down").with_status(StatusCode::SERVICE_UNAVAILABLE, None)
+}
+
+#[tokio::test(start_paused = true)]
+async fn transient_failures_are_retried_with_backoff_inside_one_refresh() {
+    let script = Script::new(Duration::from_secs(86400));
+    let api = Api::new();
+    let mut svc = script.layer().layer(api.service());
+    script.fail_next(down());
+    script.fail_next(down());
+    let res = send(&mut svc, get()).await.unwrap();
+    assert_eq!(res.body(), "Bearer tok-3");
+    let gaps = script.gaps();
+    // 200 ms then 400 ms, each scaled by ½ to 1.
+    assert!(gaps[0] >= Duration::from_millis(100) && gaps[0] <= Duration::from_millis(200));
+    assert!(gaps[1] >= Duration::from_millis(200) && gaps[1] <= Duration::from_millis(400));
+}
+
+#[tokio::test(start_paused = true)]
+async fn transient_failures_stop_after_max_attempts_and_recover_later() {
+    let script = Script::new(Duration::from_secs(86400));
+    let api = Api::new();
+    let mut svc = script.layer().layer(api.service());
+    for _ in 0..crate::token::cache::MAX_ATTEMPTS {
+        script.fail_next(down());
+    }
+    let err = send(&mut svc, get()).await.unwrap_err();
+    assert_eq!(error_kind(&err), ErrorKind::Unavailable);
+    assert_eq!(script.calls(), 4);
+    // The endpoint is back: the very next request succeeds (no "failed forever").
+    let res = send(&mut svc, get()).await.unwrap();
+    assert_eq!(res.body(), "Bearer tok-5");
+}
+
+#[tokio::test(start_paused = true)]
+async fn retry_after_is_honoured_between_attempts() {
+    let script = Script::new(Duration::from_secs(86400));
+    let api = Api::new();
+    let mut svc = script.layer().layer(api.service());
+    script.fail_next(down().with_retry_after(Some(Duration::from_secs(7))));
+    let res = send(&mut svc, get()).await.unwrap();
+    assert_eq!(res.body(), "Bearer tok-2");
+    assert_eq!(script.gaps(), [Duration::from_secs(7)]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn retry_after_beyond_the_budget_fails_now_and_is_remembered() {
+    let script = Script::new(Duration::from_secs(86400));
+    let api = Api::new();
+    let mut svc = script.layer().layer(api.service());
+    script.fail_next(down().with_retry_after(Some(Duration::from_secs(60))));
+    let start = tokio::time::Instant::now();
+    let err = send(&mut svc, get()).await.unwrap_err();
+    assert_eq!(
+        start.elapsed(),
+        Duration::ZERO,
+        "no waiting past the budget"
+    );
+    let eshopbox = err.downcast_ref::<Error>().unwrap();
+    assert_eq!(eshopbox.retry_after(), Some(Duration::from_secs(60)));
+    // Requests within the minute get the error without a token request.
+    advance(Duration::from_secs(59)).await;
+    let err = send(&mut svc, get()).await.unwrap_err();
+    assert_eq!(error_kind(&err), ErrorKind::Unavailable);
+    assert_eq!(script.calls(), 1);
+    advance(Duration::from_secs(1)).await;
+    let res = send(&mut svc, get()).await.unwrap();
+    assert_eq!(res.body(), "Bearer tok-2");
+}
+
+#[tokio::test(start_paused = true)]
+async fn stale_token_is_served_through_an_outage_until_it_expires() {
+    let script = Script::new(Duration::from_secs(3600));
+    let api = Api::new();
+    let mut svc = script.layer().layer(api.service());
+    send(&mut svc, get()).await.unwrap();
+    // From here on, the endpoint fails every request.
+    for _ in 0..1000 {
+        script.fail_next(down());
+    }
+    advance(Duration::from_secs(3600 - 200)).await;
+    let mut served = 0;
+    while tokio::time::Instant::now() + Duration::from_secs(1) < script_expiry(&svc) {
+        let res = send(&mut svc, get()).await.unwrap();
+        assert_eq!(res.body(), "Bearer tok-1");
+        served += 1;
+        advance(Duration::from_secs(1)).await;
+    }
+    assert!(served > 100);
+    let attempts = script.calls() - 1;
+    // Refreshes are spaced by back-off (≥ 1 s between refreshes, ≤ 4 attempts each).
+    assert!(
+        attempts <= 4 * 200,
+        "{attempts} token requests during a 200 s outage"
+    );
+    // Once the token has expired, requests see the error.
+    advance(Duration::from_secs(2)).await;
+    let err = send(&mut svc, get()).await.unwrap_err();
+    assert_eq!(error_kind(&err), ErrorKind::Unavailable);
+}
+
+fn script_expiry<S, P>(svc: &crate::EshopboxAuth<S, P>) -> tokio::time::Instant {
+    svc.cache.expiry().unwrap()
 }

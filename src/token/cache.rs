@@ -38,27 +38,53 @@ pub(crate) enum Reason {
     Expired,
 }
 
+/// Attempts one refresh makes at most when the endpoint fails transiently.
+pub(crate) const MAX_ATTEMPTS: u32 = 4;
+/// Back-off before the second attempt; doubled for each further one.
+const BACKOFF_BASE: Duration = Duration::from_millis(200);
+/// Longest back-off between two attempts.
+const BACKOFF_MAX: Duration = Duration::from_secs(5);
+
+/// The cache's timing settings, from the builder.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Timing {
+    /// Refresh this long before expiry (capped at half the lifetime).
+    pub(crate) margin: Duration,
+    /// Bound on one whole refresh, retries included.
+    pub(crate) timeout: Duration,
+    /// How long a permanent failure is remembered (jittered ×0.5 to ×2.5).
+    pub(crate) failure_cooldown: Duration,
+}
+
 pub(crate) struct TokenCache {
     current: ArcSwapOption<Token>,
     /// True while a refresh task runs; lets the soft window skip the mutex.
     refreshing: AtomicBool,
-    inflight: Mutex<Option<watch::Receiver<Outcome>>>,
+    slow: Mutex<Slow>,
     next_generation: AtomicU64,
     source: Box<dyn Source>,
-    margin: Duration,
-    timeout: Duration,
+    timing: Timing,
+}
+
+/// What the slow path coordinates under its mutex.
+#[derive(Default)]
+struct Slow {
+    /// The running refresh, if any.
+    inflight: Option<watch::Receiver<Outcome>>,
+    /// The last refresh failed while no valid token existed: its error, and until
+    /// when requests get that error without a new token request.
+    failed: Option<(Error, Instant)>,
 }
 
 impl TokenCache {
-    pub(crate) fn new(source: Box<dyn Source>, margin: Duration, timeout: Duration) -> Self {
+    pub(crate) fn new(source: Box<dyn Source>, timing: Timing) -> Self {
         TokenCache {
             current: ArcSwapOption::empty(),
             refreshing: AtomicBool::new(false),
-            inflight: Mutex::new(None),
+            slow: Mutex::new(Slow::default()),
             next_generation: AtomicU64::new(1),
             source,
-            margin,
-            timeout,
+            timing,
         }
     }
 
@@ -121,21 +147,27 @@ impl TokenCache {
         }
     }
 
+    /// When the current token expires.
+    #[cfg(test)]
+    pub(crate) fn expiry(&self) -> Option<Instant> {
+        self.current.load().as_ref().map(|t| t.expires_at)
+    }
+
     /// Waits until no refresh is running (tests use it instead of sleeping).
     #[cfg(test)]
     pub(crate) async fn settled(&self) {
-        let rx = self.lock_inflight().clone();
+        let rx = self.lock_slow().inflight.clone();
         if let Some(mut rx) = rx {
             let _ = rx.wait_for(Option::is_some).await;
         }
     }
 
-    fn lock_inflight(&self) -> MutexGuard<'_, Option<watch::Receiver<Outcome>>> {
-        self.inflight.lock().unwrap_or_else(PoisonError::into_inner)
+    fn lock_slow(&self) -> MutexGuard<'_, Slow> {
+        self.slow.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     fn join_or_start(self: &Arc<Self>) -> Result<Joined, Error> {
-        let mut slot = self.lock_inflight();
+        let mut slow = self.lock_slow();
         // Re-check under the lock: a refresh may have completed since the caller looked.
         let now = Instant::now();
         let reason = match self.current.load_full() {
@@ -143,18 +175,23 @@ impl TokenCache {
             Some(_) => Reason::Expired,
             None => Reason::Missing,
         };
-        match &*slot {
-            Some(rx) => Ok(Joined::Refresh(rx.clone())),
-            None => self.start(&mut slot, reason).map(Joined::Refresh),
+        if let Some(rx) = &slow.inflight {
+            return Ok(Joined::Refresh(rx.clone()));
         }
+        if let Some((error, until)) = &slow.failed {
+            if now < *until {
+                return Err(error.clone());
+            }
+        }
+        self.start(&mut slow, reason).map(Joined::Refresh)
     }
 
     fn refresh_in_background(self: &Arc<Self>) {
         if self.refreshing.load(Ordering::Acquire) {
             return;
         }
-        let mut slot = self.lock_inflight();
-        if slot.is_some() {
+        let mut slow = self.lock_slow();
+        if slow.inflight.is_some() {
             return;
         }
         // Re-check under the lock: a refresh may have just replaced the token.
@@ -164,30 +201,35 @@ impl TokenCache {
             .as_ref()
             .is_some_and(|t| Instant::now() >= t.refresh_at);
         if due {
-            if let Err(e) = self.start(&mut slot, Reason::Early) {
+            if let Err(e) = self.start(&mut slow, Reason::Early) {
                 tracing::warn!(error = %e, "could not start a background token refresh");
             }
         }
     }
 
-    /// Spawns the refresh task. Called with the `inflight` slot locked and empty.
+    /// Spawns the refresh task. Called with the slow path locked and no refresh
+    /// running.
     fn start(
         self: &Arc<Self>,
-        slot: &mut Option<watch::Receiver<Outcome>>,
+        slow: &mut Slow,
         reason: Reason,
     ) -> Result<watch::Receiver<Outcome>, Error> {
         let runtime = tokio::runtime::Handle::try_current().map_err(|_| {
             Error::config("no tokio runtime: the token refresh must run inside a tokio runtime")
         })?;
         let (tx, rx) = watch::channel(None);
-        *slot = Some(rx.clone());
+        slow.inflight = Some(rx.clone());
         self.refreshing.store(true, Ordering::Release);
         let cache = self.clone();
         runtime.spawn(async move {
             let outcome = cache.refresh(reason).await;
             {
-                let mut slot = cache.lock_inflight();
-                *slot = None;
+                let mut slow = cache.lock_slow();
+                slow.inflight = None;
+                slow.failed = match &outcome {
+                    Ok(_) => None,
+                    Err(error) => cache.remember(error),
+                };
                 cache.refreshing.store(false, Ordering::Release);
             }
             // Nobody may be waiting any more; the token is stored either way.
@@ -196,35 +238,79 @@ impl TokenCache {
         Ok(rx)
     }
 
+    /// One refresh: up to [`MAX_ATTEMPTS`] token requests, retrying transient failures
+    /// with jittered exponential back-off (or the endpoint's `Retry-After`), all within
+    /// the token timeout.
     async fn refresh(&self, reason: Reason) -> Result<Arc<Token>, Error> {
-        tracing::debug!(?reason, "requesting an access token");
-        let sent_at = Instant::now();
-        let result = match tokio::time::timeout(self.timeout, self.source.fetch()).await {
-            Ok(result) => result,
-            Err(_) => Err(Error::unavailable(format!(
-                "the token request took longer than {:?}",
-                self.timeout
-            ))),
-        };
-        match result {
-            Ok(response) => {
-                let token = Arc::new(self.token_from(response, sent_at));
-                self.current.store(Some(token.clone()));
-                Ok(token)
-            }
-            Err(error) => {
-                tracing::warn!(?reason, %error, "token refresh failed");
-                self.back_off();
-                Err(error)
+        let deadline = Instant::now() + self.timing.timeout;
+        let mut attempt = 1;
+        loop {
+            tracing::debug!(?reason, attempt, "requesting an access token");
+            let sent_at = Instant::now();
+            let result = match tokio::time::timeout_at(deadline, self.source.fetch()).await {
+                Ok(result) => result,
+                Err(_) => Err(Error::unavailable(format!(
+                    "no token within the token timeout of {:?}",
+                    self.timing.timeout
+                ))),
+            };
+            let error = match result {
+                Ok(response) => {
+                    let token = Arc::new(self.token_from(response, sent_at));
+                    self.current.store(Some(token.clone()));
+                    return Ok(token);
+                }
+                Err(error) => error,
+            };
+            let retry_in = (error.is_transient() && attempt < MAX_ATTEMPTS).then(|| {
+                error
+                    .retry_after()
+                    .unwrap_or_else(|| backoff(attempt, fastrand::f64()))
+            });
+            match retry_in {
+                Some(wait) if Instant::now() + wait < deadline => {
+                    tracing::debug!(?reason, attempt, %error, ?wait, "token request failed; retrying");
+                    tokio::time::sleep(wait).await;
+                    attempt += 1;
+                }
+                _ => {
+                    tracing::warn!(?reason, attempt, %error, "token refresh failed");
+                    self.back_off(&error);
+                    return Err(error);
+                }
             }
         }
+    }
+
+    /// How long to answer a failed refresh's error without a new token request, when
+    /// no valid token is left: a jittered cooldown for permanent failures, the
+    /// endpoint's `Retry-After` for transient ones (else not at all: the refresh already
+    /// retried with back-off).
+    fn remember(&self, error: &Error) -> Option<(Error, Instant)> {
+        let now = Instant::now();
+        let valid = self
+            .current
+            .load()
+            .as_ref()
+            .is_some_and(|t| now < t.expires_at);
+        if valid {
+            return None;
+        }
+        let hold = if error.is_transient() {
+            error.retry_after()?
+        } else {
+            self.timing
+                .failure_cooldown
+                .mul_f64(0.5 + 2.0 * fastrand::f64())
+        };
+        (!hold.is_zero()).then(|| (error.clone(), now + hold))
     }
 
     fn token_from(&self, response: TokenResponse, sent_at: Instant) -> Token {
         let generation = self.next_generation.fetch_add(1, Ordering::Relaxed);
         let lifetime = response.lifetime;
         let expires_at = sent_at + lifetime;
-        let refresh_at = expires_at - early_by(self.margin, lifetime, fastrand::f64());
+        let refresh_at = expires_at - early_by(self.timing.margin, lifetime, fastrand::f64());
         tracing::debug!(
             generation,
             lifetime_secs = lifetime.as_secs(),
@@ -242,7 +328,7 @@ impl TokenCache {
 
     /// After a failed refresh, pushes the still-valid token's next refresh attempt back,
     /// so the soft window does not turn into a retry loop. The token itself stays.
-    fn back_off(&self) {
+    fn back_off(&self, error: &Error) {
         loop {
             let current = self.current.load_full();
             let Some(token) = current.as_deref() else {
@@ -255,6 +341,7 @@ impl TokenCache {
             let remaining = token.expires_at - now;
             let wait = (remaining / 2)
                 .clamp(Duration::from_secs(1), Duration::from_secs(30))
+                .max(error.retry_after().unwrap_or_default())
                 .min(remaining);
             let delayed = Token {
                 refresh_at: now + wait,
@@ -276,8 +363,7 @@ impl std::fmt::Debug for TokenCache {
         f.debug_struct("TokenCache")
             .field("current", &self.current.load().as_deref())
             .field("refreshing", &self.refreshing.load(Ordering::Relaxed))
-            .field("margin", &self.margin)
-            .field("timeout", &self.timeout)
+            .field("timing", &self.timing)
             .finish_non_exhaustive()
     }
 }
@@ -293,6 +379,15 @@ fn ptr_eq(a: &Option<Arc<Token>>, b: &Option<Arc<Token>>) -> bool {
         (None, None) => true,
         _ => false,
     }
+}
+
+/// Back-off after the `attempt`-th failed attempt: 200 ms doubled per attempt, at most
+/// 5 s, scaled at random by ½ to 1 (`unit` in `[0, 1)`).
+pub(crate) fn backoff(attempt: u32, unit: f64) -> Duration {
+    let exp = BACKOFF_BASE
+        .saturating_mul(1 << attempt.saturating_sub(1).min(16))
+        .min(BACKOFF_MAX);
+    exp.mul_f64(0.5 + 0.5 * unit.clamp(0.0, 1.0))
 }
 
 /// How long before expiry to refresh: the margin, capped at half the lifetime so a
@@ -316,6 +411,15 @@ mod tests {
             Duration::from_secs(1)
         );
         assert_eq!(early_by(5 * min, Duration::ZERO, 0.5), Duration::ZERO);
+    }
+
+    #[test]
+    fn backoff_doubles_up_to_five_seconds_with_jitter() {
+        assert_eq!(backoff(1, 1.0), Duration::from_millis(200));
+        assert_eq!(backoff(2, 1.0), Duration::from_millis(400));
+        assert_eq!(backoff(3, 0.0), Duration::from_millis(400));
+        assert_eq!(backoff(10, 1.0), BACKOFF_MAX);
+        assert_eq!(backoff(u32::MAX, 1.0), BACKOFF_MAX);
     }
 
     #[test]

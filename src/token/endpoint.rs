@@ -1,9 +1,10 @@
 //! The Eshopbox token call: `POST /api/v1/generateToken` with the refresh-token grant.
 
 use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, SystemTime};
 
 use http::StatusCode;
-use reqwest::header::{ACCEPT, CONTENT_TYPE};
+use reqwest::header::{ACCEPT, CONTENT_TYPE, RETRY_AFTER};
 use secrecy::{ExposeSecret, SecretString};
 use serde::Serialize;
 
@@ -11,6 +12,9 @@ use super::response::{oauth_error_code, parse};
 use super::{BoxFuture, Source, TokenResponse};
 use crate::credentials::Credentials;
 use crate::error::{Error, ErrorKind};
+
+/// The longest `Retry-After` honoured; a longer one is cut to this.
+pub(crate) const MAX_RETRY_AFTER: Duration = Duration::from_secs(60);
 
 /// The largest token answer read; a longer body is refused rather than buffered.
 pub(crate) const MAX_BODY: usize = 64 * 1024;
@@ -39,7 +43,11 @@ struct Inner {
     client_secret: SecretString,
     /// The refresh token to send next; replaced when the endpoint rotates it.
     refresh_token: Mutex<SecretString>,
+    on_rotated: Option<RotationHook>,
 }
+
+/// Called with the new refresh token after the endpoint rotated it.
+pub(crate) type RotationHook = Arc<dyn Fn(&SecretString) + Send + Sync + 'static>;
 
 #[derive(Serialize)]
 struct Grant<'a> {
@@ -55,6 +63,7 @@ impl EshopboxEndpoint {
         url: reqwest::Url,
         format: RequestFormat,
         credentials: Credentials,
+        on_rotated: Option<RotationHook>,
     ) -> Self {
         EshopboxEndpoint {
             inner: Arc::new(Inner {
@@ -64,6 +73,7 @@ impl EshopboxEndpoint {
                 client_id: credentials.client_id,
                 client_secret: credentials.client_secret,
                 refresh_token: Mutex::new(credentials.refresh_token),
+                on_rotated,
             }),
         }
     }
@@ -113,6 +123,14 @@ impl Inner {
             .await
             .map_err(|e| transport_error(e, "sending the token request"))?;
         let status = response.status();
+        let retry_after = match status {
+            StatusCode::TOO_MANY_REQUESTS | StatusCode::SERVICE_UNAVAILABLE => response
+                .headers()
+                .get(RETRY_AFTER)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| parse_retry_after(v, SystemTime::now())),
+            _ => None,
+        };
 
         if response
             .content_length()
@@ -133,20 +151,33 @@ impl Inner {
         }
 
         if !status.is_success() {
-            return Err(status_error(status, &bytes));
+            return Err(status_error(status, &bytes).with_retry_after(retry_after));
         }
         let token = parse(&bytes)?;
         if let Some(rotated) = &token.refresh_token {
+            self.rotate(rotated);
+        }
+        Ok(token)
+    }
+}
+
+impl Inner {
+    /// Uses a rotated refresh token from now on and tells the application.
+    fn rotate(&self, rotated: &SecretString) {
+        {
             let mut current = self
                 .refresh_token
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner);
-            if current.expose_secret() != rotated.expose_secret() {
-                *current = rotated.clone();
-                tracing::info!("token endpoint rotated the refresh token; using the new one");
+            if current.expose_secret() == rotated.expose_secret() {
+                return;
             }
+            *current = rotated.clone();
         }
-        Ok(token)
+        tracing::info!("token endpoint rotated the refresh token; using the new one");
+        if let Some(hook) = &self.on_rotated {
+            hook(rotated);
+        }
     }
 }
 
@@ -173,6 +204,20 @@ fn status_error(status: StatusCode, body: &[u8]) -> Error {
     Error::new(kind, message).with_status(status, code)
 }
 
+/// `Retry-After` as delay-seconds or an HTTP-date, capped at [`MAX_RETRY_AFTER`].
+/// A date in the past means "now".
+pub(crate) fn parse_retry_after(value: &str, now: SystemTime) -> Option<Duration> {
+    let value = value.trim();
+    let wait = match value.parse::<u64>() {
+        Ok(seconds) => Duration::from_secs(seconds),
+        Err(_) => {
+            let at = httpdate::parse_http_date(value).ok()?;
+            at.duration_since(now).unwrap_or(Duration::ZERO)
+        }
+    };
+    Some(wait.min(MAX_RETRY_AFTER))
+}
+
 fn too_large(status: StatusCode) -> Error {
     Error::invalid_response(format!(
         "token endpoint answered more than {MAX_BODY} bytes"
@@ -191,4 +236,37 @@ fn transport_error(e: reqwest::Error, doing: &str) -> Error {
         "failed"
     };
     Error::unavailable(format!("{doing} {what}")).with_source(e.without_url())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retry_after_reads_seconds_and_dates_and_is_capped() {
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+        assert_eq!(parse_retry_after("7", now), Some(Duration::from_secs(7)));
+        assert_eq!(parse_retry_after(" 3600 ", now), Some(MAX_RETRY_AFTER));
+        let in_20s = httpdate::fmt_http_date(now + Duration::from_secs(20));
+        assert_eq!(
+            parse_retry_after(&in_20s, now),
+            Some(Duration::from_secs(20))
+        );
+        let past = httpdate::fmt_http_date(now - Duration::from_secs(20));
+        assert_eq!(parse_retry_after(&past, now), Some(Duration::ZERO));
+        assert_eq!(parse_retry_after("soon", now), None);
+        assert_eq!(parse_retry_after("-1", now), None);
+    }
+
+    #[test]
+    fn statuses_are_classified() {
+        let kind = |code: u16| status_error(StatusCode::from_u16(code).unwrap(), b"").kind();
+        for code in [400, 401, 403, 404, 422] {
+            assert_eq!(kind(code), ErrorKind::Rejected, "{code}");
+        }
+        for code in [408, 429, 500, 502, 503, 504] {
+            assert_eq!(kind(code), ErrorKind::Unavailable, "{code}");
+        }
+        assert_eq!(kind(302), ErrorKind::InvalidResponse);
+    }
 }
