@@ -191,7 +191,6 @@ impl<P> EshopboxAuthBuilder<P> {
             Some(client) => client,
             None => reqwest::Client::builder()
                 .connect_timeout(CONNECT_TIMEOUT.min(self.token_timeout))
-                .timeout(self.token_timeout)
                 .redirect(reqwest::redirect::Policy::none())
                 .build()
                 .map_err(|e| {

@@ -127,7 +127,6 @@ impl Source for Script {
             Ok(TokenResponse {
                 header,
                 lifetime: *shared.lifetime.lock().unwrap(),
-                refresh_token: None,
                 scope: None,
                 has_id_token: false,
             })
@@ -922,4 +921,88 @@ async fn stale_token_is_served_through_an_outage_until_it_expires() {
 
 fn script_expiry<S, P>(svc: &crate::EshopboxAuth<S, P>) -> tokio::time::Instant {
     svc.cache.expiry().unwrap()
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_token_dead_on_arrival_is_used_for_a_second_not_refetched_per_request() {
+    let script = Script::new(Duration::ZERO);
+    let api = Api::new();
+    let mut svc = script.layer().layer(api.service());
+    for _ in 0..50 {
+        let res = send(&mut svc, get()).await.unwrap();
+        assert_eq!(res.body(), "Bearer tok-1");
+    }
+    assert_eq!(script.calls(), 1);
+    advance(crate::token::cache::MIN_LIFETIME).await;
+    let res = send(&mut svc, get()).await.unwrap();
+    assert_eq!(res.body(), "Bearer tok-2");
+    assert_eq!(script.calls(), 2);
+}
+
+/// A source whose first fetch panics.
+struct PanicsOnce(AtomicUsize);
+
+impl Source for PanicsOnce {
+    fn fetch(&self) -> BoxFuture<Result<TokenResponse, Error>> {
+        let n = self.0.fetch_add(1, Ordering::SeqCst);
+        Box::pin(async move {
+            assert!(n > 0, "source panics on its first fetch");
+            Ok(TokenResponse {
+                header: HeaderValue::from_static("Bearer after-panic"),
+                lifetime: Duration::from_secs(60),
+                scope: None,
+                has_id_token: false,
+            })
+        })
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_panicking_refresh_fails_its_waiters_and_does_not_wedge_the_cache() {
+    let cache = TokenCache::new(
+        Box::new(PanicsOnce(AtomicUsize::new(0))),
+        Timing {
+            margin: MARGIN,
+            timeout: Duration::from_secs(30),
+            failure_cooldown: Duration::from_secs(2),
+        },
+    );
+    let layer = EshopboxAuthLayer::from_parts(Arc::new(cache), true, EmptyBodies);
+    let api = Api::new();
+    let mut svc = layer.layer(api.service());
+    let err = send(&mut svc, get()).await.unwrap_err();
+    assert_eq!(error_kind(&err), ErrorKind::Unavailable);
+    assert!(err.to_string().contains("cancelled or panicked"), "{err}");
+    let res = send(&mut svc, get()).await.unwrap();
+    assert_eq!(res.body(), "Bearer after-panic");
+}
+
+#[test]
+fn a_refresh_cancelled_with_its_runtime_does_not_wedge_the_cache() {
+    let script = Script::gated(Duration::from_secs(86400));
+    let api = Api::new();
+    let svc = script.layer().layer(api.service());
+    let runtime = || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+    };
+
+    // The first runtime starts a refresh (held at the gate) and is shut down.
+    let first = runtime();
+    let mut waiting = svc.clone();
+    first.block_on(async {
+        tokio::spawn(async move { send(&mut waiting, get()).await });
+        script.wait_calls(1).await;
+    });
+    drop(first);
+
+    // Another runtime gets a token: the dead refresh was cleared, not joined.
+    runtime().block_on(async {
+        script.release(1);
+        let res = send(&mut svc.clone(), get()).await.unwrap();
+        assert_eq!(res.body(), "Bearer tok-2");
+    });
+    assert_eq!(script.calls(), 2);
 }

@@ -40,6 +40,9 @@ pub(crate) enum Reason {
 
 /// Attempts one refresh makes at most when the endpoint fails transiently.
 pub(crate) const MAX_ATTEMPTS: u32 = 4;
+/// Shortest time a token is used before the next refresh, whatever `expires_in` says
+/// and however slow the endpoint was: at most one refresh a second.
+pub(crate) const MIN_LIFETIME: Duration = Duration::from_secs(1);
 /// Back-off before the second attempt; doubled for each further one.
 const BACKOFF_BASE: Duration = Duration::from_millis(200);
 /// Longest back-off between two attempts.
@@ -121,7 +124,7 @@ impl TokenCache {
             };
             outcome.unwrap_or_else(|| {
                 Err(Error::unavailable(
-                    "the token refresh task stopped before finishing (runtime shutting down)",
+                    "the token refresh task ended without an answer",
                 ))
             })
         })
@@ -220,22 +223,33 @@ impl TokenCache {
         let (tx, rx) = watch::channel(None);
         slow.inflight = Some(rx.clone());
         self.refreshing.store(true, Ordering::Release);
-        let cache = self.clone();
+        // Created outside the task, so that even a task dropped before its first poll
+        // (its runtime shutting down) clears the slot and answers the waiters.
+        let finish = Finish {
+            cache: self.clone(),
+            tx,
+            done: false,
+        };
         runtime.spawn(async move {
-            let outcome = cache.refresh(reason).await;
-            {
-                let mut slow = cache.lock_slow();
-                slow.inflight = None;
-                slow.failed = match &outcome {
-                    Ok(_) => None,
-                    Err(error) => cache.remember(error),
-                };
-                cache.refreshing.store(false, Ordering::Release);
-            }
-            // Nobody may be waiting any more; the token is stored either way.
-            let _ = tx.send(Some(outcome));
+            let outcome = finish.cache.refresh(reason).await;
+            finish.complete(outcome);
         });
         Ok(rx)
+    }
+
+    /// Ends a refresh: clears the slow path, remembers a failure, answers the waiters.
+    fn finish(&self, tx: &watch::Sender<Outcome>, outcome: Result<Arc<Token>, Error>) {
+        {
+            let mut slow = self.lock_slow();
+            slow.inflight = None;
+            slow.failed = match &outcome {
+                Ok(_) => None,
+                Err(error) => self.remember(error),
+            };
+            self.refreshing.store(false, Ordering::Release);
+        }
+        // Nobody may be waiting any more; the token is stored either way.
+        tx.send_replace(Some(outcome));
     }
 
     /// One refresh: up to [`MAX_ATTEMPTS`] token requests, retrying transient failures
@@ -308,9 +322,13 @@ impl TokenCache {
 
     fn token_from(&self, response: TokenResponse, sent_at: Instant) -> Token {
         let generation = self.next_generation.fetch_add(1, Ordering::Relaxed);
-        let lifetime = response.lifetime;
+        // A token that is (nearly) dead on arrival is still used for a moment, so a
+        // broken `expires_in` cannot turn every request into a token request.
+        let lifetime = response.lifetime.max(MIN_LIFETIME);
         let expires_at = sent_at + lifetime;
-        let refresh_at = expires_at - early_by(self.timing.margin, lifetime, fastrand::f64());
+        let refresh_at = (expires_at - early_by(self.timing.margin, lifetime, fastrand::f64()))
+            .max(Instant::now() + MIN_LIFETIME)
+            .min(expires_at);
         tracing::debug!(
             generation,
             lifetime_secs = lifetime.as_secs(),
@@ -365,6 +383,36 @@ impl std::fmt::Debug for TokenCache {
             .field("refreshing", &self.refreshing.load(Ordering::Relaxed))
             .field("timing", &self.timing)
             .finish_non_exhaustive()
+    }
+}
+
+/// Owned by the refresh task. Finishing the refresh goes through it, and if the task
+/// is dropped unfinished (cancelled with its runtime, or a panic inside it), its `Drop`
+/// still ends the refresh with an error, so the cache never stays stuck on a refresh
+/// that will not complete.
+struct Finish {
+    cache: Arc<TokenCache>,
+    tx: watch::Sender<Outcome>,
+    done: bool,
+}
+
+impl Finish {
+    fn complete(mut self, outcome: Result<Arc<Token>, Error>) {
+        self.done = true;
+        self.cache.finish(&self.tx, outcome);
+    }
+}
+
+impl Drop for Finish {
+    fn drop(&mut self) {
+        if !self.done {
+            self.cache.finish(
+                &self.tx,
+                Err(Error::unavailable(
+                    "the token refresh task was cancelled or panicked before finishing",
+                )),
+            );
+        }
     }
 }
 

@@ -8,7 +8,7 @@ use reqwest::header::{ACCEPT, CONTENT_TYPE, RETRY_AFTER};
 use secrecy::{ExposeSecret, SecretString};
 use serde::Serialize;
 
-use super::response::{oauth_error_code, parse};
+use super::response::{oauth_error_code, parse, rotated_refresh_token};
 use super::{BoxFuture, Source, TokenResponse};
 use crate::credentials::Credentials;
 use crate::error::{Error, ErrorKind};
@@ -153,11 +153,10 @@ impl Inner {
         if !status.is_success() {
             return Err(status_error(status, &bytes).with_retry_after(retry_after));
         }
-        let token = parse(&bytes)?;
-        if let Some(rotated) = &token.refresh_token {
-            self.rotate(rotated);
+        if let Some(rotated) = rotated_refresh_token(&bytes) {
+            self.rotate(&rotated);
         }
-        Ok(token)
+        parse(&bytes)
     }
 }
 

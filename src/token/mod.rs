@@ -9,7 +9,6 @@ use std::pin::Pin;
 use std::time::Duration;
 
 use http::HeaderValue;
-use secrecy::SecretString;
 use tokio::time::Instant;
 
 use crate::error::Error;
@@ -28,8 +27,6 @@ pub(crate) struct TokenResponse {
     pub(crate) header: HeaderValue,
     /// How long the token lives, already defaulted and clamped.
     pub(crate) lifetime: Duration,
-    /// A rotated refresh token, when the endpoint sent one.
-    pub(crate) refresh_token: Option<SecretString>,
     /// The granted scope (not a secret).
     pub(crate) scope: Option<String>,
     /// Whether an `id_token` came along (its value is not kept).
@@ -41,7 +38,6 @@ impl std::fmt::Debug for TokenResponse {
         f.debug_struct("TokenResponse")
             .field("lifetime", &self.lifetime)
             .field("scope", &self.scope)
-            .field("rotated", &self.refresh_token.is_some())
             .finish_non_exhaustive()
     }
 }

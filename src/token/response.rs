@@ -26,7 +26,6 @@ struct Raw {
     expires_in: Option<serde_json::Value>,
     id_token: Option<String>,
     scope: Option<String>,
-    refresh_token: Option<String>,
 }
 
 /// Parses a successful (2xx) answer.
@@ -65,18 +64,26 @@ pub(crate) fn parse(body: &[u8]) -> Result<TokenResponse, Error> {
         None | Some(serde_json::Value::Null) => DEFAULT_LIFETIME,
         Some(value) => lifetime(&value)?,
     };
-    let refresh_token = match raw.refresh_token {
-        Some(rt) if rt.trim().is_empty() => None,
-        Some(rt) => Some(SecretString::from(rt)),
-        None => None,
-    };
     Ok(TokenResponse {
         header,
         lifetime,
-        refresh_token,
         scope: raw.scope,
         has_id_token: raw.id_token.is_some(),
     })
+}
+
+/// A rotated `refresh_token` in a 2xx answer, read on its own so that it is kept even
+/// when the rest of the answer is unusable: the old refresh token may already be spent.
+pub(crate) fn rotated_refresh_token(body: &[u8]) -> Option<SecretString> {
+    #[derive(Deserialize)]
+    struct Rotation {
+        refresh_token: Option<String>,
+    }
+    let rotation: Rotation = serde_json::from_slice(body).ok()?;
+    rotation
+        .refresh_token
+        .filter(|rt| !rt.trim().is_empty())
+        .map(SecretString::from)
 }
 
 /// `Bearer <token>`, marked sensitive. The token must be a single run of visible
@@ -163,14 +170,22 @@ mod tests {
         assert_eq!(t.lifetime, Duration::from_secs(86400));
         assert_eq!(t.scope.as_deref(), Some("openid profile offline_access"));
         assert!(t.has_id_token);
-        assert!(t.refresh_token.is_none());
+        assert!(rotated_refresh_token(SAMPLE.as_bytes()).is_none());
     }
 
     #[test]
-    fn rotated_refresh_token_is_kept() {
-        let t = parse(br#"{"access_token":"a","expires_in":60,"refresh_token":"rt2"}"#).unwrap();
-        assert_eq!(t.refresh_token.unwrap().expose_secret(), "rt2");
-        assert!(!t.has_id_token);
+    fn rotated_refresh_token_is_read_even_from_an_unusable_answer() {
+        let body = br#"{"access_token":"a","expires_in":60,"refresh_token":"rt2"}"#;
+        assert_eq!(rotated_refresh_token(body).unwrap().expose_secret(), "rt2");
+        assert!(!parse(body).unwrap().has_id_token);
+        let unusable = br#"{"token_type":"mac","refresh_token":"rt3"}"#;
+        assert!(parse(unusable).is_err());
+        assert_eq!(
+            rotated_refresh_token(unusable).unwrap().expose_secret(),
+            "rt3"
+        );
+        assert!(rotated_refresh_token(br#"{"refresh_token":" "}"#).is_none());
+        assert!(rotated_refresh_token(b"<html>").is_none());
     }
 
     #[test]

@@ -4,7 +4,6 @@
 
 #![allow(dead_code)]
 
-use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -27,6 +26,20 @@ pub struct Reply {
     pub status: StatusCode,
     pub content_type: &'static str,
     pub body: Bytes,
+    pub headers: Vec<(&'static str, String)>,
+    /// Wait this long before answering.
+    pub delay: Option<std::time::Duration>,
+    pub action: Action,
+}
+
+/// How the endpoint treats the request.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Action {
+    Respond,
+    /// Never answer.
+    Hang,
+    /// Close the connection without an answer.
+    Close,
 }
 
 impl Reply {
@@ -46,11 +59,31 @@ impl Reply {
     }
 
     pub fn json(status: u16, body: &str) -> Self {
+        Reply::raw(status, "application/json", body.to_owned())
+    }
+
+    pub fn hang() -> Self {
         Reply {
-            status: StatusCode::from_u16(status).unwrap(),
-            content_type: "application/json",
-            body: Bytes::copy_from_slice(body.as_bytes()),
+            action: Action::Hang,
+            ..Reply::raw(200, "text/plain", "")
         }
+    }
+
+    pub fn close() -> Self {
+        Reply {
+            action: Action::Close,
+            ..Reply::raw(200, "text/plain", "")
+        }
+    }
+
+    pub fn with_header(mut self, name: &'static str, value: impl Into<String>) -> Self {
+        self.headers.push((name, value.into()));
+        self
+    }
+
+    pub fn after(mut self, delay: std::time::Duration) -> Self {
+        self.delay = Some(delay);
+        self
     }
 
     pub fn raw(status: u16, content_type: &'static str, body: impl Into<Bytes>) -> Self {
@@ -58,6 +91,9 @@ impl Reply {
             status: StatusCode::from_u16(status).unwrap(),
             content_type,
             body: body.into(),
+            headers: Vec::new(),
+            delay: None,
+            action: Action::Respond,
         }
     }
 }
@@ -135,7 +171,7 @@ impl TokenServer {
 async fn answer(
     state: Arc<State>,
     req: Request<Incoming>,
-) -> Result<Response<Full<Bytes>>, Infallible> {
+) -> Result<Response<Full<Bytes>>, std::io::Error> {
     let (parts, body) = req.into_parts();
     let body = body
         .collect()
@@ -153,7 +189,25 @@ async fn answer(
         body,
     });
     let reply = (state.script.lock().unwrap())(n);
+    if let Some(delay) = reply.delay {
+        tokio::time::sleep(delay).await;
+    }
+    match reply.action {
+        Action::Respond => {}
+        Action::Hang => std::future::pending::<()>().await,
+        Action::Close => {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::ConnectionAborted,
+                "closing without an answer",
+            ))
+        }
+    }
     let mut response = Response::new(Full::new(reply.body));
+    for (name, value) in reply.headers {
+        response
+            .headers_mut()
+            .insert(name, http::HeaderValue::from_str(&value).unwrap());
+    }
     *response.status_mut() = reply.status;
     response.headers_mut().insert(
         http::header::CONTENT_TYPE,

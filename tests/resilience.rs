@@ -1,0 +1,280 @@
+//! A token endpoint that fails, lies or hangs: every kind of answer maps to a success
+//! or a typed error, with a bounded number of token requests, and never a panic.
+
+mod support;
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use eshopbox_auth::{Error, ErrorKind, EshopboxAuthLayer};
+use http::{Request, Response};
+use http_body_util::Empty;
+use support::{assert_no_secret, credentials, Reply, TokenServer};
+use tower::{service_fn, BoxError, ServiceBuilder, ServiceExt};
+
+/// What one scripted answer must turn into.
+struct Case {
+    name: &'static str,
+    reply: Reply,
+    /// `Ok` with the header the API must see, or the error kind and a phrase the
+    /// error's text must contain.
+    expect: Result<&'static str, (ErrorKind, &'static str)>,
+    /// Token requests made for one API request.
+    posts: usize,
+}
+
+fn cases() -> Vec<Case> {
+    let token = |expires_in: &str| {
+        Reply::json(
+            200,
+            &format!(
+                r#"{{"access_token":"tok-ok","token_type":"Bearer","expires_in":{expires_in}}}"#
+            ),
+        )
+    };
+    vec![
+        Case {
+            name: "OK",
+            reply: Reply::token("tok-ok", 86400),
+            expect: Ok("Bearer tok-ok"),
+            posts: 1,
+        },
+        Case {
+            name: "400 invalid_grant",
+            reply: Reply::json(
+                400,
+                r#"{"error":"invalid_grant","error_description":"Unknown or invalid refresh token."}"#,
+            ),
+            expect: Err((ErrorKind::Rejected, "(HTTP 400, invalid_grant)")),
+            posts: 1,
+        },
+        Case {
+            name: "401 invalid_client",
+            reply: Reply::json(401, r#"{"error":"invalid_client"}"#),
+            expect: Err((ErrorKind::Rejected, "(HTTP 401, invalid_client)")),
+            posts: 1,
+        },
+        Case {
+            name: "403 unauthorized_client",
+            reply: Reply::json(403, r#"{"error":"unauthorized_client"}"#),
+            expect: Err((ErrorKind::Rejected, "(HTTP 403, unauthorized_client)")),
+            posts: 1,
+        },
+        Case {
+            name: "404 with an HTML body",
+            reply: Reply::raw(404, "text/html", "<html>not found</html>"),
+            expect: Err((ErrorKind::Rejected, "(HTTP 404)")),
+            posts: 1,
+        },
+        Case {
+            name: "500",
+            reply: Reply::raw(500, "text/plain", "internal error"),
+            expect: Err((ErrorKind::Unavailable, "(HTTP 500)")),
+            posts: 4,
+        },
+        Case {
+            name: "503 with Retry-After: 1",
+            reply: Reply::raw(503, "text/plain", "maintenance").with_header("retry-after", "1"),
+            expect: Err((ErrorKind::Unavailable, "(HTTP 503)")),
+            // At 0 s and after 1 s; a third would end past the 2 s budget.
+            posts: 2,
+        },
+        Case {
+            name: "429",
+            reply: Reply::json(429, r#"{"message":"Too many requests"}"#),
+            expect: Err((ErrorKind::Unavailable, "(HTTP 429)")),
+            posts: 4,
+        },
+        Case {
+            name: "HTML 200",
+            reply: Reply::raw(200, "text/html", "<html><body>proxy login</body></html>"),
+            expect: Err((ErrorKind::InvalidResponse, "not JSON")),
+            posts: 1,
+        },
+        Case {
+            name: "truncated JSON",
+            reply: Reply::json(200, r#"{"access_token":"tok-secret-1","expires_in":86"#),
+            expect: Err((ErrorKind::InvalidResponse, "truncated JSON")),
+            posts: 1,
+        },
+        Case {
+            name: "missing access_token",
+            reply: Reply::json(200, r#"{"expires_in":86400,"token_type":"Bearer"}"#),
+            expect: Err((ErrorKind::InvalidResponse, "without access_token")),
+            posts: 1,
+        },
+        Case {
+            name: "token_type mac",
+            reply: Reply::json(200, r#"{"access_token":"tok-secret-1","token_type":"mac"}"#),
+            expect: Err((ErrorKind::InvalidResponse, "expected Bearer")),
+            posts: 1,
+        },
+        Case {
+            name: "CR/LF in the token",
+            reply: Reply::json(
+                200,
+                r#"{"access_token":"tok-secret-1\r\nX-Injected: yes","token_type":"Bearer"}"#,
+            ),
+            expect: Err((ErrorKind::InvalidResponse, "control characters")),
+            posts: 1,
+        },
+        Case {
+            name: "expires_in 0",
+            reply: token("0"),
+            expect: Ok("Bearer tok-ok"),
+            posts: 1,
+        },
+        Case {
+            name: "expires_in -1",
+            reply: token("-1"),
+            expect: Ok("Bearer tok-ok"),
+            posts: 1,
+        },
+        Case {
+            name: "expires_in 10^12",
+            reply: token("1000000000000"),
+            expect: Ok("Bearer tok-ok"),
+            posts: 1,
+        },
+        Case {
+            name: "5 MB body",
+            reply: Reply::raw(200, "application/json", vec![b' '; 5 << 20]),
+            expect: Err((ErrorKind::InvalidResponse, "more than 65536 bytes")),
+            posts: 1,
+        },
+        Case {
+            name: "hang",
+            reply: Reply::hang(),
+            expect: Err((ErrorKind::Unavailable, "token timeout of 2s")),
+            posts: 1,
+        },
+        Case {
+            name: "closed connection",
+            reply: Reply::close(),
+            expect: Err((ErrorKind::Unavailable, "sending the token request failed")),
+            posts: 4,
+        },
+    ]
+}
+
+async fn one_request(url: &str) -> Result<Response<String>, BoxError> {
+    let layer = EshopboxAuthLayer::builder(credentials())
+        .token_url(url)
+        .token_timeout(Duration::from_secs(2))
+        .build()?;
+    let api = service_fn(|req: Request<Empty<Bytes>>| async move {
+        let auth = req.headers()["authorization"]
+            .to_str()
+            .unwrap_or("")
+            .to_owned();
+        Ok::<_, std::convert::Infallible>(Response::new(auth))
+    });
+    let svc = ServiceBuilder::new().layer(layer).service(api);
+    let req = Request::get("https://acme.myeshopbox.com/api/v2/inventoryListing")
+        .body(Empty::new())
+        .unwrap();
+    svc.oneshot(req).await
+}
+
+#[tokio::test]
+async fn every_kind_of_answer_maps_to_a_result_or_a_typed_error() {
+    let mut runs = Vec::new();
+    for case in cases() {
+        let reply = case.reply.clone();
+        let server = TokenServer::start(move |_| reply.clone()).await;
+        runs.push(tokio::spawn(async move {
+            let result = one_request(&server.url()).await;
+            (case, server.posts(), result)
+        }));
+    }
+    for run in runs {
+        let (case, posts, result) = run.await.expect("no panic");
+        let name = case.name;
+        match (case.expect, result) {
+            (Ok(header), Ok(res)) => assert_eq!(res.body(), header, "{name}"),
+            (Err((kind, says)), Err(err)) => {
+                let eshopbox = err
+                    .downcast_ref::<Error>()
+                    .unwrap_or_else(|| panic!("{name}: not an eshopbox_auth::Error: {err}"));
+                assert_eq!(eshopbox.kind(), kind, "{name}: {eshopbox}");
+                let shown = full_report(&err);
+                assert!(shown.contains(says), "{name}: {shown}");
+                assert_no_secret(&shown, &["tok-secret-1"]);
+            }
+            (expected, got) => panic!("{name}: expected {expected:?}, got {got:?}"),
+        }
+        assert_eq!(posts, case.posts, "{name}: token requests");
+    }
+}
+
+#[tokio::test]
+async fn retry_after_as_an_http_date_is_honoured() {
+    let date = httpdate::fmt_http_date(std::time::SystemTime::now() + Duration::from_secs(1));
+    let server = TokenServer::start(move |n| match n {
+        1 => Reply::raw(429, "text/plain", "slow down").with_header("retry-after", date.clone()),
+        _ => Reply::token("tok-after-wait", 86400),
+    })
+    .await;
+    let res = one_request(&server.url()).await.unwrap();
+    assert_eq!(res.body(), "Bearer tok-after-wait");
+    assert_eq!(server.posts(), 2);
+}
+
+#[tokio::test]
+async fn an_endpoint_that_comes_back_serves_the_next_request() {
+    let up = Arc::new(AtomicUsize::new(0));
+    let flag = up.clone();
+    let server = TokenServer::start(move |n| {
+        if flag.load(Ordering::SeqCst) == 0 {
+            Reply::raw(502, "text/plain", "bad gateway")
+        } else {
+            Reply::token(&format!("tok-{n}"), 86400)
+        }
+    })
+    .await;
+    let layer = EshopboxAuthLayer::builder(credentials())
+        .token_url(&server.url())
+        .token_timeout(Duration::from_secs(2))
+        .build()
+        .unwrap();
+    let api = service_fn(|req: Request<Empty<Bytes>>| async move {
+        let auth = req.headers()["authorization"]
+            .to_str()
+            .unwrap_or("")
+            .to_owned();
+        Ok::<_, std::convert::Infallible>(Response::new(auth))
+    });
+    let svc = ServiceBuilder::new().layer(layer).service(api);
+    let get = || {
+        Request::get("/api/v2/inventoryListing")
+            .body(Empty::new())
+            .unwrap()
+    };
+
+    for _ in 0..3 {
+        let err = svc.clone().oneshot(get()).await.unwrap_err();
+        assert_eq!(
+            err.downcast_ref::<Error>().unwrap().kind(),
+            ErrorKind::Unavailable
+        );
+    }
+    let failed_posts = server.posts();
+    assert_eq!(failed_posts, 3 * 4);
+
+    up.store(1, Ordering::SeqCst);
+    let res = svc.clone().oneshot(get()).await.unwrap();
+    assert_eq!(*res.body(), format!("Bearer tok-{}", failed_posts + 1));
+}
+
+/// Display and Debug of the error and of every source below it.
+fn full_report(err: &BoxError) -> String {
+    let mut text = format!("{err} | {err:?}");
+    let mut source = err.source();
+    while let Some(s) = source {
+        text.push_str(&format!(" | {s} | {s:?}"));
+        source = s.source();
+    }
+    text
+}
