@@ -76,6 +76,24 @@
 //! holds an [`Error`]: `err.downcast_ref::<eshopbox_auth::Error>()` and
 //! [`Error::kind`]. Errors of the inner service are passed through, boxed.
 //!
+//! # Failure semantics
+//!
+//! | the token endpoint … | requests see | token requests |
+//! |---|---|---|
+//! | answers a Bearer token | the token, until `expires_in` (from when the request was sent; missing → 24 h, ≤ 0 → used for a 1 s floor, > 30 days → 30 days) | 1 per refresh |
+//! | answers 4xx but 408/429 (`invalid_grant`, `invalid_client`, …) | [`ErrorKind::Rejected`] at once, then the same error for 1–5 s ([`failure_cooldown`](EshopboxAuthBuilder::failure_cooldown)) | 1, none during the cooldown |
+//! | answers something unusable (not JSON, no `access_token`, not Bearer, CR/LF in the token, > 64 KiB) | [`ErrorKind::InvalidResponse`], remembered like a rejection | 1, none during the cooldown |
+//! | answers 5xx, 408 or 429, drops the connection, cannot be reached | retried inside one refresh with back-off 200 ms × 2ⁿ (jitter ½–1, ≤ 5 s) or its `Retry-After` (seconds or date, ≤ 60 s); [`ErrorKind::Unavailable`] if every attempt fails | ≤ 4 per refresh |
+//! | asks to `Retry-After` longer than the rest of the token timeout | [`ErrorKind::Unavailable`] at once, then the same error until that time | 1 |
+//! | hangs | [`ErrorKind::Unavailable`] when the [`token_timeout`](EshopboxAuthBuilder::token_timeout) (default 30 s, retries included) runs out | 1 |
+//! | fails in any way while the current token is still valid (early refresh) | nothing: requests keep the valid token; the next attempt comes after a back-off of half the remaining life (1–30 s, at least `Retry-After`) | per attempt |
+//! | recovers after an outage | the next request (after any cooldown or `Retry-After`) gets a token | 1 |
+//!
+//! A refresh that is cancelled (its runtime shut down) or panics fails its waiters
+//! with [`ErrorKind::Unavailable`]; the next request starts a new one. A rotated
+//! `refresh_token` is kept even from an answer that is otherwise unusable, because
+//! the old one may already be spent.
+//!
 //! A request goes through three files: [`EshopboxAuth::call`](tower::Service::call)
 //! in `service.rs`, the state machine in `future.rs`, and the token cache in
 //! `token/cache.rs`.
@@ -112,3 +130,16 @@ pub use replay::{CloneBodies, EmptyBodies, ReplayPolicy};
 pub use secrecy;
 pub use service::EshopboxAuth;
 pub use token::endpoint::RequestFormat;
+
+/// Runs the token-response parser on arbitrary bytes, for the fuzz target in `fuzz/`.
+/// Not part of the API.
+#[cfg(feature = "fuzzing")]
+#[doc(hidden)]
+pub fn __fuzz_token_response(body: &[u8]) {
+    let _ = token::response::rotated_refresh_token(body);
+    let _ = token::response::oauth_error_code(body);
+    if let Ok(response) = token::response::parse(body) {
+        assert!(response.header.is_sensitive());
+        assert!(response.lifetime <= token::response::MAX_LIFETIME);
+    }
+}

@@ -269,4 +269,54 @@ mod tests {
         assert_eq!(oauth_error_code(br#"{"error":{"errors":[]}}"#), None);
         assert_eq!(oauth_error_code(b"<html>"), None);
     }
+
+    mod properties {
+        use super::*;
+        use proptest::prelude::*;
+
+        proptest! {
+            #![proptest_config(ProptestConfig { cases: 512, ..ProptestConfig::default() })]
+
+            #[test]
+            fn arbitrary_bytes_never_panic(body in proptest::collection::vec(any::<u8>(), 0..512)) {
+                let _ = parse(&body);
+                let _ = oauth_error_code(&body);
+                let _ = rotated_refresh_token(&body);
+            }
+
+            #[test]
+            fn a_token_is_accepted_exactly_when_it_can_be_a_header(
+                token in "zq[ -~\t\r\n\u{80}-\u{10FFFF}]{0,40}",
+                expires_in in proptest::option::of(any::<i64>()),
+                kind in proptest::option::of("[Bb][Ee][Aa][Rr][Ee][Rr]|mac|"),
+            ) {
+                let mut json = serde_json::json!({ "access_token": token });
+                if let Some(e) = expires_in { json["expires_in"] = e.into(); }
+                if let Some(k) = &kind { json["token_type"] = k.clone().into(); }
+                let result = parse(json.to_string().as_bytes());
+                let clean = !token.bytes().any(|b| b.is_ascii_whitespace() || b.is_ascii_control());
+                let bearer = kind.as_deref().is_none_or(|k| k.eq_ignore_ascii_case("bearer"));
+                match result {
+                    Ok(t) => {
+                        prop_assert!(clean && bearer);
+                        let expected = format!("Bearer {token}");
+                        prop_assert_eq!(t.header.as_bytes(), expected.as_bytes());
+                        prop_assert!(t.header.is_sensitive());
+                        prop_assert!(t.lifetime <= MAX_LIFETIME);
+                        if let Some(e) = expires_in {
+                            prop_assert_eq!(t.lifetime.is_zero(), e <= 0);
+                        }
+                    }
+                    Err(e) => {
+                        prop_assert!(!clean || !bearer, "{}", e);
+                        prop_assert_eq!(e.kind(), crate::ErrorKind::InvalidResponse);
+                        let shown = format!("{e} {e:?}");
+                        if token.len() > 2 {
+                            prop_assert!(!shown.contains(&token), "{} leaks the token", shown);
+                        }
+                    }
+                }
+            }
+        }
+    }
 }

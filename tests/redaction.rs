@@ -1,0 +1,123 @@
+//! No secret reaches logs: everything emitted at TRACE while the layer fetches,
+//! rotates, retries and fails is captured and searched.
+
+mod support;
+
+use std::io::Write;
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use eshopbox_auth::{ErrorKind, EshopboxAuthLayer};
+use http::{Request, Response, StatusCode};
+use http_body_util::Empty;
+use support::{assert_no_secret, credentials, Reply, TokenServer};
+use tower::{service_fn, ServiceBuilder, ServiceExt};
+
+#[derive(Clone, Default)]
+struct Captured(Arc<Mutex<Vec<u8>>>);
+
+impl Write for Captured {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn trace_output_carries_no_secret() {
+    let captured = Captured::default();
+    let writer = captured.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::TRACE)
+        .with_ansi(false)
+        .with_writer(move || writer.clone())
+        .finish();
+    let _guard = tracing::subscriber::set_default(subscriber);
+
+    // 1: a token that the API refuses, with a rotated refresh token;
+    // 2: a transient failure; 3: the working token; 4: the refresh token is revoked.
+    let server = TokenServer::start(|n| match n {
+        1 => Reply::json(
+            200,
+            r#"{"access_token":"acc-secret-one","expires_in":86400,"token_type":"Bearer","refresh_token":"rt-rotated-secret"}"#,
+        ),
+        2 => Reply::raw(500, "text/plain", "oops"),
+        3 => Reply::token("acc-secret-two", 86400),
+        _ => Reply::json(400, r#"{"error":"invalid_grant"}"#),
+    })
+    .await;
+    let rotated = Arc::new(Mutex::new(String::new()));
+    let seen = rotated.clone();
+    let layer = EshopboxAuthLayer::builder(credentials())
+        .token_url(&server.url())
+        .on_refresh_token_rotated(move |rt| {
+            use eshopbox_auth::secrecy::ExposeSecret;
+            *seen.lock().unwrap() = rt.expose_secret().to_owned();
+        })
+        .build()
+        .unwrap();
+    let api = service_fn(|req: Request<Empty<Bytes>>| async move {
+        let auth = req.headers()["authorization"]
+            .to_str()
+            .unwrap_or("")
+            .to_owned();
+        let status = if auth == "Bearer acc-secret-one" {
+            StatusCode::UNAUTHORIZED
+        } else {
+            StatusCode::OK
+        };
+        let mut res = Response::new(auth);
+        *res.status_mut() = status;
+        Ok::<_, std::convert::Infallible>(res)
+    });
+    let svc = ServiceBuilder::new().layer(layer.clone()).service(api);
+    let get = || {
+        Request::get("/api/v2/inventoryListing")
+            .body(Empty::new())
+            .unwrap()
+    };
+
+    let res = svc.clone().oneshot(get()).await.unwrap();
+    assert_eq!(res.body(), "Bearer acc-secret-two");
+    assert_eq!(*rotated.lock().unwrap(), "rt-rotated-secret");
+    assert_eq!(server.posts(), 3);
+
+    // A second layer on the same endpoint gets invalid_grant.
+    let failing = EshopboxAuthLayer::builder(credentials())
+        .token_url(&server.url())
+        .build()
+        .unwrap();
+    let api = service_fn(|_: Request<Empty<Bytes>>| async {
+        Ok::<_, std::convert::Infallible>(Response::new(String::new()))
+    });
+    let err = ServiceBuilder::new()
+        .layer(failing)
+        .service(api)
+        .oneshot(get())
+        .await
+        .unwrap_err();
+    let err = err.downcast_ref::<eshopbox_auth::Error>().unwrap();
+    assert_eq!(err.kind(), ErrorKind::Rejected);
+    tracing::error!(error = %err, "logged by the application");
+
+    let text = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
+    // The layer did log what happened ...
+    for event in [
+        "requesting an access token",
+        "rotated the refresh token",
+        "invalidated",
+        "retrying",
+        "token refresh failed",
+        "invalid_grant",
+    ] {
+        assert!(text.contains(event), "no {event:?} in the log:\n{text}");
+    }
+    // ... and nothing secret.
+    assert_no_secret(
+        &text,
+        &["acc-secret-one", "acc-secret-two", "rt-rotated-secret"],
+    );
+}
