@@ -11,7 +11,6 @@ use bytes::Bytes;
 use http::{HeaderValue, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Empty, Full};
 use tokio::sync::{watch, Semaphore};
-use tokio::time::advance;
 use tokio_test::{assert_pending, assert_ready};
 use tower::{service_fn, BoxError, Layer, Service, ServiceExt};
 
@@ -367,14 +366,14 @@ async fn short_token_is_refreshed_after_half_its_life_not_on_every_request() {
     send(&mut svc, get()).await.unwrap();
 
     // The 5 min margin is capped at half of the 2 s lifetime.
-    advance(Duration::from_millis(999)).await;
+    pass(&svc, Duration::from_millis(999)).await;
     for _ in 0..10 {
         send(&mut svc, get()).await.unwrap();
     }
     assert_eq!(script.calls(), 1);
 
     // Past half-life plus the largest jitter, one request starts one refresh.
-    advance(Duration::from_millis(150)).await;
+    pass(&svc, Duration::from_millis(150)).await;
     for _ in 0..10 {
         send(&mut svc, get()).await.unwrap();
     }
@@ -393,7 +392,7 @@ async fn early_refresh_runs_in_background_while_requests_use_the_old_token() {
     send(&mut svc, get()).await.unwrap();
 
     // Into the soft window (margin 300 s, jitter ≤ 30 s).
-    advance(Duration::from_secs(3600 - 200)).await;
+    pass(&svc, Duration::from_secs(3600 - 200)).await;
     // The refresh is held at the gate, yet every request, including the one that
     // noticed, completes at once with the old token.
     for _ in 0..20 {
@@ -418,7 +417,7 @@ async fn failed_early_refresh_keeps_the_valid_token_and_backs_off() {
     send(&mut svc, get()).await.unwrap();
 
     script.fail_next(Error::new(ErrorKind::Rejected, "refused"));
-    advance(Duration::from_secs(3600 - 200)).await;
+    pass(&svc, Duration::from_secs(3600 - 200)).await;
     let res = send(&mut svc, get()).await.unwrap();
     assert_eq!(res.body(), "Bearer tok-1");
     cache_of_service(&svc).settled().await;
@@ -432,7 +431,7 @@ async fn failed_early_refresh_keeps_the_valid_token_and_backs_off() {
     assert_eq!(script.calls(), 2);
 
     // After the back-off (half the remaining 200 s, capped at 30 s) it tries again.
-    advance(Duration::from_secs(31)).await;
+    pass(&svc, Duration::from_secs(31)).await;
     send(&mut svc, get()).await.unwrap();
     cache_of_service(&svc).settled().await;
     assert_eq!(script.calls(), 3);
@@ -452,7 +451,7 @@ async fn expiry_counts_from_when_the_token_request_was_sent() {
     assert_pending!(first.poll());
     script.wait_calls(1).await;
     // The endpoint takes 500 ms to answer.
-    advance(Duration::from_millis(500)).await;
+    pass(&svc, Duration::from_millis(500)).await;
     script.release(1);
     cache.settled().await;
     assert_eq!(assert_ready!(first.poll()).unwrap().body(), "Bearer tok-1");
@@ -460,7 +459,7 @@ async fn expiry_counts_from_when_the_token_request_was_sent() {
 
     // 1.5 s after the answer, 2 s after the request was sent: the token has expired,
     // so the next request waits for a new one (held at the gate).
-    advance(Duration::from_millis(1500)).await;
+    pass(&svc, Duration::from_millis(1500)).await;
     let mut next = tokio_test::task::spawn(send(&mut svc, get()));
     assert_pending!(next.poll());
     script.wait_calls(2).await;
@@ -477,7 +476,7 @@ async fn expired_token_makes_requests_wait() {
     script.release(1);
     send(&mut svc, get()).await.unwrap();
 
-    advance(Duration::from_secs(61)).await;
+    pass(&svc, Duration::from_secs(61)).await;
     let mut clone = svc.clone();
     let mut waiting = tokio_test::task::spawn(send(&mut clone, get()));
     assert_pending!(waiting.poll());
@@ -784,7 +783,7 @@ async fn token_failure_fails_every_waiter_with_the_typed_error() {
     }
     assert_eq!(script.calls(), 1);
     // ... and after that, the next request tries again (and here succeeds).
-    advance(Duration::from_secs(5)).await;
+    pass(&svc, Duration::from_secs(5)).await;
     script.release(1);
     let res = send(&mut svc.clone(), get()).await.unwrap();
     assert_eq!(res.body(), "Bearer tok-2");
@@ -879,11 +878,11 @@ async fn retry_after_beyond_the_budget_fails_now_and_is_remembered() {
     let eshopbox = err.downcast_ref::<Error>().unwrap();
     assert_eq!(eshopbox.retry_after(), Some(Duration::from_secs(60)));
     // Requests within the minute get the error without a token request.
-    advance(Duration::from_secs(59)).await;
+    pass(&svc, Duration::from_secs(59)).await;
     let err = send(&mut svc, get()).await.unwrap_err();
     assert_eq!(error_kind(&err), ErrorKind::Unavailable);
     assert_eq!(script.calls(), 1);
-    advance(Duration::from_secs(1)).await;
+    pass(&svc, Duration::from_secs(1)).await;
     let res = send(&mut svc, get()).await.unwrap();
     assert_eq!(res.body(), "Bearer tok-2");
 }
@@ -898,13 +897,13 @@ async fn stale_token_is_served_through_an_outage_until_it_expires() {
     for _ in 0..1000 {
         script.fail_next(down());
     }
-    advance(Duration::from_secs(3600 - 200)).await;
+    pass(&svc, Duration::from_secs(3600 - 200)).await;
     let mut served = 0;
     while tokio::time::Instant::now() + Duration::from_secs(1) < script_expiry(&svc) {
         let res = send(&mut svc, get()).await.unwrap();
         assert_eq!(res.body(), "Bearer tok-1");
         served += 1;
-        advance(Duration::from_secs(1)).await;
+        pass(&svc, Duration::from_secs(1)).await;
     }
     assert!(served > 100);
     let attempts = script.calls() - 1;
@@ -914,7 +913,7 @@ async fn stale_token_is_served_through_an_outage_until_it_expires() {
         "{attempts} token requests during a 200 s outage"
     );
     // Once the token has expired, requests see the error.
-    advance(Duration::from_secs(2)).await;
+    pass(&svc, Duration::from_secs(2)).await;
     let err = send(&mut svc, get()).await.unwrap_err();
     assert_eq!(error_kind(&err), ErrorKind::Unavailable);
 }
@@ -933,7 +932,7 @@ async fn a_token_dead_on_arrival_is_used_for_a_second_not_refetched_per_request(
         assert_eq!(res.body(), "Bearer tok-1");
     }
     assert_eq!(script.calls(), 1);
-    advance(crate::token::cache::MIN_LIFETIME).await;
+    pass(&svc, crate::token::cache::MIN_LIFETIME).await;
     let res = send(&mut svc, get()).await.unwrap();
     assert_eq!(res.body(), "Bearer tok-2");
     assert_eq!(script.calls(), 2);
@@ -1005,4 +1004,10 @@ fn a_refresh_cancelled_with_its_runtime_does_not_wedge_the_cache() {
         assert_eq!(res.body(), "Bearer tok-2");
     });
     assert_eq!(script.calls(), 2);
+}
+
+/// Advances the paused clock and lets the token's phase timer catch up.
+async fn pass<S, P>(svc: &crate::EshopboxAuth<S, P>, by: Duration) {
+    tokio::time::advance(by).await;
+    svc.cache.catch_up().await;
 }

@@ -1,7 +1,8 @@
 //! The shared token cache: a lock-free read path and single-flight refreshes.
 //!
 //! The current token lives in an [`ArcSwapOption`]. A request loads it (no lock, no
-//! allocation) and, depending on the time:
+//! allocation, no clock read: a timer task moves the token's phase on) and,
+//! depending on that phase:
 //!
 //! - before `refresh_at`: uses it;
 //! - between `refresh_at` and `expires_at` (the soft window): uses it and makes sure a
@@ -22,7 +23,7 @@ use http::HeaderValue;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
-use super::{BoxFuture, Source, Token, TokenResponse};
+use super::{BoxFuture, Source, Token, TokenResponse, FRESH, STALE};
 use crate::error::Error;
 
 type Outcome = Option<Result<Arc<Token>, Error>>;
@@ -99,12 +100,10 @@ impl TokenCache {
     pub(crate) fn get(self: &Arc<Self>) -> Option<(HeaderValue, u64)> {
         let guard = self.current.load();
         let token = guard.as_ref()?;
-        let now = Instant::now();
-        if now >= token.refresh_at {
-            if now >= token.expires_at {
-                return None;
-            }
-            self.refresh_in_background();
+        match token.phase.load(Ordering::Acquire) {
+            FRESH => {}
+            STALE => self.refresh_in_background(),
+            _ => return None,
         }
         Some((token.header.clone(), token.generation))
     }
@@ -156,6 +155,30 @@ impl TokenCache {
         self.current.load().as_ref().map(|t| t.expires_at)
     }
 
+    /// Lets the phase timers catch up with the (paused) clock after a test advanced
+    /// it: yields until the current token's phase matches the time.
+    #[cfg(test)]
+    pub(crate) async fn catch_up(&self) {
+        for _ in 0..1000 {
+            let settled = self.current.load().as_ref().is_none_or(|t| {
+                let now = Instant::now();
+                let expected = if now >= t.expires_at {
+                    super::EXPIRED
+                } else if now >= t.refresh_at {
+                    STALE
+                } else {
+                    FRESH
+                };
+                t.phase.load(Ordering::Acquire) == expected
+            });
+            if settled {
+                return;
+            }
+            tokio::task::yield_now().await;
+        }
+        panic!("the token's phase timer did not fire");
+    }
+
     /// Waits until no refresh is running (tests use it instead of sleeping).
     #[cfg(test)]
     pub(crate) async fn settled(&self) {
@@ -202,7 +225,7 @@ impl TokenCache {
             .current
             .load()
             .as_ref()
-            .is_some_and(|t| Instant::now() >= t.refresh_at);
+            .is_some_and(|t| t.phase.load(Ordering::Acquire) != FRESH);
         if due {
             if let Err(e) = self.start(&mut slow, Reason::Early) {
                 tracing::warn!(error = %e, "could not start a background token refresh");
@@ -271,6 +294,7 @@ impl TokenCache {
             let error = match result {
                 Ok(response) => {
                     let token = Arc::new(self.token_from(response, sent_at));
+                    Token::schedule(&token);
                     self.current.store(Some(token.clone()));
                     return Ok(token);
                 }
@@ -336,12 +360,7 @@ impl TokenCache {
             id_token = response.has_id_token,
             "access token received"
         );
-        Token {
-            header: response.header,
-            generation,
-            refresh_at,
-            expires_at,
-        }
+        Token::new(response.header, generation, refresh_at, expires_at)
     }
 
     /// After a failed refresh, pushes the still-valid token's next refresh attempt back,
@@ -361,14 +380,17 @@ impl TokenCache {
                 .clamp(Duration::from_secs(1), Duration::from_secs(30))
                 .max(error.retry_after().unwrap_or_default())
                 .min(remaining);
-            let delayed = Token {
-                refresh_at: now + wait,
-                ..token.clone()
-            };
+            let delayed = Arc::new(Token::new(
+                token.header.clone(),
+                token.generation,
+                now + wait,
+                token.expires_at,
+            ));
             let previous = self
                 .current
-                .compare_and_swap(&current, Some(Arc::new(delayed)));
+                .compare_and_swap(&current, Some(delayed.clone()));
             if ptr_eq(&previous, &current) {
+                Token::schedule(&delayed);
                 return;
             }
         }

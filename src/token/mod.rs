@@ -6,6 +6,8 @@
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use http::HeaderValue;
@@ -48,8 +50,14 @@ pub(crate) trait Source: Send + Sync + 'static {
     fn fetch(&self) -> BoxFuture<Result<TokenResponse, Error>>;
 }
 
+/// [`Token::phase`]: before `refresh_at`.
+pub(crate) const FRESH: u8 = 0;
+/// [`Token::phase`]: between `refresh_at` and `expires_at`.
+pub(crate) const STALE: u8 = 1;
+/// [`Token::phase`]: at or after `expires_at`.
+pub(crate) const EXPIRED: u8 = 2;
+
 /// The token as requests use it: the ready-made header value and when it goes stale.
-#[derive(Clone)]
 pub(crate) struct Token {
     /// `Bearer <access_token>`, built once per token and marked sensitive.
     pub(crate) header: HeaderValue,
@@ -60,6 +68,52 @@ pub(crate) struct Token {
     pub(crate) refresh_at: Instant,
     /// From this instant on, requests wait for a new token.
     pub(crate) expires_at: Instant,
+    /// [`FRESH`], [`STALE`] or [`EXPIRED`], moved on by a timer task at `refresh_at`
+    /// and `expires_at`, so the request path reads an atomic instead of the clock.
+    pub(crate) phase: AtomicU8,
+}
+
+impl Token {
+    pub(crate) fn new(
+        header: HeaderValue,
+        generation: u64,
+        refresh_at: Instant,
+        expires_at: Instant,
+    ) -> Self {
+        let now = Instant::now();
+        let phase = if now >= expires_at {
+            EXPIRED
+        } else if now >= refresh_at {
+            STALE
+        } else {
+            FRESH
+        };
+        Token {
+            header,
+            generation,
+            refresh_at,
+            expires_at,
+            phase: AtomicU8::new(phase),
+        }
+    }
+
+    /// Spawns the timer that moves this token's phase on. It holds the token weakly
+    /// and ends early once the token is dropped. Must run inside a tokio runtime.
+    pub(crate) fn schedule(token: &Arc<Token>) {
+        let weak = Arc::downgrade(token);
+        let (refresh_at, expires_at) = (token.refresh_at, token.expires_at);
+        tokio::spawn(async move {
+            tokio::time::sleep_until(refresh_at).await;
+            match weak.upgrade() {
+                Some(token) => token.phase.fetch_max(STALE, Ordering::Release),
+                None => return,
+            };
+            tokio::time::sleep_until(expires_at).await;
+            if let Some(token) = weak.upgrade() {
+                token.phase.store(EXPIRED, Ordering::Release);
+            }
+        });
+    }
 }
 
 impl std::fmt::Debug for Token {
