@@ -27,8 +27,10 @@ use crate::error::Error;
 use crate::token::cache::TokenCache;
 use crate::token::{BoxFuture, Token};
 
-/// The copy of a request kept for one resend after a 401, with the service to send it.
-pub(crate) struct Replay<S, B> {
+/// A request not sent yet, with the service to send it: the first attempt while it
+/// waits for a token, or the copy kept for one resend after a 401. Boxed, so that the
+/// response future stays small on the hot path, where neither exists.
+pub(crate) struct Unsent<S, B> {
     pub(crate) service: S,
     pub(crate) request: Request<B>,
 }
@@ -44,7 +46,7 @@ pin_project! {
         cache: Arc<TokenCache>,
         // The generation of the token the first attempt carried.
         generation: u64,
-        replay: Option<Replay<S, B>>,
+        replay: Option<Box<Unsent<S, B>>>,
         resent: bool,
     }
 }
@@ -57,14 +59,12 @@ pin_project! {
     {
         Token {
             token: BoxFuture<Result<Arc<Token>, Error>>,
-            service: Option<S>,
-            request: Option<Request<B>>,
-            // Whether `service` was already polled ready.
+            unsent: Option<Box<Unsent<S, B>>>,
+            // Whether the service was already polled ready.
             ready: bool,
         },
         Ready {
-            service: Option<S>,
-            request: Option<Request<B>>,
+            unsent: Option<Box<Unsent<S, B>>>,
         },
         Called {
             #[pin]
@@ -82,7 +82,7 @@ where
         future: S::Future,
         cache: Arc<TokenCache>,
         generation: u64,
-        replay: Option<Replay<S, B>>,
+        replay: Option<Box<Unsent<S, B>>>,
     ) -> Self {
         ResponseFuture {
             state: State::Called { future },
@@ -98,13 +98,12 @@ where
         service: S,
         request: Request<B>,
         cache: Arc<TokenCache>,
-        replay: Option<Replay<S, B>>,
+        replay: Option<Box<Unsent<S, B>>>,
     ) -> Self {
         ResponseFuture {
             state: State::Token {
                 token: cache.wait(),
-                service: Some(service),
-                request: Some(request),
+                unsent: Some(Box::new(Unsent { service, request })),
                 ready: true,
             },
             cache,
@@ -128,38 +127,43 @@ where
             match this.state.as_mut().project() {
                 StateProj::Token {
                     token,
-                    service,
-                    request,
+                    unsent,
                     ready,
                 } => {
                     let token = ready!(token.as_mut().poll(cx))?;
-                    let (Some(mut service), Some(mut request)) = (service.take(), request.take())
-                    else {
+                    let Some(mut unsent) = unsent.take() else {
                         return Poll::Ready(Err(polled_after_completion()));
                     };
-                    request
+                    unsent
+                        .request
                         .headers_mut()
                         .insert(AUTHORIZATION, token.header.clone());
                     if *ready {
                         *this.generation = token.generation;
+                        let Unsent {
+                            mut service,
+                            request,
+                        } = *unsent;
                         let future = service.call(request);
                         this.state.set(State::Called { future });
                     } else {
                         this.state.set(State::Ready {
-                            service: Some(service),
-                            request: Some(request),
+                            unsent: Some(unsent),
                         });
                     }
                 }
-                StateProj::Ready { service, request } => {
-                    let Some(svc) = service.as_mut() else {
+                StateProj::Ready { unsent } => {
+                    let Some(pending) = unsent.as_mut() else {
                         return Poll::Ready(Err(polled_after_completion()));
                     };
-                    ready!(svc.poll_ready(cx)).map_err(Into::into)?;
-                    let (Some(mut service), Some(request)) = (service.take(), request.take())
-                    else {
+                    ready!(pending.service.poll_ready(cx)).map_err(Into::into)?;
+                    let Some(unsent) = unsent.take() else {
                         return Poll::Ready(Err(polled_after_completion()));
                     };
+                    let Unsent {
+                        mut service,
+                        request,
+                    } = *unsent;
                     let future = service.call(request);
                     this.state.set(State::Called { future });
                 }
@@ -171,11 +175,7 @@ where
                     // The first attempt was refused: drop this token (only if it is still
                     // the current one), then resend once if a copy of the request exists.
                     this.cache.invalidate(*this.generation);
-                    let Some(Replay {
-                        service,
-                        mut request,
-                    }) = this.replay.take()
-                    else {
+                    let Some(mut unsent) = this.replay.take() else {
                         return Poll::Ready(Ok(response));
                     };
                     *this.resent = true;
@@ -183,16 +183,14 @@ where
                     tracing::debug!("request answered 401; resending it once with a new token");
                     match this.cache.get() {
                         Some((header, _)) => {
-                            request.headers_mut().insert(AUTHORIZATION, header);
+                            unsent.request.headers_mut().insert(AUTHORIZATION, header);
                             this.state.set(State::Ready {
-                                service: Some(service),
-                                request: Some(request),
+                                unsent: Some(unsent),
                             });
                         }
                         None => this.state.set(State::Token {
                             token: this.cache.wait(),
-                            service: Some(service),
-                            request: Some(request),
+                            unsent: Some(unsent),
                             ready: false,
                         }),
                     }

@@ -8,7 +8,7 @@ use http::header::AUTHORIZATION;
 use http::{Request, Response};
 use tower::{BoxError, Service};
 
-use crate::future::{Replay, ResponseFuture};
+use crate::future::{ResponseFuture, Unsent};
 use crate::replay::{EmptyBodies, ReplayPolicy};
 use crate::token::cache::TokenCache;
 
@@ -94,7 +94,7 @@ where
 {
     /// Splits off a copy of the request for a resend after 401, when retries are on and
     /// the policy can replay the body. Costs nothing otherwise.
-    fn keep_copy<B>(&self, request: Request<B>) -> (Request<B>, Option<Replay<S, B>>)
+    fn keep_copy<B>(&self, request: Request<B>) -> (Request<B>, Option<Box<Unsent<S, B>>>)
     where
         P: ReplayPolicy<B>,
     {
@@ -106,10 +106,10 @@ where
         };
         let (parts, original) = request.into_parts();
         let copy = Request::from_parts(parts.clone(), body);
-        let replay = Replay {
+        let replay = Box::new(Unsent {
             service: self.inner.clone(),
             request: copy,
-        };
+        });
         (Request::from_parts(parts, original), Some(replay))
     }
 }

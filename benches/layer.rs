@@ -1,0 +1,240 @@
+//! Cost of the layer on the request path, warm token, no-op inner service:
+//!
+//! 1. the bare inner service;
+//! 2. tower-http's `AddAuthorization::bearer` (a static header: the floor);
+//! 3. a bearer layer caching the token in `RwLock` with an expiry check — the usual
+//!    approach of Rust token managers;
+//! 4. `EshopboxAuth`, 401 retry off;
+//! 5. `EshopboxAuth`, 401 retry on (keeps a copy of each GET for a resend).
+//!
+//! Single-threaded, then 2 OS threads hammering one shared layer, then 4 and 8 tasks
+//! on a 2-worker multi-thread runtime.
+
+#[path = "../tests/support/mod.rs"]
+mod support;
+
+use std::convert::Infallible;
+use std::future::{ready, Future, Ready};
+use std::pin::pin;
+use std::sync::{Arc, RwLock};
+use std::task::{Context, Poll, Waker};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
+use eshopbox_auth::EshopboxAuthLayer;
+use http::header::{ACCEPT, AUTHORIZATION};
+use http::{HeaderValue, Request, Response, Uri};
+use http_body_util::Empty;
+use tower::{Layer, Service, ServiceExt};
+use tower_http::auth::AddAuthorizationLayer;
+
+type Req = Request<Empty<Bytes>>;
+
+/// Answers at once.
+#[derive(Clone, Copy)]
+struct Noop;
+
+impl Service<Req> for Noop {
+    type Response = Response<()>;
+    type Error = Infallible;
+    type Future = Ready<Result<Response<()>, Infallible>>;
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+    fn call(&mut self, _: Req) -> Self::Future {
+        ready(Ok(Response::new(())))
+    }
+}
+
+/// The usual approach: the token behind a `RwLock`, its expiry checked per request.
+#[derive(Clone)]
+struct RwLockBearer<S> {
+    inner: S,
+    token: Arc<RwLock<(HeaderValue, Instant)>>,
+}
+
+impl<S: Service<Req>> Service<Req> for RwLockBearer<S> {
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = S::Future;
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+        self.inner.poll_ready(cx)
+    }
+    fn call(&mut self, mut req: Req) -> S::Future {
+        let header = {
+            let token = self.token.read().unwrap();
+            assert!(Instant::now() < token.1, "the bench token never expires");
+            token.0.clone()
+        };
+        req.headers_mut().insert(AUTHORIZATION, header);
+        self.inner.call(req)
+    }
+}
+
+fn request(uri: &Uri) -> Req {
+    let mut req = Request::new(Empty::new());
+    *req.uri_mut() = uri.clone();
+    req.headers_mut()
+        .insert(ACCEPT, HeaderValue::from_static("application/json"));
+    req
+}
+
+/// poll_ready, call, and poll the response future once (every variant answers at once).
+fn one<S>(svc: &mut S, uri: &Uri)
+where
+    S: Service<Req>,
+    S::Error: std::fmt::Debug,
+{
+    let mut cx = Context::from_waker(Waker::noop());
+    match svc.poll_ready(&mut cx) {
+        Poll::Ready(r) => r.unwrap(),
+        Poll::Pending => panic!("not ready"),
+    }
+    let fut = pin!(svc.call(request(uri)));
+    match fut.poll(&mut cx) {
+        Poll::Ready(r) => {
+            std::hint::black_box(r.unwrap());
+        }
+        Poll::Pending => panic!("no answer at once"),
+    }
+}
+
+/// One boxed clone-able service per variant, all sharing their state across clones.
+#[derive(Clone)]
+enum Variant {
+    Bare(Noop),
+    Static(tower_http::auth::AddAuthorization<Noop>),
+    RwLock(RwLockBearer<Noop>),
+    RetryOff(eshopbox_auth::EshopboxAuth<Noop>),
+    RetryOn(eshopbox_auth::EshopboxAuth<Noop>),
+}
+
+impl Variant {
+    fn name(&self) -> &'static str {
+        match self {
+            Variant::Bare(_) => "1_bare",
+            Variant::Static(_) => "2_static_add_authorization",
+            Variant::RwLock(_) => "3_rwlock_bearer",
+            Variant::RetryOff(_) => "4_eshopbox_retry_off",
+            Variant::RetryOn(_) => "5_eshopbox_retry_on",
+        }
+    }
+
+    fn run(&mut self, uri: &Uri) {
+        match self {
+            Variant::Bare(s) => one(s, uri),
+            Variant::Static(s) => one(s, uri),
+            Variant::RwLock(s) => one(s, uri),
+            Variant::RetryOff(s) => one(s, uri),
+            Variant::RetryOn(s) => one(s, uri),
+        }
+    }
+}
+
+fn variants(rt: &tokio::runtime::Runtime) -> Vec<Variant> {
+    let server = rt.block_on(support::TokenServer::counting(86400));
+    let warm = |retry: bool| {
+        let layer = EshopboxAuthLayer::builder(support::credentials())
+            .token_url(&server.url())
+            .retry_on_unauthorized(retry)
+            .build()
+            .unwrap();
+        let svc = layer.layer(Noop);
+        rt.block_on(svc.clone().oneshot(request(&Uri::from_static("/warm"))))
+            .unwrap();
+        svc
+    };
+    vec![
+        Variant::Bare(Noop),
+        Variant::Static(AddAuthorizationLayer::bearer("tok-1").layer(Noop)),
+        Variant::RwLock(RwLockBearer {
+            inner: Noop,
+            token: Arc::new(RwLock::new((
+                HeaderValue::from_static("Bearer tok-1"),
+                Instant::now() + Duration::from_secs(86400),
+            ))),
+        }),
+        Variant::RetryOff(warm(false)),
+        Variant::RetryOn(warm(true)),
+    ]
+}
+
+fn bench(c: &mut Criterion) {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let uri = Uri::from_static("https://acme.myeshopbox.com/api/v2/inventoryListing");
+    let variants = variants(&rt);
+
+    let mut group = c.benchmark_group("single_thread");
+    for v in &variants {
+        let mut svc = v.clone();
+        group.bench_function(v.name(), |b| b.iter(|| svc.run(&uri)));
+    }
+    group.finish();
+
+    let mut group = c.benchmark_group("two_threads_shared");
+    for v in &variants {
+        group.bench_function(v.name(), |b| {
+            b.iter_custom(|iters| {
+                let start = Instant::now();
+                std::thread::scope(|scope| {
+                    for _ in 0..2 {
+                        let mut svc = v.clone();
+                        let uri = &uri;
+                        scope.spawn(move || {
+                            for _ in 0..iters {
+                                svc.run(uri);
+                            }
+                        });
+                    }
+                });
+                // Time per request, two at a time.
+                start.elapsed() / 2
+            })
+        });
+    }
+    group.finish();
+
+    let mut group = c.benchmark_group("tasks_on_2_workers");
+    for tasks in [4u32, 8] {
+        for v in &variants {
+            group.bench_with_input(BenchmarkId::new(v.name(), tasks), &tasks, |b, &tasks| {
+                b.iter_custom(|iters| {
+                    rt.block_on(async {
+                        let start = Instant::now();
+                        let handles: Vec<_> = (0..tasks)
+                            .map(|_| {
+                                let mut svc = v.clone();
+                                let uri = uri.clone();
+                                let n = iters.div_ceil(u64::from(tasks));
+                                tokio::spawn(async move {
+                                    for _ in 0..n {
+                                        svc.run(&uri);
+                                    }
+                                })
+                            })
+                            .collect();
+                        for h in handles {
+                            h.await.unwrap();
+                        }
+                        start.elapsed() / 2
+                    })
+                })
+            });
+        }
+    }
+    group.finish();
+}
+
+criterion_group! {
+    name = benches;
+    config = Criterion::default()
+        .warm_up_time(Duration::from_millis(500))
+        .measurement_time(Duration::from_secs(2));
+    targets = bench
+}
+criterion_main!(benches);
