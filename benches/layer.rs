@@ -13,8 +13,9 @@
 #[path = "../tests/support/mod.rs"]
 mod support;
 
-use std::convert::Infallible;
-use std::future::{ready, Future, Ready};
+use support::Noop;
+
+use std::future::Future;
 use std::pin::pin;
 use std::sync::{Arc, RwLock};
 use std::task::{Context, Poll, Waker};
@@ -24,28 +25,12 @@ use bytes::Bytes;
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
 use eshopbox_auth::EshopboxAuthLayer;
 use http::header::{ACCEPT, AUTHORIZATION};
-use http::{HeaderValue, Request, Response, Uri};
+use http::{HeaderValue, Request, Uri};
 use http_body_util::Empty;
 use tower::{Layer, Service, ServiceExt};
 use tower_http::auth::AddAuthorizationLayer;
 
 type Req = Request<Empty<Bytes>>;
-
-/// Answers at once.
-#[derive(Clone, Copy)]
-struct Noop;
-
-impl Service<Req> for Noop {
-    type Response = Response<()>;
-    type Error = Infallible;
-    type Future = Ready<Result<Response<()>, Infallible>>;
-    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
-        Poll::Ready(Ok(()))
-    }
-    fn call(&mut self, _: Req) -> Self::Future {
-        ready(Ok(Response::new(())))
-    }
-}
 
 /// The usual approach: the token behind a `RwLock`, its expiry checked per request.
 #[derive(Clone)]

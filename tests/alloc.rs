@@ -3,17 +3,18 @@
 
 mod support;
 
+use support::Noop;
+
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
-use std::convert::Infallible;
-use std::future::{ready, Future, Ready};
+use std::future::Future;
 use std::pin::pin;
 use std::task::{Context, Poll, Waker};
 
 use bytes::Bytes;
 use eshopbox_auth::EshopboxAuthLayer;
 use http::header::ACCEPT;
-use http::{HeaderValue, Request, Response};
+use http::{HeaderValue, Request};
 use http_body_util::Empty;
 use tower::{Layer, Service, ServiceExt};
 
@@ -44,21 +45,6 @@ unsafe impl GlobalAlloc for Counting {
 static GLOBAL: Counting = Counting;
 
 type Req = Request<Empty<Bytes>>;
-
-#[derive(Clone, Copy)]
-struct Noop;
-
-impl Service<Req> for Noop {
-    type Response = Response<()>;
-    type Error = Infallible;
-    type Future = Ready<Result<Response<()>, Infallible>>;
-    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
-        Poll::Ready(Ok(()))
-    }
-    fn call(&mut self, _: Req) -> Self::Future {
-        ready(Ok(Response::new(())))
-    }
-}
 
 /// Allocations made by building one request (with an Accept header, as real requests
 /// carry headers) and sending it through `svc`, which answers at once.
@@ -98,7 +84,7 @@ fn warm_request_with_retry_off_allocates_no_more_than_the_bare_service() {
         .build()
         .unwrap();
     let mut layered = layer.layer(Noop);
-    let warm = Request::get("/warm").body(Empty::new()).unwrap();
+    let warm: Req = Request::get("/warm").body(Empty::new()).unwrap();
     rt.block_on(layered.clone().oneshot(warm)).unwrap();
     // The first clone of the token's header turns its buffer into a shared one.
     allocations_of(&mut layered);

@@ -11,7 +11,7 @@ use bytes::Bytes;
 use eshopbox_auth::{Error, ErrorKind, EshopboxAuthLayer};
 use http::{Request, Response};
 use http_body_util::Empty;
-use support::{assert_no_secret, credentials, Reply, TokenServer};
+use support::{assert_no_secret, credentials, full_report, Reply, TokenServer};
 use tower::{service_fn, BoxError, ServiceBuilder, ServiceExt};
 
 /// What one scripted answer must turn into.
@@ -266,15 +266,4 @@ async fn an_endpoint_that_comes_back_serves_the_next_request() {
     up.store(1, Ordering::SeqCst);
     let res = svc.clone().oneshot(get()).await.unwrap();
     assert_eq!(*res.body(), format!("Bearer tok-{}", failed_posts + 1));
-}
-
-/// Display and Debug of the error and of every source below it.
-fn full_report(err: &BoxError) -> String {
-    let mut text = format!("{err} | {err:?}");
-    let mut source = err.source();
-    while let Some(s) = source {
-        text.push_str(&format!(" | {s} | {s:?}"));
-        source = s.source();
-    }
-    text
 }

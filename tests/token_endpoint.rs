@@ -12,7 +12,7 @@ use bytes::Bytes;
 use eshopbox_auth::{Error, ErrorKind, EshopboxAuthLayer, RequestFormat};
 use http::{Request, Response, StatusCode};
 use http_body_util::Empty;
-use support::{assert_no_secret, credentials, Reply, TokenServer};
+use support::{assert_no_secret, credentials, full_report, Reply, TokenServer};
 use tower::{BoxError, Service, ServiceBuilder, ServiceExt};
 
 /// An API stand-in: echoes the Authorization header; answers 401 to `rejected`.
@@ -229,15 +229,4 @@ async fn debug_output_never_shows_a_secret() {
         "the token state is shown: {shown}"
     );
     assert_no_secret(&shown, &["tok-secret-access"]);
-}
-
-/// Display and Debug of the error and of every source below it.
-fn full_report(err: &BoxError) -> String {
-    let mut text = format!("{err} | {err:?}");
-    let mut source = err.source();
-    while let Some(s) = source {
-        text.push_str(&format!(" | {s} | {s:?}"));
-        source = s.source();
-    }
-    text
 }

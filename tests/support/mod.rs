@@ -227,3 +227,33 @@ pub fn assert_no_secret(text: &str, tokens: &[&str]) {
         assert!(!text.contains(secret), "{text:?} leaks {secret:?}");
     }
 }
+
+/// Display and Debug of an error and of every source below it.
+pub fn full_report(err: &tower::BoxError) -> String {
+    let mut text = format!("{err} | {err:?}");
+    let mut source = err.source();
+    while let Some(s) = source {
+        text.push_str(&format!(" | {s} | {s:?}"));
+        source = s.source();
+    }
+    text
+}
+
+/// An inner service that answers 200 at once, for measuring the layer alone.
+#[derive(Clone, Copy, Debug)]
+pub struct Noop;
+
+impl<B> tower::Service<Request<B>> for Noop {
+    type Response = Response<()>;
+    type Error = std::convert::Infallible;
+    type Future = std::future::Ready<Result<Response<()>, std::convert::Infallible>>;
+    fn poll_ready(
+        &mut self,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+    fn call(&mut self, _: Request<B>) -> Self::Future {
+        std::future::ready(Ok(Response::new(())))
+    }
+}
