@@ -22,7 +22,7 @@ use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
+use criterion::{criterion_group, BenchmarkId, Criterion};
 use eshopbox_auth::EshopboxAuthLayer;
 use http::header::{ACCEPT, AUTHORIZATION};
 use http::{HeaderValue, Request, Uri};
@@ -222,4 +222,34 @@ criterion_group! {
         .measurement_time(Duration::from_secs(2));
     targets = bench
 }
-criterion_main!(benches);
+/// `cargo bench --bench layer` runs criterion. With `INSTRUCTIONS=<variant name>`, the
+/// binary instead sends `REQUESTS` (default 100 000) single-threaded requests through that variant, for an
+/// instruction count under `valgrind --tool=callgrind` (see the README).
+fn main() {
+    match std::env::var("INSTRUCTIONS") {
+        Ok(name) => count(&name),
+        Err(_) => {
+            benches();
+            Criterion::default().configure_from_args().final_summary();
+        }
+    }
+}
+
+fn count(name: &str) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let uri = Uri::from_static("https://acme.myeshopbox.com/api/v2/inventoryListing");
+    let mut svc = variants(&rt)
+        .into_iter()
+        .find(|v| v.name() == name)
+        .unwrap_or_else(|| panic!("no variant {name}"));
+    let n: u64 = std::env::var("REQUESTS")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(100_000);
+    for _ in 0..n {
+        svc.run(&uri);
+    }
+}

@@ -11,6 +11,7 @@ use tower::{BoxError, Service};
 use crate::future::{ResponseFuture, Unsent};
 use crate::replay::{EmptyBodies, ReplayPolicy};
 use crate::token::cache::TokenCache;
+use crate::token::local::LocalToken;
 
 /// Middleware that authenticates each request with the current Eshopbox access token.
 ///
@@ -18,7 +19,7 @@ use crate::token::cache::TokenCache;
 /// [crate documentation](crate) for what it does to a request.
 pub struct EshopboxAuth<S, P = EmptyBodies> {
     inner: S,
-    pub(crate) cache: Arc<TokenCache>,
+    token: LocalToken,
     retry_on_unauthorized: bool,
     replay: P,
 }
@@ -32,10 +33,15 @@ impl<S, P> EshopboxAuth<S, P> {
     ) -> Self {
         EshopboxAuth {
             inner,
-            cache,
+            token: LocalToken::new(cache),
             retry_on_unauthorized,
             replay,
         }
+    }
+
+    /// The token cache shared by every service of the layer.
+    pub(crate) fn shared(&self) -> &Arc<TokenCache> {
+        self.token.cache()
     }
 
     /// The wrapped service.
@@ -68,21 +74,20 @@ where
         self.inner.poll_ready(cx).map_err(Into::into)
     }
 
-    fn call(&mut self, request: Request<B>) -> Self::Future {
-        let (request, replay) = self.keep_copy(request);
-        match self.cache.get() {
+    fn call(&mut self, mut request: Request<B>) -> Self::Future {
+        let replay = self.copy_for_resend(&request);
+        match self.token.get() {
             Some((header, generation)) => {
-                let mut request = request;
                 request.headers_mut().insert(AUTHORIZATION, header);
                 let future = self.inner.call(request);
-                ResponseFuture::called(future, self.cache.clone(), generation, replay)
+                ResponseFuture::called(future, self.shared().clone(), generation, replay)
             }
             None => {
                 // The token must be fetched first. `self.inner` is the service the
                 // caller polled ready: take it along and leave a fresh clone behind.
                 let clone = self.inner.clone();
                 let ready = std::mem::replace(&mut self.inner, clone);
-                ResponseFuture::waiting(ready, request, self.cache.clone(), replay)
+                ResponseFuture::waiting(ready, request, self.shared().clone(), replay)
             }
         }
     }
@@ -92,25 +97,26 @@ impl<S, P> EshopboxAuth<S, P>
 where
     S: Clone,
 {
-    /// Splits off a copy of the request for a resend after 401, when retries are on and
-    /// the policy can replay the body. Costs nothing otherwise.
-    fn keep_copy<B>(&self, request: Request<B>) -> (Request<B>, Option<Box<Unsent<S, B>>>)
+    /// A copy of the request, with a service to send it, for one resend after a 401 —
+    /// when retries are on and the policy can replay the body. Costs nothing otherwise.
+    fn copy_for_resend<B>(&self, request: &Request<B>) -> Option<Box<Unsent<S, B>>>
     where
         P: ReplayPolicy<B>,
     {
         if !self.retry_on_unauthorized {
-            return (request, None);
+            return None;
         }
-        let Some(body) = self.replay.replay(request.body()) else {
-            return (request, None);
-        };
-        let (parts, original) = request.into_parts();
-        let copy = Request::from_parts(parts.clone(), body);
-        let replay = Box::new(Unsent {
+        let body = self.replay.replay(request.body())?;
+        let mut copy = Request::new(body);
+        *copy.method_mut() = request.method().clone();
+        *copy.uri_mut() = request.uri().clone();
+        *copy.version_mut() = request.version();
+        *copy.headers_mut() = request.headers().clone();
+        *copy.extensions_mut() = request.extensions().clone();
+        Some(Box::new(Unsent {
             service: self.inner.clone(),
             request: copy,
-        });
-        (Request::from_parts(parts, original), Some(replay))
+        }))
     }
 }
 
@@ -118,7 +124,7 @@ impl<S: Clone, P: Clone> Clone for EshopboxAuth<S, P> {
     fn clone(&self) -> Self {
         EshopboxAuth {
             inner: self.inner.clone(),
-            cache: self.cache.clone(),
+            token: self.token.clone(),
             retry_on_unauthorized: self.retry_on_unauthorized,
             replay: self.replay.clone(),
         }
@@ -129,7 +135,7 @@ impl<S: fmt::Debug, P: fmt::Debug> fmt::Debug for EshopboxAuth<S, P> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("EshopboxAuth")
             .field("inner", &self.inner)
-            .field("cache", &self.cache)
+            .field("cache", self.shared())
             .field("retry_on_unauthorized", &self.retry_on_unauthorized)
             .field("replay", &self.replay)
             .finish()

@@ -353,7 +353,7 @@ async fn dropping_every_waiter_does_not_abort_the_refresh() {
 }
 
 fn cache_of_service<S, P>(svc: &crate::EshopboxAuth<S, P>) -> Arc<TokenCache> {
-    svc.cache.clone()
+    svc.shared().clone()
 }
 
 // 6. Before expiry -----------------------------------------------------------------
@@ -919,7 +919,7 @@ async fn stale_token_is_served_through_an_outage_until_it_expires() {
 }
 
 fn script_expiry<S, P>(svc: &crate::EshopboxAuth<S, P>) -> tokio::time::Instant {
-    svc.cache.expiry().unwrap()
+    svc.shared().expiry().unwrap()
 }
 
 #[tokio::test(start_paused = true)]
@@ -1009,5 +1009,5 @@ fn a_refresh_cancelled_with_its_runtime_does_not_wedge_the_cache() {
 /// Advances the paused clock and lets the token's phase timer catch up.
 async fn pass<S, P>(svc: &crate::EshopboxAuth<S, P>, by: Duration) {
     tokio::time::advance(by).await;
-    svc.cache.catch_up().await;
+    svc.shared().catch_up().await;
 }

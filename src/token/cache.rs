@@ -212,7 +212,14 @@ impl TokenCache {
         self.start(&mut slow, reason).map(Joined::Refresh)
     }
 
-    fn refresh_in_background(self: &Arc<Self>) {
+    /// The shared cell holding the current token.
+    pub(crate) fn current(&self) -> &ArcSwapOption<Token> {
+        &self.current
+    }
+
+    /// Makes sure a refresh runs, without waiting for it (the token is in its soft
+    /// window).
+    pub(crate) fn refresh_in_background(self: &Arc<Self>) {
         if self.refreshing.load(Ordering::Acquire) {
             return;
         }

@@ -17,6 +17,7 @@ use crate::error::Error;
 
 pub(crate) mod cache;
 pub(crate) mod endpoint;
+pub(crate) mod local;
 pub(crate) mod response;
 
 /// A boxed, sendable future: the token paths are off the hot path, so one allocation

@@ -1,0 +1,78 @@
+//! A service clone's own view of the current token: the request path's fast lane.
+//!
+//! [`arc_swap::Cache`] turns the shared `ArcSwapOption` load into one relaxed pointer
+//! comparison while the token is unchanged. Each clone also keeps its own copy of the
+//! `Authorization` value, so that the reference count bumped for every request lives
+//! in memory that other threads' clones do not touch.
+
+use std::ops::Deref;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use arc_swap::{ArcSwapOption, Cache};
+use bytes::Bytes;
+use http::HeaderValue;
+
+use super::cache::TokenCache;
+use super::{Token, FRESH, STALE};
+
+/// Lets an `arc_swap::Cache` reach the shared token cell through the shared cache.
+#[derive(Clone)]
+pub(crate) struct Current(pub(crate) Arc<TokenCache>);
+
+impl Deref for Current {
+    type Target = ArcSwapOption<Token>;
+    fn deref(&self) -> &Self::Target {
+        self.0.current()
+    }
+}
+
+#[derive(Clone)]
+pub(crate) struct LocalToken {
+    cache: Arc<TokenCache>,
+    swap: Cache<Current, Option<Arc<Token>>>,
+    /// This clone's copy of the header, and the generation it was copied from.
+    header: Option<(u64, HeaderValue)>,
+}
+
+impl LocalToken {
+    pub(crate) fn new(cache: Arc<TokenCache>) -> Self {
+        LocalToken {
+            swap: Cache::new(Current(cache.clone())),
+            cache,
+            header: None,
+        }
+    }
+
+    pub(crate) fn cache(&self) -> &Arc<TokenCache> {
+        &self.cache
+    }
+
+    /// Like [`TokenCache::get`], from this clone's cache: the header and generation of
+    /// a usable token, or `None` when the request must wait for a refresh.
+    pub(crate) fn get(&mut self) -> Option<(HeaderValue, u64)> {
+        let token = self.swap.load().as_ref()?;
+        match token.phase.load(Ordering::Acquire) {
+            FRESH => {}
+            STALE => self.cache.refresh_in_background(),
+            _ => return None,
+        }
+        let generation = token.generation;
+        match &self.header {
+            Some((copied, header)) if *copied == generation => Some((header.clone(), generation)),
+            _ => {
+                let header = own_copy(&token.header);
+                self.header = Some((generation, header.clone()));
+                Some((header, generation))
+            }
+        }
+    }
+}
+
+/// A copy of `value` in a buffer of its own (still marked sensitive).
+fn own_copy(value: &HeaderValue) -> HeaderValue {
+    let bytes = Bytes::copy_from_slice(value.as_bytes());
+    let mut copy = HeaderValue::from_maybe_shared(bytes).unwrap_or_else(|_| value.clone());
+    copy.set_sensitive(true);
+    copy
+}
