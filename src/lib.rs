@@ -110,6 +110,9 @@ mod credentials;
 mod error;
 pub mod future;
 mod layer;
+#[cfg(feature = "test-util")]
+#[cfg_attr(docsrs, doc(cfg(feature = "test-util")))]
+pub mod mock;
 pub mod replay;
 mod service;
 mod token;
