@@ -114,6 +114,9 @@ mod layer;
 #[cfg_attr(docsrs, doc(cfg(feature = "test-util")))]
 pub mod mock;
 pub mod replay;
+#[cfg(feature = "reqwest")]
+#[cfg_attr(docsrs, doc(cfg(feature = "reqwest")))]
+pub mod reqwest;
 mod service;
 mod token;
 
