@@ -5,6 +5,7 @@ use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::classify::Http401;
 use crate::credentials::Credentials;
 use crate::error::Error;
 use crate::layer::EshopboxAuthLayer;
@@ -37,7 +38,7 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// `P` is the [`ReplayPolicy`](crate::ReplayPolicy) that decides which bodies may be
 /// resent after a 401.
 #[must_use]
-pub struct EshopboxAuthBuilder<P = EmptyBodies> {
+pub struct EshopboxAuthBuilder<P = EmptyBodies, C = Http401> {
     credentials: Credentials,
     token_url: String,
     refresh_margin: Duration,
@@ -48,6 +49,7 @@ pub struct EshopboxAuthBuilder<P = EmptyBodies> {
     on_rotated: Option<RotationHook>,
     failure_cooldown: Duration,
     replay: P,
+    unauthorized: C,
 }
 
 impl EshopboxAuthBuilder {
@@ -63,11 +65,12 @@ impl EshopboxAuthBuilder {
             on_rotated: None,
             failure_cooldown: DEFAULT_FAILURE_COOLDOWN,
             replay: EmptyBodies,
+            unauthorized: Http401,
         }
     }
 }
 
-impl<P> EshopboxAuthBuilder<P> {
+impl<P, C> EshopboxAuthBuilder<P, C> {
     /// The token endpoint (default [`DEFAULT_TOKEN_URL`]). Must be `https://`, or
     /// `http://` on a loopback host (`localhost`, `127.0.0.0/8`, `[::1]`) for tests.
     pub fn token_url(mut self, url: &str) -> Self {
@@ -154,7 +157,7 @@ impl<P> EshopboxAuthBuilder<P> {
     }
 
     /// Which request bodies may be resent after a 401; see [`crate::replay`].
-    pub fn replay_bodies<Q>(self, policy: Q) -> EshopboxAuthBuilder<Q> {
+    pub fn replay_bodies<Q>(self, policy: Q) -> EshopboxAuthBuilder<Q, C> {
         EshopboxAuthBuilder {
             credentials: self.credentials,
             token_url: self.token_url,
@@ -166,12 +169,32 @@ impl<P> EshopboxAuthBuilder<P> {
             on_rotated: self.on_rotated,
             failure_cooldown: self.failure_cooldown,
             replay: policy,
+            unauthorized: self.unauthorized,
+        }
+    }
+
+    /// Which responses mean the token was refused (default [`Http401`]); see
+    /// [`crate::classify`]. Use [`GrpcUnauthenticated`](crate::classify::GrpcUnauthenticated)
+    /// for tonic channels.
+    pub fn unauthorized_when<D>(self, policy: D) -> EshopboxAuthBuilder<P, D> {
+        EshopboxAuthBuilder {
+            credentials: self.credentials,
+            token_url: self.token_url,
+            refresh_margin: self.refresh_margin,
+            token_timeout: self.token_timeout,
+            retry_on_unauthorized: self.retry_on_unauthorized,
+            request_format: self.request_format,
+            http_client: self.http_client,
+            on_rotated: self.on_rotated,
+            failure_cooldown: self.failure_cooldown,
+            replay: self.replay,
+            unauthorized: policy,
         }
     }
 
     /// Resends any `Clone` body after a 401 (for example `Full<Bytes>`), by cloning it
     /// before the first attempt. Shorthand for `replay_bodies(CloneBodies)`.
-    pub fn replay_cloneable_bodies(self) -> EshopboxAuthBuilder<CloneBodies> {
+    pub fn replay_cloneable_bodies(self) -> EshopboxAuthBuilder<CloneBodies, C> {
         self.replay_bodies(CloneBodies)
     }
 
@@ -181,7 +204,7 @@ impl<P> EshopboxAuthBuilder<P> {
     /// credential, a token URL that does not parse or is plain `http://` on a host
     /// other than loopback, a zero token timeout, or an HTTP client that cannot be
     /// built.
-    pub fn build(self) -> Result<EshopboxAuthLayer<P>, Error> {
+    pub fn build(self) -> Result<EshopboxAuthLayer<P, C>, Error> {
         self.credentials.validate()?;
         let url = check_token_url(&self.token_url)?;
         if self.token_timeout.is_zero() {
@@ -217,6 +240,7 @@ impl<P> EshopboxAuthBuilder<P> {
             Arc::new(cache),
             self.retry_on_unauthorized,
             self.replay,
+            self.unauthorized,
         ))
     }
 }
@@ -246,7 +270,7 @@ fn is_loopback(url: &reqwest::Url) -> bool {
     }
 }
 
-impl<P: fmt::Debug> fmt::Debug for EshopboxAuthBuilder<P> {
+impl<P: fmt::Debug, C: fmt::Debug> fmt::Debug for EshopboxAuthBuilder<P, C> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("EshopboxAuthBuilder")
             .field("credentials", &self.credentials)
@@ -258,6 +282,7 @@ impl<P: fmt::Debug> fmt::Debug for EshopboxAuthBuilder<P> {
             .field("failure_cooldown", &self.failure_cooldown)
             .field("on_refresh_token_rotated", &self.on_rotated.is_some())
             .field("replay", &self.replay)
+            .field("unauthorized", &self.unauthorized)
             .finish_non_exhaustive()
     }
 }

@@ -19,10 +19,11 @@ use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 
 use http::header::AUTHORIZATION;
-use http::{Request, Response, StatusCode};
+use http::{Request, Response};
 use pin_project_lite::pin_project;
 use tower::{BoxError, Service};
 
+use crate::classify::{Http401, UnauthorizedPolicy};
 use crate::error::Error;
 use crate::token::cache::TokenCache;
 use crate::token::{BoxFuture, Token};
@@ -37,13 +38,14 @@ pub(crate) struct Unsent<S, B> {
 
 pin_project! {
     /// Response future of [`EshopboxAuth`](crate::EshopboxAuth).
-    pub struct ResponseFuture<S, B>
+    pub struct ResponseFuture<S, B, C = Http401>
     where
         S: Service<Request<B>>,
     {
         #[pin]
         state: State<S, B>,
         cache: Arc<TokenCache>,
+        unauthorized: C,
         // The generation of the token the first attempt carried.
         generation: u64,
         replay: Option<Box<Unsent<S, B>>>,
@@ -73,7 +75,7 @@ pin_project! {
     }
 }
 
-impl<S, B> ResponseFuture<S, B>
+impl<S, B, C> ResponseFuture<S, B, C>
 where
     S: Service<Request<B>>,
 {
@@ -83,10 +85,12 @@ where
         cache: Arc<TokenCache>,
         generation: u64,
         replay: Option<Box<Unsent<S, B>>>,
+        unauthorized: C,
     ) -> Self {
         ResponseFuture {
             state: State::Called { future },
             cache,
+            unauthorized,
             generation,
             replay,
             resent: false,
@@ -99,8 +103,10 @@ where
         request: Request<B>,
         cache: Arc<TokenCache>,
         replay: Option<Box<Unsent<S, B>>>,
+        unauthorized: C,
     ) -> Self {
         ResponseFuture {
+            unauthorized,
             state: State::Token {
                 token: cache.wait(),
                 unsent: Some(Box::new(Unsent { service, request })),
@@ -114,10 +120,11 @@ where
     }
 }
 
-impl<S, B, RB> Future for ResponseFuture<S, B>
+impl<S, B, C, RB> Future for ResponseFuture<S, B, C>
 where
     S: Service<Request<B>, Response = Response<RB>>,
     S::Error: Into<BoxError>,
+    C: UnauthorizedPolicy<RB>,
 {
     type Output = Result<Response<RB>, BoxError>;
 
@@ -169,7 +176,7 @@ where
                 }
                 StateProj::Called { future } => {
                     let response = ready!(future.poll(cx)).map_err(Into::into)?;
-                    if response.status() != StatusCode::UNAUTHORIZED || *this.resent {
+                    if *this.resent || !this.unauthorized.is_unauthorized(&response) {
                         return Poll::Ready(Ok(response));
                     }
                     // The first attempt was refused: drop this token (only if it is still

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use tower::Layer;
 
 use crate::builder::EshopboxAuthBuilder;
+use crate::classify::Http401;
 use crate::credentials::Credentials;
 use crate::error::Error;
 use crate::replay::EmptyBodies;
@@ -29,10 +30,11 @@ use crate::token::cache::TokenCache;
 /// # Ok(())
 /// # }
 /// ```
-pub struct EshopboxAuthLayer<P = EmptyBodies> {
+pub struct EshopboxAuthLayer<P = EmptyBodies, C = Http401> {
     cache: Arc<TokenCache>,
     retry_on_unauthorized: bool,
     replay: P,
+    unauthorized: C,
 }
 
 impl EshopboxAuthLayer {
@@ -51,22 +53,24 @@ impl EshopboxAuthLayer {
     }
 }
 
-impl<P> EshopboxAuthLayer<P> {
+impl<P, C> EshopboxAuthLayer<P, C> {
     pub(crate) fn from_parts(
         cache: Arc<TokenCache>,
         retry_on_unauthorized: bool,
         replay: P,
+        unauthorized: C,
     ) -> Self {
         EshopboxAuthLayer {
             cache,
             retry_on_unauthorized,
             replay,
+            unauthorized,
         }
     }
 }
 
-impl<S, P: Clone> Layer<S> for EshopboxAuthLayer<P> {
-    type Service = EshopboxAuth<S, P>;
+impl<S, P: Clone, C: Clone> Layer<S> for EshopboxAuthLayer<P, C> {
+    type Service = EshopboxAuth<S, P, C>;
 
     fn layer(&self, inner: S) -> Self::Service {
         EshopboxAuth::new(
@@ -74,26 +78,29 @@ impl<S, P: Clone> Layer<S> for EshopboxAuthLayer<P> {
             self.cache.clone(),
             self.retry_on_unauthorized,
             self.replay.clone(),
+            self.unauthorized.clone(),
         )
     }
 }
 
-impl<P: Clone> Clone for EshopboxAuthLayer<P> {
+impl<P: Clone, C: Clone> Clone for EshopboxAuthLayer<P, C> {
     fn clone(&self) -> Self {
         EshopboxAuthLayer {
             cache: self.cache.clone(),
             retry_on_unauthorized: self.retry_on_unauthorized,
             replay: self.replay.clone(),
+            unauthorized: self.unauthorized.clone(),
         }
     }
 }
 
-impl<P: fmt::Debug> fmt::Debug for EshopboxAuthLayer<P> {
+impl<P: fmt::Debug, C: fmt::Debug> fmt::Debug for EshopboxAuthLayer<P, C> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("EshopboxAuthLayer")
             .field("cache", &self.cache)
             .field("retry_on_unauthorized", &self.retry_on_unauthorized)
             .field("replay", &self.replay)
+            .field("unauthorized", &self.unauthorized)
             .finish()
     }
 }

@@ -106,6 +106,7 @@
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
 mod builder;
+pub mod classify;
 mod credentials;
 mod error;
 pub mod future;

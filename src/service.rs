@@ -8,6 +8,7 @@ use http::header::AUTHORIZATION;
 use http::{Request, Response};
 use tower::{BoxError, Service};
 
+use crate::classify::{Http401, UnauthorizedPolicy};
 use crate::future::{ResponseFuture, Unsent};
 use crate::replay::{EmptyBodies, ReplayPolicy};
 use crate::token::cache::TokenCache;
@@ -17,25 +18,28 @@ use crate::token::local::LocalToken;
 ///
 /// Made by [`EshopboxAuthLayer`](crate::EshopboxAuthLayer); see the
 /// [crate documentation](crate) for what it does to a request.
-pub struct EshopboxAuth<S, P = EmptyBodies> {
+pub struct EshopboxAuth<S, P = EmptyBodies, C = Http401> {
     inner: S,
     token: LocalToken,
     retry_on_unauthorized: bool,
     replay: P,
+    unauthorized: C,
 }
 
-impl<S, P> EshopboxAuth<S, P> {
+impl<S, P, C> EshopboxAuth<S, P, C> {
     pub(crate) fn new(
         inner: S,
         cache: Arc<TokenCache>,
         retry_on_unauthorized: bool,
         replay: P,
+        unauthorized: C,
     ) -> Self {
         EshopboxAuth {
             inner,
             token: LocalToken::new(cache),
             retry_on_unauthorized,
             replay,
+            unauthorized,
         }
     }
 
@@ -60,15 +64,16 @@ impl<S, P> EshopboxAuth<S, P> {
     }
 }
 
-impl<S, P, B, RB> Service<Request<B>> for EshopboxAuth<S, P>
+impl<S, P, C, B, RB> Service<Request<B>> for EshopboxAuth<S, P, C>
 where
     S: Service<Request<B>, Response = Response<RB>> + Clone,
     S::Error: Into<BoxError>,
     P: ReplayPolicy<B>,
+    C: UnauthorizedPolicy<RB>,
 {
     type Response = Response<RB>;
     type Error = BoxError;
-    type Future = ResponseFuture<S, B>;
+    type Future = ResponseFuture<S, B, C>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx).map_err(Into::into)
@@ -80,20 +85,32 @@ where
             Some((header, generation)) => {
                 request.headers_mut().insert(AUTHORIZATION, header);
                 let future = self.inner.call(request);
-                ResponseFuture::called(future, self.shared().clone(), generation, replay)
+                ResponseFuture::called(
+                    future,
+                    self.shared().clone(),
+                    generation,
+                    replay,
+                    self.unauthorized.clone(),
+                )
             }
             None => {
                 // The token must be fetched first. `self.inner` is the service the
                 // caller polled ready: take it along and leave a fresh clone behind.
                 let clone = self.inner.clone();
                 let ready = std::mem::replace(&mut self.inner, clone);
-                ResponseFuture::waiting(ready, request, self.shared().clone(), replay)
+                ResponseFuture::waiting(
+                    ready,
+                    request,
+                    self.shared().clone(),
+                    replay,
+                    self.unauthorized.clone(),
+                )
             }
         }
     }
 }
 
-impl<S, P> EshopboxAuth<S, P>
+impl<S, P, C> EshopboxAuth<S, P, C>
 where
     S: Clone,
 {
@@ -120,24 +137,26 @@ where
     }
 }
 
-impl<S: Clone, P: Clone> Clone for EshopboxAuth<S, P> {
+impl<S: Clone, P: Clone, C: Clone> Clone for EshopboxAuth<S, P, C> {
     fn clone(&self) -> Self {
         EshopboxAuth {
             inner: self.inner.clone(),
             token: self.token.clone(),
             retry_on_unauthorized: self.retry_on_unauthorized,
             replay: self.replay.clone(),
+            unauthorized: self.unauthorized.clone(),
         }
     }
 }
 
-impl<S: fmt::Debug, P: fmt::Debug> fmt::Debug for EshopboxAuth<S, P> {
+impl<S: fmt::Debug, P: fmt::Debug, C: fmt::Debug> fmt::Debug for EshopboxAuth<S, P, C> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("EshopboxAuth")
             .field("inner", &self.inner)
             .field("cache", self.shared())
             .field("retry_on_unauthorized", &self.retry_on_unauthorized)
             .field("replay", &self.replay)
+            .field("unauthorized", &self.unauthorized)
             .finish()
     }
 }

@@ -97,7 +97,7 @@ impl Script {
                 failure_cooldown: Duration::from_secs(2),
             },
         );
-        EshopboxAuthLayer::from_parts(Arc::new(cache), retry, replay)
+        EshopboxAuthLayer::from_parts(Arc::new(cache), retry, replay, crate::classify::Http401)
     }
 }
 
@@ -352,7 +352,7 @@ async fn dropping_every_waiter_does_not_abort_the_refresh() {
     assert_eq!(api.calls(), 1);
 }
 
-fn cache_of_service<S, P>(svc: &crate::EshopboxAuth<S, P>) -> Arc<TokenCache> {
+fn cache_of_service<S, P, C>(svc: &crate::EshopboxAuth<S, P, C>) -> Arc<TokenCache> {
     svc.shared().clone()
 }
 
@@ -918,7 +918,7 @@ async fn stale_token_is_served_through_an_outage_until_it_expires() {
     assert_eq!(error_kind(&err), ErrorKind::Unavailable);
 }
 
-fn script_expiry<S, P>(svc: &crate::EshopboxAuth<S, P>) -> tokio::time::Instant {
+fn script_expiry<S, P, C>(svc: &crate::EshopboxAuth<S, P, C>) -> tokio::time::Instant {
     svc.shared().expiry().unwrap()
 }
 
@@ -966,7 +966,8 @@ async fn a_panicking_refresh_fails_its_waiters_and_does_not_wedge_the_cache() {
             failure_cooldown: Duration::from_secs(2),
         },
     );
-    let layer = EshopboxAuthLayer::from_parts(Arc::new(cache), true, EmptyBodies);
+    let layer =
+        EshopboxAuthLayer::from_parts(Arc::new(cache), true, EmptyBodies, crate::classify::Http401);
     let api = Api::new();
     let mut svc = layer.layer(api.service());
     let err = send(&mut svc, get()).await.unwrap_err();
@@ -1007,7 +1008,36 @@ fn a_refresh_cancelled_with_its_runtime_does_not_wedge_the_cache() {
 }
 
 /// Advances the paused clock and lets the token's phase timer catch up.
-async fn pass<S, P>(svc: &crate::EshopboxAuth<S, P>, by: Duration) {
+async fn pass<S, P, C>(svc: &crate::EshopboxAuth<S, P, C>, by: Duration) {
     tokio::time::advance(by).await;
     svc.shared().catch_up().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_custom_classifier_decides_what_counts_as_unauthorized() {
+    let script = Script::new(Duration::from_secs(86400));
+    let cache = TokenCache::new(
+        Box::new(script.clone()),
+        Timing {
+            margin: MARGIN,
+            timeout: Duration::from_secs(30),
+            failure_cooldown: Duration::from_secs(2),
+        },
+    );
+    // This API answers 200 with "expired" in the body's place: a header says it.
+    let expired = |res: &Response<String>| res.headers().contains_key("x-token-expired");
+    let layer = EshopboxAuthLayer::from_parts(Arc::new(cache), true, EmptyBodies, expired);
+    let api = service_fn(|req: Request<Empty<Bytes>>| async move {
+        let auth = req.headers()["authorization"].to_str().unwrap().to_owned();
+        let mut res = Response::new(auth.clone());
+        if auth == "Bearer tok-1" {
+            res.headers_mut()
+                .insert("x-token-expired", HeaderValue::from_static("1"));
+        }
+        Ok::<_, Infallible>(res)
+    });
+    let mut svc = layer.layer(api);
+    let res = send(&mut svc, get()).await.unwrap();
+    assert_eq!(res.body(), "Bearer tok-2");
+    assert_eq!(script.calls(), 2);
 }
