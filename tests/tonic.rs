@@ -1,0 +1,56 @@
+//! A tonic `Channel` wrapped by the layer: the token travels as `authorization`
+//! metadata, and gRPC's UNAUTHENTICATED (`grpc-status: 16`, HTTP 200) invalidates it.
+
+#[allow(dead_code)]
+#[path = "../examples/tonic.rs"]
+mod example;
+
+use eshopbox_auth::classify::GrpcUnauthenticated;
+use eshopbox_auth::mock::MockEshopbox;
+use eshopbox_auth::EshopboxAuthLayer;
+use example::{ping, start_echo, Echo};
+use tonic::Code;
+use tower::ServiceBuilder;
+
+#[tokio::test]
+async fn tonic_channel_carries_the_token_and_unauthenticated_invalidates_it() {
+    let eshopbox = MockEshopbox::start().await.unwrap();
+    let echo = Echo::default();
+    let refused = echo.refused.clone();
+    let addr = start_echo(echo).await.unwrap();
+
+    let channel = tonic::transport::Channel::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let auth = EshopboxAuthLayer::builder(eshopbox.credentials())
+        .token_url(&eshopbox.token_url())
+        .unauthorized_when(GrpcUnauthenticated)
+        .build()
+        .unwrap();
+    let mut client = tonic::client::Grpc::new(ServiceBuilder::new().layer(auth).service(channel));
+
+    let answer = ping(&mut client, "hello").await.unwrap();
+    assert!(
+        answer.starts_with("hello / Bearer mock-access-1-"),
+        "{answer}"
+    );
+    let first_token = answer.trim_start_matches("hello / ").to_owned();
+    assert_eq!(eshopbox.token_calls(), 1);
+
+    // The server now refuses that token with UNAUTHENTICATED (HTTP 200). A gRPC
+    // request body is a stream, so the call is not resent: the caller sees the status
+    // once, and the token is dropped.
+    refused.lock().unwrap().push(first_token);
+    let status = ping(&mut client, "again").await.unwrap_err();
+    assert_eq!(status.code(), Code::Unauthenticated);
+
+    // The next call gets a new token.
+    let answer = ping(&mut client, "third").await.unwrap();
+    assert!(
+        answer.starts_with("third / Bearer mock-access-2-"),
+        "{answer}"
+    );
+    assert_eq!(eshopbox.token_calls(), 2);
+}
