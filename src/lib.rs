@@ -70,6 +70,18 @@
 //! # }
 //! ```
 //!
+//! # Integrations
+//!
+//! Runnable examples, each with an integration test on loopback:
+//!
+//! - `examples/quickstart.rs` — hyper-util's legacy `Client`, 4 000 requests against
+//!   [`mock::MockEshopbox`] (`cargo run --example quickstart`);
+//! - `examples/reqwest.rs` — reqwest through [`reqwest::ReqwestService`];
+//! - `examples/axum.rs` — one shared authenticated client in axum state;
+//! - `examples/tonic.rs` — a tonic `Channel`, with [`classify::GrpcUnauthenticated`].
+//!
+//! Optional features: `test-util` ([`mock`]) and `reqwest` ([`reqwest`]).
+//!
 //! # Errors
 //!
 //! The service's error type is [`tower::BoxError`]. When a token cannot be had, it
@@ -123,6 +135,11 @@ mod token;
 
 #[cfg(test)]
 mod tests;
+
+/// The README's code blocks, compiled and run as doc tests.
+#[cfg(all(doctest, feature = "test-util", feature = "reqwest"))]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;
 
 pub use builder::{
     EshopboxAuthBuilder, DEFAULT_FAILURE_COOLDOWN, DEFAULT_REFRESH_MARGIN, DEFAULT_TOKEN_TIMEOUT,
