@@ -130,6 +130,8 @@ async fn main() -> Result<(), BoxError> {
     let auth = EshopboxAuthLayer::builder(eshopbox.credentials())
         .token_url(&eshopbox.token_url())
         .unauthorized_when(GrpcUnauthenticated)
+        // Resend a unary call once after UNAUTHENTICATED.
+        .replay_bodies(eshopbox_auth::GrpcBodies)
         .build()?;
     let mut client = tonic::client::Grpc::new(ServiceBuilder::new().layer(auth).service(channel));
     for text in ["hello", "world"] {

@@ -80,7 +80,8 @@
 //! - `examples/axum.rs` — one shared authenticated client in axum state;
 //! - `examples/tonic.rs` — a tonic `Channel`, with [`classify::GrpcUnauthenticated`].
 //!
-//! Optional features: `test-util` ([`mock`]) and `reqwest` ([`reqwest`]).
+//! Optional features: `test-util` ([`mock`]), `reqwest` ([`reqwest`]) and `tonic`
+//! (`GrpcBodies`, to resend unary gRPC calls).
 //!
 //! # Errors
 //!
@@ -137,7 +138,7 @@ mod token;
 mod tests;
 
 /// The README's code blocks, compiled and run as doc tests.
-#[cfg(all(doctest, feature = "test-util", feature = "reqwest"))]
+#[cfg(all(doctest, feature = "test-util", feature = "reqwest", feature = "tonic"))]
 #[doc = include_str!("../README.md")]
 pub struct ReadmeDoctests;
 
@@ -148,6 +149,8 @@ pub use builder::{
 pub use credentials::Credentials;
 pub use error::{Error, ErrorKind};
 pub use layer::EshopboxAuthLayer;
+#[cfg(feature = "tonic")]
+pub use replay::GrpcBodies;
 pub use replay::{CloneBodies, EmptyBodies, ReplayPolicy};
 /// The [`secrecy`](https://docs.rs/secrecy) crate, whose `SecretString` carries a rotated
 /// refresh token to [`EshopboxAuthBuilder::on_refresh_token_rotated`].

@@ -93,8 +93,10 @@ where
 pub struct BufferedBodies;
 
 impl ReplayPolicy<Body> for BufferedBodies {
-    fn replay(&self, body: &Body) -> Option<Body> {
-        body.as_bytes()
-            .map(|bytes| Body::from(Bytes::copy_from_slice(bytes)))
+    fn prepare(&self, body: Body) -> (Body, Option<Body>) {
+        let copy = body
+            .as_bytes()
+            .map(|bytes| Body::from(Bytes::copy_from_slice(bytes)));
+        (body, copy)
     }
 }

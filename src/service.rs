@@ -80,7 +80,13 @@ where
     }
 
     fn call(&mut self, mut request: Request<B>) -> Self::Future {
-        let replay = self.copy_for_resend(&request);
+        let replay = if self.retry_on_unauthorized {
+            let (prepared, replay) = self.copy_for_resend(request);
+            request = prepared;
+            replay
+        } else {
+            None
+        };
         match self.token.get() {
             Some((header, generation)) => {
                 request.headers_mut().insert(AUTHORIZATION, header);
@@ -114,26 +120,22 @@ impl<S, P, C> EshopboxAuth<S, P, C>
 where
     S: Clone,
 {
-    /// A copy of the request, with a service to send it, for one resend after a 401 —
-    /// when retries are on and the policy can replay the body. Costs nothing otherwise.
-    fn copy_for_resend<B>(&self, request: &Request<B>) -> Option<Box<Unsent<S, B>>>
+    /// The request to send and, when the policy can replay its body, a copy of it
+    /// with a service to send it, for one resend after a 401.
+    #[allow(clippy::type_complexity)]
+    fn copy_for_resend<B>(&self, request: Request<B>) -> (Request<B>, Option<Box<Unsent<S, B>>>)
     where
         P: ReplayPolicy<B>,
     {
-        if !self.retry_on_unauthorized {
-            return None;
-        }
-        let body = self.replay.replay(request.body())?;
-        let mut copy = Request::new(body);
-        *copy.method_mut() = request.method().clone();
-        *copy.uri_mut() = request.uri().clone();
-        *copy.version_mut() = request.version();
-        *copy.headers_mut() = request.headers().clone();
-        *copy.extensions_mut() = request.extensions().clone();
-        Some(Box::new(Unsent {
-            service: self.inner.clone(),
-            request: copy,
-        }))
+        let (parts, body) = request.into_parts();
+        let (body, copy) = self.replay.prepare(body);
+        let replay = copy.map(|copy| {
+            Box::new(Unsent {
+                service: self.inner.clone(),
+                request: Request::from_parts(parts.clone(), copy),
+            })
+        });
+        (Request::from_parts(parts, body), replay)
     }
 }
 
