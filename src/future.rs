@@ -186,6 +186,7 @@ where
                         return Poll::Ready(Ok(response));
                     };
                     *this.resent = true;
+                    this.cache.counters.resend();
                     drop(response);
                     tracing::debug!("request answered 401; resending it once with a new token");
                     match this.cache.get() {
@@ -196,7 +197,10 @@ where
                             });
                         }
                         None => this.state.set(State::Token {
-                            token: this.cache.wait(),
+                            token: {
+                                this.cache.counters.waited();
+                                this.cache.wait()
+                            },
                             unsent: Some(unsent),
                             ready: false,
                         }),

@@ -9,6 +9,7 @@ use crate::builder::EshopboxAuthBuilder;
 use crate::classify::Http401;
 use crate::credentials::Credentials;
 use crate::error::Error;
+use crate::handle::TokenHandle;
 use crate::replay::EmptyBodies;
 use crate::service::EshopboxAuth;
 use crate::token::cache::TokenCache;
@@ -66,6 +67,14 @@ impl<P, C> EshopboxAuthLayer<P, C> {
             replay,
             unauthorized,
         }
+    }
+}
+
+impl<P, C> EshopboxAuthLayer<P, C> {
+    /// A handle to see and steer the token shared by this layer's services: read
+    /// it, force a refresh, invalidate it, subscribe to changes, read counters.
+    pub fn handle(&self) -> TokenHandle {
+        TokenHandle::new(self.cache.clone())
     }
 }
 

@@ -123,6 +123,7 @@ pub mod classify;
 mod credentials;
 mod error;
 pub mod future;
+mod handle;
 mod layer;
 #[cfg(feature = "test-util")]
 #[cfg_attr(docsrs, doc(cfg(feature = "test-util")))]
@@ -132,6 +133,7 @@ pub mod replay;
 #[cfg_attr(docsrs, doc(cfg(feature = "reqwest")))]
 pub mod reqwest;
 mod service;
+mod stats;
 mod token;
 
 #[cfg(test)]
@@ -148,6 +150,7 @@ pub use builder::{
 };
 pub use credentials::Credentials;
 pub use error::{Error, ErrorKind};
+pub use handle::{AccessToken, TokenHandle, TokenInfo};
 pub use layer::EshopboxAuthLayer;
 #[cfg(feature = "tonic")]
 pub use replay::GrpcBodies;
@@ -156,6 +159,7 @@ pub use replay::{CloneBodies, EmptyBodies, ReplayPolicy};
 /// refresh token to [`EshopboxAuthBuilder::on_refresh_token_rotated`].
 pub use secrecy;
 pub use service::EshopboxAuth;
+pub use stats::Stats;
 pub use token::endpoint::RequestFormat;
 
 /// Runs the token-response parser on arbitrary bytes, for the fuzz target in `fuzz/`.

@@ -104,6 +104,7 @@ where
                 // caller polled ready: take it along and leave a fresh clone behind.
                 let clone = self.inner.clone();
                 let ready = std::mem::replace(&mut self.inner, clone);
+                self.shared().counters.waited();
                 ResponseFuture::waiting(
                     ready,
                     request,

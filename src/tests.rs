@@ -1045,3 +1045,81 @@ async fn a_custom_classifier_decides_what_counts_as_unauthorized() {
     assert_eq!(res.body(), "Bearer tok-2");
     assert_eq!(script.calls(), 2);
 }
+
+// Handle and counters ------------------------------------------------------------
+
+#[tokio::test(start_paused = true)]
+async fn handle_refresh_is_single_flight_and_exposes_the_token_redacted() {
+    use secrecy::ExposeSecret;
+    let script = Script::gated(Duration::from_secs(86400));
+    let layer = script.layer();
+    let handle = layer.handle();
+    assert!(handle.token().is_none());
+
+    let (a, b) = (handle.clone(), handle.clone());
+    let first = tokio::spawn(async move { a.refresh().await });
+    let second = tokio::spawn(async move { b.refresh().await });
+    script.wait_calls(1).await;
+    script.release(1);
+    assert_eq!(first.await.unwrap().unwrap().generation, 1);
+    assert_eq!(second.await.unwrap().unwrap().generation, 1);
+    assert_eq!(script.calls(), 1);
+
+    let token = handle.token().unwrap();
+    assert_eq!(token.secret().expose_secret(), "tok-1");
+    let shown = format!("{token:?} {handle:?}");
+    assert!(!shown.contains("tok-1"), "{shown}");
+    assert!(shown.contains("generation: 1"), "{shown}");
+
+    // Forcing while the token is valid still gets a new one.
+    script.release(1);
+    assert_eq!(handle.refresh().await.unwrap().generation, 2);
+    assert_eq!(handle.token().unwrap().secret().expose_secret(), "tok-2");
+}
+
+#[tokio::test(start_paused = true)]
+async fn handle_invalidate_and_subscribe() {
+    let script = Script::new(Duration::from_secs(86400));
+    let layer = script.layer();
+    let handle = layer.handle();
+    let mut changes = handle.subscribe();
+    let api = Api::new();
+    let mut svc = layer.layer(api.service());
+
+    send(&mut svc, get()).await.unwrap();
+    changes.changed().await.unwrap();
+    assert_eq!(changes.borrow_and_update().unwrap().generation, 1);
+
+    assert!(handle.invalidate());
+    assert!(!handle.invalidate(), "nothing left to invalidate");
+    changes.changed().await.unwrap();
+    assert!(changes.borrow_and_update().is_none());
+
+    let res = send(&mut svc, get()).await.unwrap();
+    assert_eq!(res.body(), "Bearer tok-2");
+    changes.changed().await.unwrap();
+    assert_eq!(changes.borrow_and_update().unwrap().generation, 2);
+}
+
+#[tokio::test(start_paused = true)]
+async fn stats_count_requests_failures_invalidations_resends_and_waits() {
+    let script = Script::new(Duration::from_secs(86400));
+    let layer = script.layer();
+    let handle = layer.handle();
+    let api = Api::new();
+    api.reject("Bearer tok-2");
+    let mut svc = layer.layer(api.service());
+
+    script.fail_next(down()); // retried inside the first refresh
+    send(&mut svc, get()).await.unwrap(); // waits; tok-2 is refused, resent with tok-3
+    let stats = handle.stats();
+    assert_eq!(stats.token_requests, 3);
+    assert_eq!(stats.failures_unavailable, 1);
+    assert_eq!(stats.failures_rejected, 0);
+    assert_eq!(stats.invalidations, 1);
+    assert_eq!(stats.resends, 1);
+    assert_eq!(
+        stats.waited, 2,
+        "the first attempt and the resend both waited"
+    );
+}

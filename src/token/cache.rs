@@ -25,6 +25,8 @@ use tokio::time::Instant;
 
 use super::{BoxFuture, Source, Token, TokenResponse, FRESH, STALE};
 use crate::error::Error;
+use crate::handle::TokenInfo;
+use crate::stats::Counters;
 
 type Outcome = Option<Result<Arc<Token>, Error>>;
 
@@ -37,6 +39,8 @@ pub(crate) enum Reason {
     Early,
     /// The token expired.
     Expired,
+    /// Asked for through the handle.
+    Forced,
 }
 
 /// Attempts one refresh makes at most when the endpoint fails transiently.
@@ -62,6 +66,10 @@ pub(crate) struct Timing {
 
 pub(crate) struct TokenCache {
     current: ArcSwapOption<Token>,
+    /// What the layer did, for [`crate::TokenHandle::stats`].
+    pub(crate) counters: Counters,
+    /// The generation and expiry of the current token, for subscribers.
+    changes: watch::Sender<Option<TokenInfo>>,
     /// True while a refresh task runs; lets the soft window skip the mutex.
     refreshing: AtomicBool,
     slow: Mutex<Slow>,
@@ -84,6 +92,8 @@ impl TokenCache {
     pub(crate) fn new(source: Box<dyn Source>, timing: Timing) -> Self {
         TokenCache {
             current: ArcSwapOption::empty(),
+            counters: Counters::default(),
+            changes: watch::channel(None).0,
             refreshing: AtomicBool::new(false),
             slow: Mutex::new(Slow::default()),
             next_generation: AtomicU64::new(1),
@@ -113,19 +123,11 @@ impl TokenCache {
     pub(crate) fn wait(self: &Arc<Self>) -> BoxFuture<Result<Arc<Token>, Error>> {
         let cache = self.clone();
         Box::pin(async move {
-            let mut rx = match cache.join_or_start()? {
+            let rx = match cache.join_or_start()? {
                 Joined::Valid(token) => return Ok(token),
                 Joined::Refresh(rx) => rx,
             };
-            let outcome = match rx.wait_for(Option::is_some).await {
-                Ok(outcome) => outcome.clone(),
-                Err(_) => None,
-            };
-            outcome.unwrap_or_else(|| {
-                Err(Error::unavailable(
-                    "the token refresh task ended without an answer",
-                ))
-            })
+            answer(rx).await
         })
     }
 
@@ -141,7 +143,9 @@ impl TokenCache {
             }
             let previous = self.current.compare_and_swap(&current, None);
             if ptr_eq(&previous, &current) {
-                tracing::debug!(generation, "access token rejected with 401; invalidated");
+                tracing::debug!(generation, "access token invalidated");
+                self.counters.invalidation();
+                self.changes.send_replace(None);
                 return true;
             }
             // The token was swapped for a copy (for example with a later refresh_at)
@@ -210,6 +214,40 @@ impl TokenCache {
             }
         }
         self.start(&mut slow, reason).map(Joined::Refresh)
+    }
+
+    /// The current token, if any (valid or not).
+    pub(crate) fn peek(&self) -> Option<Arc<Token>> {
+        self.current.load_full()
+    }
+
+    /// Subscribes to changes of the current token.
+    pub(crate) fn subscribe(&self) -> watch::Receiver<Option<TokenInfo>> {
+        self.changes.subscribe()
+    }
+
+    /// Drops the current token, whatever it is.
+    pub(crate) fn invalidate_current(&self) -> bool {
+        match self.current.load().as_ref() {
+            Some(token) => self.invalidate(token.generation),
+            None => false,
+        }
+    }
+
+    /// A refresh now, even if the current token is valid: joins the running one, if
+    /// any, else starts one. Resolves when it is done.
+    pub(crate) fn force(self: &Arc<Self>) -> BoxFuture<Result<Arc<Token>, Error>> {
+        let cache = self.clone();
+        Box::pin(async move {
+            let rx = {
+                let mut slow = cache.lock_slow();
+                match &slow.inflight {
+                    Some(rx) => rx.clone(),
+                    None => cache.start(&mut slow, Reason::Forced)?,
+                }
+            };
+            answer(rx).await
+        })
     }
 
     /// The shared cell holding the current token.
@@ -290,6 +328,7 @@ impl TokenCache {
         let mut attempt = 1;
         loop {
             tracing::debug!(?reason, attempt, "requesting an access token");
+            self.counters.token_request();
             let sent_at = Instant::now();
             let result = match tokio::time::timeout_at(deadline, self.source.fetch()).await {
                 Ok(result) => result,
@@ -303,10 +342,12 @@ impl TokenCache {
                     let token = Arc::new(self.token_from(response, sent_at));
                     Token::schedule(&token);
                     self.current.store(Some(token.clone()));
+                    self.changes.send_replace(Some(TokenInfo::of(&token)));
                     return Ok(token);
                 }
                 Err(error) => error,
             };
+            self.counters.failure(error.kind());
             let retry_in = (error.is_transient() && attempt < MAX_ATTEMPTS).then(|| {
                 error
                     .retry_after()
@@ -443,6 +484,19 @@ impl Drop for Finish {
             );
         }
     }
+}
+
+/// The result of the refresh behind `rx`, once it is done.
+async fn answer(mut rx: watch::Receiver<Outcome>) -> Result<Arc<Token>, Error> {
+    let outcome = match rx.wait_for(Option::is_some).await {
+        Ok(outcome) => outcome.clone(),
+        Err(_) => None,
+    };
+    outcome.unwrap_or_else(|| {
+        Err(Error::unavailable(
+            "the token refresh task ended without an answer",
+        ))
+    })
 }
 
 enum Joined {

@@ -1,0 +1,76 @@
+//! Counters of what the layer did, read through [`TokenHandle::stats`](crate::TokenHandle::stats).
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use crate::error::ErrorKind;
+
+/// A snapshot of the layer's counters, since it was built.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Stats {
+    /// Token requests sent (every attempt, retries included).
+    pub token_requests: u64,
+    /// Token requests that failed because the credentials were rejected.
+    pub failures_rejected: u64,
+    /// Token requests that failed because the endpoint was unavailable.
+    pub failures_unavailable: u64,
+    /// Token requests answered with something unusable.
+    pub failures_invalid_response: u64,
+    /// Tokens invalidated because a response classified them as refused (401).
+    pub invalidations: u64,
+    /// Requests resent once with a new token after a 401.
+    pub resends: u64,
+    /// Requests that found no usable token and waited for a refresh.
+    pub waited: u64,
+}
+
+#[derive(Default)]
+pub(crate) struct Counters {
+    token_requests: AtomicU64,
+    failures_rejected: AtomicU64,
+    failures_unavailable: AtomicU64,
+    failures_invalid_response: AtomicU64,
+    invalidations: AtomicU64,
+    resends: AtomicU64,
+    waited: AtomicU64,
+}
+
+impl Counters {
+    pub(crate) fn token_request(&self) {
+        self.token_requests.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn failure(&self, kind: ErrorKind) {
+        let counter = match kind {
+            ErrorKind::Rejected => &self.failures_rejected,
+            ErrorKind::InvalidResponse => &self.failures_invalid_response,
+            _ => &self.failures_unavailable,
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn invalidation(&self) {
+        self.invalidations.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn resend(&self) {
+        self.resends.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn waited(&self) {
+        self.waited.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn snapshot(&self) -> Stats {
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        Stats {
+            token_requests: get(&self.token_requests),
+            failures_rejected: get(&self.failures_rejected),
+            failures_unavailable: get(&self.failures_unavailable),
+            failures_invalid_response: get(&self.failures_invalid_response),
+            invalidations: get(&self.invalidations),
+            resends: get(&self.resends),
+            waited: get(&self.waited),
+        }
+    }
+}
