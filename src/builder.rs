@@ -8,8 +8,9 @@ use std::time::Duration;
 use crate::classify::Http401;
 use crate::credentials::Credentials;
 use crate::error::Error;
-use crate::layer::EshopboxAuthLayer;
+use crate::layer::{EshopboxAuthLayer, Shape};
 use crate::replay::{CloneBodies, EmptyBodies};
+use http::HeaderValue;
 use secrecy::SecretString;
 
 use crate::token::cache::{Timing, TokenCache};
@@ -48,6 +49,7 @@ pub struct EshopboxAuthBuilder<P = EmptyBodies, C = Http401> {
     http_client: Option<reqwest::Client>,
     on_rotated: Option<RotationHook>,
     failure_cooldown: Duration,
+    workspace: Option<String>,
     replay: P,
     unauthorized: C,
 }
@@ -64,6 +66,7 @@ impl EshopboxAuthBuilder {
             http_client: None,
             on_rotated: None,
             failure_cooldown: DEFAULT_FAILURE_COOLDOWN,
+            workspace: None,
             replay: EmptyBodies,
             unauthorized: Http401,
         }
@@ -156,6 +159,13 @@ impl<P, C> EshopboxAuthBuilder<P, C> {
         self
     }
 
+    /// Adds `ProxyHost: <workspace>` to every request, as Eshopbox requires for
+    /// workspace calls such as webhook registration (default: no such header).
+    pub fn workspace(mut self, workspace: &str) -> Self {
+        self.workspace = Some(workspace.to_owned());
+        self
+    }
+
     /// Which request bodies may be resent after a 401; see [`crate::replay`].
     pub fn replay_bodies<Q>(self, policy: Q) -> EshopboxAuthBuilder<Q, C> {
         EshopboxAuthBuilder {
@@ -168,6 +178,7 @@ impl<P, C> EshopboxAuthBuilder<P, C> {
             http_client: self.http_client,
             on_rotated: self.on_rotated,
             failure_cooldown: self.failure_cooldown,
+            workspace: self.workspace,
             replay: policy,
             unauthorized: self.unauthorized,
         }
@@ -187,6 +198,7 @@ impl<P, C> EshopboxAuthBuilder<P, C> {
             http_client: self.http_client,
             on_rotated: self.on_rotated,
             failure_cooldown: self.failure_cooldown,
+            workspace: self.workspace,
             replay: self.replay,
             unauthorized: policy,
         }
@@ -207,6 +219,7 @@ impl<P, C> EshopboxAuthBuilder<P, C> {
     pub fn build(self) -> Result<EshopboxAuthLayer<P, C>, Error> {
         self.credentials.validate()?;
         let url = check_token_url(&self.token_url)?;
+        let proxy_host = self.workspace.as_deref().map(proxy_host).transpose()?;
         if self.token_timeout.is_zero() {
             return Err(Error::config("token_timeout must be more than zero"));
         }
@@ -238,11 +251,26 @@ impl<P, C> EshopboxAuthBuilder<P, C> {
         );
         Ok(EshopboxAuthLayer::from_parts(
             Arc::new(cache),
-            self.retry_on_unauthorized,
+            Shape {
+                retry_on_unauthorized: self.retry_on_unauthorized,
+                proxy_host,
+            },
             self.replay,
             self.unauthorized,
         ))
     }
+}
+
+/// The `ProxyHost` value for a workspace name: non-empty, a valid header value.
+fn proxy_host(workspace: &str) -> Result<HeaderValue, Error> {
+    let workspace = workspace.trim();
+    if workspace.is_empty() || workspace.bytes().any(|b| b.is_ascii_whitespace()) {
+        return Err(Error::config(
+            "workspace must be a non-empty name without spaces",
+        ));
+    }
+    HeaderValue::from_str(workspace)
+        .map_err(|_| Error::config("workspace is not a valid header value"))
 }
 
 /// Parses the token URL and refuses plain http except on loopback.
@@ -280,6 +308,7 @@ impl<P: fmt::Debug, C: fmt::Debug> fmt::Debug for EshopboxAuthBuilder<P, C> {
             .field("retry_on_unauthorized", &self.retry_on_unauthorized)
             .field("request_format", &self.request_format)
             .field("failure_cooldown", &self.failure_cooldown)
+            .field("workspace", &self.workspace)
             .field("on_refresh_token_rotated", &self.on_rotated.is_some())
             .field("replay", &self.replay)
             .field("unauthorized", &self.unauthorized)
@@ -336,6 +365,11 @@ mod tests {
             .build()
             .unwrap_err();
         assert!(err.to_string().contains("token_timeout"));
+        let err = EshopboxAuthLayer::builder(creds())
+            .workspace(" ")
+            .build()
+            .unwrap_err();
+        assert!(err.to_string().contains("workspace"));
         let err = EshopboxAuthLayer::new(Credentials::new("id", "", "rt")).unwrap_err();
         assert!(err.to_string().contains("client_secret is empty"));
         assert!(EshopboxAuthLayer::new(creds()).is_ok());

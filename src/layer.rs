@@ -3,6 +3,7 @@
 use std::fmt;
 use std::sync::Arc;
 
+use http::HeaderValue;
 use tower::Layer;
 
 use crate::builder::EshopboxAuthBuilder;
@@ -33,9 +34,18 @@ use crate::token::cache::TokenCache;
 /// ```
 pub struct EshopboxAuthLayer<P = EmptyBodies, C = Http401> {
     cache: Arc<TokenCache>,
-    retry_on_unauthorized: bool,
+    shape: Shape,
     replay: P,
     unauthorized: C,
+}
+
+/// What the service does to each request, besides the token.
+#[derive(Debug, Clone)]
+pub(crate) struct Shape {
+    /// Resend once after a 401.
+    pub(crate) retry_on_unauthorized: bool,
+    /// `ProxyHost: <workspace>`, when configured.
+    pub(crate) proxy_host: Option<HeaderValue>,
 }
 
 impl EshopboxAuthLayer {
@@ -57,13 +67,13 @@ impl EshopboxAuthLayer {
 impl<P, C> EshopboxAuthLayer<P, C> {
     pub(crate) fn from_parts(
         cache: Arc<TokenCache>,
-        retry_on_unauthorized: bool,
+        shape: Shape,
         replay: P,
         unauthorized: C,
     ) -> Self {
         EshopboxAuthLayer {
             cache,
-            retry_on_unauthorized,
+            shape,
             replay,
             unauthorized,
         }
@@ -85,7 +95,7 @@ impl<S, P: Clone, C: Clone> Layer<S> for EshopboxAuthLayer<P, C> {
         EshopboxAuth::new(
             inner,
             self.cache.clone(),
-            self.retry_on_unauthorized,
+            self.shape.clone(),
             self.replay.clone(),
             self.unauthorized.clone(),
         )
@@ -96,7 +106,7 @@ impl<P: Clone, C: Clone> Clone for EshopboxAuthLayer<P, C> {
     fn clone(&self) -> Self {
         EshopboxAuthLayer {
             cache: self.cache.clone(),
-            retry_on_unauthorized: self.retry_on_unauthorized,
+            shape: self.shape.clone(),
             replay: self.replay.clone(),
             unauthorized: self.unauthorized.clone(),
         }
@@ -107,7 +117,7 @@ impl<P: fmt::Debug, C: fmt::Debug> fmt::Debug for EshopboxAuthLayer<P, C> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("EshopboxAuthLayer")
             .field("cache", &self.cache)
-            .field("retry_on_unauthorized", &self.retry_on_unauthorized)
+            .field("shape", &self.shape)
             .field("replay", &self.replay)
             .field("unauthorized", &self.unauthorized)
             .finish()

@@ -8,7 +8,8 @@
 //! - `GET /api/v2/inventoryListing` — a sample authenticated API route, answering 401
 //!   with Eshopbox's error shapes for an unknown, revoked or expired token;
 //! - any other request under `/api/` — authenticated the same way, answered with
-//!   `{"method": …, "path": …, "received": <body length>}`, to check what arrived.
+//!   `{"method": …, "path": …, "received": <body length>, "proxy_host": …}`, to check
+//!   what arrived.
 //!
 //! ```
 //! use eshopbox_auth::mock::MockEshopbox;
@@ -331,11 +332,21 @@ async fn api(state: &State, req: Request<Incoming>) -> Response<Full<Bytes>> {
         );
     }
     let (method, path) = (req.method().to_string(), req.uri().path().to_owned());
+    let proxy_host = req
+        .headers()
+        .get("proxyhost")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
     let received = match req.into_body().collect().await {
         Ok(body) => body.to_bytes().len(),
         Err(_) => return json(StatusCode::BAD_REQUEST, r#"{"message":"Bad body"}"#.into()),
     };
-    let body = serde_json::json!({ "method": method, "path": path, "received": received });
+    let body = serde_json::json!({
+        "method": method,
+        "path": path,
+        "received": received,
+        "proxy_host": proxy_host,
+    });
     json(StatusCode::OK, body.to_string())
 }
 

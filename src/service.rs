@@ -4,15 +4,19 @@ use std::fmt;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use http::header::AUTHORIZATION;
+use http::header::{HeaderName, AUTHORIZATION};
 use http::{Request, Response};
 use tower::{BoxError, Service};
 
 use crate::classify::{Http401, UnauthorizedPolicy};
 use crate::future::{ResponseFuture, Unsent};
+use crate::layer::Shape;
 use crate::replay::{EmptyBodies, ReplayPolicy};
 use crate::token::cache::TokenCache;
 use crate::token::local::LocalToken;
+
+/// The header Eshopbox reads the workspace from on workspace calls.
+const PROXY_HOST: HeaderName = HeaderName::from_static("proxyhost");
 
 /// Middleware that authenticates each request with the current Eshopbox access token.
 ///
@@ -21,7 +25,7 @@ use crate::token::local::LocalToken;
 pub struct EshopboxAuth<S, P = EmptyBodies, C = Http401> {
     inner: S,
     token: LocalToken,
-    retry_on_unauthorized: bool,
+    shape: Shape,
     replay: P,
     unauthorized: C,
 }
@@ -30,14 +34,14 @@ impl<S, P, C> EshopboxAuth<S, P, C> {
     pub(crate) fn new(
         inner: S,
         cache: Arc<TokenCache>,
-        retry_on_unauthorized: bool,
+        shape: Shape,
         replay: P,
         unauthorized: C,
     ) -> Self {
         EshopboxAuth {
             inner,
             token: LocalToken::new(cache),
-            retry_on_unauthorized,
+            shape,
             replay,
             unauthorized,
         }
@@ -80,7 +84,10 @@ where
     }
 
     fn call(&mut self, mut request: Request<B>) -> Self::Future {
-        let replay = if self.retry_on_unauthorized {
+        if let Some(workspace) = &self.shape.proxy_host {
+            request.headers_mut().insert(PROXY_HOST, workspace.clone());
+        }
+        let replay = if self.shape.retry_on_unauthorized {
             let (prepared, replay) = self.copy_for_resend(request);
             request = prepared;
             replay
@@ -145,7 +152,7 @@ impl<S: Clone, P: Clone, C: Clone> Clone for EshopboxAuth<S, P, C> {
         EshopboxAuth {
             inner: self.inner.clone(),
             token: self.token.clone(),
-            retry_on_unauthorized: self.retry_on_unauthorized,
+            shape: self.shape.clone(),
             replay: self.replay.clone(),
             unauthorized: self.unauthorized.clone(),
         }
@@ -157,7 +164,7 @@ impl<S: fmt::Debug, P: fmt::Debug, C: fmt::Debug> fmt::Debug for EshopboxAuth<S,
         f.debug_struct("EshopboxAuth")
             .field("inner", &self.inner)
             .field("cache", self.shared())
-            .field("retry_on_unauthorized", &self.retry_on_unauthorized)
+            .field("shape", &self.shape)
             .field("replay", &self.replay)
             .field("unauthorized", &self.unauthorized)
             .finish()

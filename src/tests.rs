@@ -97,7 +97,12 @@ impl Script {
                 failure_cooldown: Duration::from_secs(2),
             },
         );
-        EshopboxAuthLayer::from_parts(Arc::new(cache), retry, replay, crate::classify::Http401)
+        EshopboxAuthLayer::from_parts(
+            Arc::new(cache),
+            shape(retry),
+            replay,
+            crate::classify::Http401,
+        )
     }
 }
 
@@ -970,8 +975,12 @@ async fn a_panicking_refresh_fails_its_waiters_and_does_not_wedge_the_cache() {
             failure_cooldown: Duration::from_secs(2),
         },
     );
-    let layer =
-        EshopboxAuthLayer::from_parts(Arc::new(cache), true, EmptyBodies, crate::classify::Http401);
+    let layer = EshopboxAuthLayer::from_parts(
+        Arc::new(cache),
+        shape(true),
+        EmptyBodies,
+        crate::classify::Http401,
+    );
     let api = Api::new();
     let mut svc = layer.layer(api.service());
     let err = send(&mut svc, get()).await.unwrap_err();
@@ -1030,7 +1039,7 @@ async fn a_custom_classifier_decides_what_counts_as_unauthorized() {
     );
     // This API answers 200 with "expired" in the body's place: a header says it.
     let expired = |res: &Response<String>| res.headers().contains_key("x-token-expired");
-    let layer = EshopboxAuthLayer::from_parts(Arc::new(cache), true, EmptyBodies, expired);
+    let layer = EshopboxAuthLayer::from_parts(Arc::new(cache), shape(true), EmptyBodies, expired);
     let api = service_fn(|req: Request<Empty<Bytes>>| async move {
         let auth = req.headers()["authorization"].to_str().unwrap().to_owned();
         let mut res = Response::new(auth.clone());
@@ -1122,4 +1131,11 @@ async fn stats_count_requests_failures_invalidations_resends_and_waits() {
         stats.waited, 2,
         "the first attempt and the resend both waited"
     );
+}
+
+fn shape(retry: bool) -> crate::layer::Shape {
+    crate::layer::Shape {
+        retry_on_unauthorized: retry,
+        proxy_host: None,
+    }
 }

@@ -119,3 +119,20 @@ async fn wrong_credentials_are_rejected_by_the_mock() {
     assert_eq!(err.kind(), eshopbox_auth::ErrorKind::Rejected);
     assert_eq!(err.oauth_error(), Some("invalid_grant"));
 }
+
+#[tokio::test]
+async fn the_workspace_goes_out_as_proxyhost() {
+    let eshopbox = MockEshopbox::start().await.unwrap();
+    let auth = EshopboxAuthLayer::builder(eshopbox.credentials())
+        .token_url(&eshopbox.token_url())
+        .workspace("acme")
+        .build()
+        .unwrap();
+    let svc = ServiceBuilder::new().layer(auth).service(client());
+    let post = Request::post(eshopbox.url("/api/v1/webhooks"))
+        .body(Full::new(Bytes::from_static(b"{}")))
+        .unwrap();
+    let res = svc.oneshot(post).await.unwrap();
+    let echoed: serde_json::Value = serde_json::from_str(&body_text(res).await).unwrap();
+    assert_eq!(echoed["proxy_host"], "acme");
+}
