@@ -1,4 +1,9 @@
-//! Counters of what the layer did, read through [`TokenHandle::stats`](crate::TokenHandle::stats).
+//! Counters of what the layer did, read through
+//! [`TokenHandle::stats`](crate::TokenHandle::stats) and, with the `metrics` feature,
+//! reported to the [`metrics`](https://docs.rs/metrics) facade as
+//! `eshopbox_auth_token_requests_total`, `eshopbox_auth_token_failures_total{kind}`,
+//! `eshopbox_auth_invalidations_total`, `eshopbox_auth_resends_total` and
+//! `eshopbox_auth_waited_total`.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -35,30 +40,53 @@ pub(crate) struct Counters {
     waited: AtomicU64,
 }
 
+/// With the `metrics` feature, every count also goes to the `metrics` facade under
+/// these names (the failure counter with a `kind` label).
+#[cfg(feature = "metrics")]
+mod names {
+    pub(super) const TOKEN_REQUESTS: &str = "eshopbox_auth_token_requests_total";
+    pub(super) const TOKEN_FAILURES: &str = "eshopbox_auth_token_failures_total";
+    pub(super) const INVALIDATIONS: &str = "eshopbox_auth_invalidations_total";
+    pub(super) const RESENDS: &str = "eshopbox_auth_resends_total";
+    pub(super) const WAITED: &str = "eshopbox_auth_waited_total";
+}
+
 impl Counters {
     pub(crate) fn token_request(&self) {
         self.token_requests.fetch_add(1, Ordering::Relaxed);
+        #[cfg(feature = "metrics")]
+        metrics::counter!(names::TOKEN_REQUESTS).increment(1);
     }
 
     pub(crate) fn failure(&self, kind: ErrorKind) {
-        let counter = match kind {
-            ErrorKind::Rejected => &self.failures_rejected,
-            ErrorKind::InvalidResponse => &self.failures_invalid_response,
-            _ => &self.failures_unavailable,
+        let (counter, label) = match kind {
+            ErrorKind::Rejected => (&self.failures_rejected, "rejected"),
+            ErrorKind::InvalidResponse => (&self.failures_invalid_response, "invalid_response"),
+            _ => (&self.failures_unavailable, "unavailable"),
         };
         counter.fetch_add(1, Ordering::Relaxed);
+        #[cfg(feature = "metrics")]
+        metrics::counter!(names::TOKEN_FAILURES, "kind" => label).increment(1);
+        #[cfg(not(feature = "metrics"))]
+        let _ = label;
     }
 
     pub(crate) fn invalidation(&self) {
         self.invalidations.fetch_add(1, Ordering::Relaxed);
+        #[cfg(feature = "metrics")]
+        metrics::counter!(names::INVALIDATIONS).increment(1);
     }
 
     pub(crate) fn resend(&self) {
         self.resends.fetch_add(1, Ordering::Relaxed);
+        #[cfg(feature = "metrics")]
+        metrics::counter!(names::RESENDS).increment(1);
     }
 
     pub(crate) fn waited(&self) {
         self.waited.fetch_add(1, Ordering::Relaxed);
+        #[cfg(feature = "metrics")]
+        metrics::counter!(names::WAITED).increment(1);
     }
 
     pub(crate) fn snapshot(&self) -> Stats {

@@ -22,6 +22,7 @@ use arc_swap::ArcSwapOption;
 use http::HeaderValue;
 use tokio::sync::watch;
 use tokio::time::Instant;
+use tracing::Instrument;
 
 use super::{BoxFuture, Source, Token, TokenResponse, FRESH, STALE};
 use crate::error::Error;
@@ -298,10 +299,29 @@ impl TokenCache {
             tx,
             done: false,
         };
-        runtime.spawn(async move {
-            let outcome = finish.cache.refresh(reason).await;
-            finish.complete(outcome);
-        });
+        let span = tracing::debug_span!("eshopbox_auth_refresh", ?reason);
+        runtime.spawn(
+            async move {
+                let started = Instant::now();
+                let outcome = finish.cache.refresh(reason).await;
+                match &outcome {
+                    Ok(token) => tracing::debug!(
+                        outcome = "ok",
+                        generation = token.generation,
+                        duration_ms = started.elapsed().as_millis() as u64,
+                        "token refresh finished"
+                    ),
+                    Err(error) => tracing::debug!(
+                        outcome = "failed",
+                        kind = ?error.kind(),
+                        duration_ms = started.elapsed().as_millis() as u64,
+                        "token refresh finished"
+                    ),
+                }
+                finish.complete(outcome);
+            }
+            .instrument(span),
+        );
         Ok(rx)
     }
 

@@ -1,0 +1,67 @@
+//! With the `metrics` feature, the counters reach the `metrics` facade.
+
+use std::collections::HashMap;
+
+use bytes::Bytes;
+use eshopbox_auth::mock::MockEshopbox;
+use eshopbox_auth::EshopboxAuthLayer;
+use http::StatusCode;
+use http_body_util::Full;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use metrics_util::debugging::{DebugValue, DebuggingRecorder};
+use tower::{ServiceBuilder, ServiceExt};
+
+#[tokio::test(flavor = "current_thread")]
+async fn counters_are_reported_to_the_metrics_facade() {
+    let recorder = DebuggingRecorder::new();
+    let snapshotter = recorder.snapshotter();
+    recorder
+        .install()
+        .expect("the only recorder of this test binary");
+
+    let eshopbox = MockEshopbox::start().await.unwrap();
+    eshopbox.fail_next_token_calls(1, StatusCode::BAD_GATEWAY);
+    let layer = EshopboxAuthLayer::builder(eshopbox.credentials())
+        .token_url(&eshopbox.token_url())
+        .build()
+        .unwrap();
+    let handle = layer.handle();
+    let http = Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
+    let svc = ServiceBuilder::new().layer(layer).service(http);
+    let get = || {
+        http::Request::get(eshopbox.url("/api/v2/inventoryListing"))
+            .body(Full::default())
+            .unwrap()
+    };
+    svc.clone().oneshot(get()).await.unwrap();
+    eshopbox.revoke_tokens();
+    svc.clone().oneshot(get()).await.unwrap();
+
+    let counters: HashMap<String, u64> = snapshotter
+        .snapshot()
+        .into_vec()
+        .into_iter()
+        .filter_map(|(key, _, _, value)| match value {
+            DebugValue::Counter(n) => {
+                let labels: Vec<String> = key
+                    .key()
+                    .labels()
+                    .map(|l| format!("{}={}", l.key(), l.value()))
+                    .collect();
+                Some((format!("{}{:?}", key.key().name(), labels), n))
+            }
+            _ => None,
+        })
+        .collect();
+    let stats = handle.stats();
+    assert_eq!(stats.token_requests, 3);
+    assert_eq!(counters["eshopbox_auth_token_requests_total[]"], 3);
+    assert_eq!(
+        counters["eshopbox_auth_token_failures_total[\"kind=unavailable\"]"],
+        1
+    );
+    assert_eq!(counters["eshopbox_auth_invalidations_total[]"], 1);
+    assert_eq!(counters["eshopbox_auth_resends_total[]"], 1);
+    assert_eq!(counters["eshopbox_auth_waited_total[]"], 2);
+}
