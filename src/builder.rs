@@ -13,7 +13,7 @@ use crate::replay::{CloneBodies, EmptyBodies};
 use http::HeaderValue;
 use secrecy::SecretString;
 
-use crate::token::cache::{Timing, TokenCache};
+use crate::token::cache::{spawn_background, Timing, TokenCache};
 use crate::token::endpoint::{EshopboxEndpoint, RequestFormat, RotationHook};
 
 /// Eshopbox's token endpoint.
@@ -50,6 +50,7 @@ pub struct EshopboxAuthBuilder<P = EmptyBodies, C = Http401> {
     on_rotated: Option<RotationHook>,
     failure_cooldown: Duration,
     workspace: Option<String>,
+    background_refresh: bool,
     replay: P,
     unauthorized: C,
 }
@@ -67,6 +68,7 @@ impl EshopboxAuthBuilder {
             on_rotated: None,
             failure_cooldown: DEFAULT_FAILURE_COOLDOWN,
             workspace: None,
+            background_refresh: false,
             replay: EmptyBodies,
             unauthorized: Http401,
         }
@@ -166,6 +168,16 @@ impl<P, C> EshopboxAuthBuilder<P, C> {
         self
     }
 
+    /// Keeps a task that fetches a token at once and refreshes each one ahead of
+    /// expiry, so requests normally never wait for a refresh (default off: tokens are
+    /// fetched and refreshed by the requests that need them). The task ends when the
+    /// last layer, service and handle is dropped. `build` must then run inside a
+    /// tokio runtime.
+    pub fn background_refresh(mut self, enabled: bool) -> Self {
+        self.background_refresh = enabled;
+        self
+    }
+
     /// Which request bodies may be resent after a 401; see [`crate::replay`].
     pub fn replay_bodies<Q>(self, policy: Q) -> EshopboxAuthBuilder<Q, C> {
         EshopboxAuthBuilder {
@@ -179,6 +191,7 @@ impl<P, C> EshopboxAuthBuilder<P, C> {
             on_rotated: self.on_rotated,
             failure_cooldown: self.failure_cooldown,
             workspace: self.workspace,
+            background_refresh: self.background_refresh,
             replay: policy,
             unauthorized: self.unauthorized,
         }
@@ -199,6 +212,7 @@ impl<P, C> EshopboxAuthBuilder<P, C> {
             on_rotated: self.on_rotated,
             failure_cooldown: self.failure_cooldown,
             workspace: self.workspace,
+            background_refresh: self.background_refresh,
             replay: self.replay,
             unauthorized: policy,
         }
@@ -249,8 +263,12 @@ impl<P, C> EshopboxAuthBuilder<P, C> {
                 failure_cooldown: self.failure_cooldown,
             },
         );
+        let cache = Arc::new(cache);
+        if self.background_refresh {
+            spawn_background(&cache)?;
+        }
         Ok(EshopboxAuthLayer::from_parts(
-            Arc::new(cache),
+            cache,
             Shape {
                 retry_on_unauthorized: self.retry_on_unauthorized,
                 proxy_host,
@@ -309,6 +327,7 @@ impl<P: fmt::Debug, C: fmt::Debug> fmt::Debug for EshopboxAuthBuilder<P, C> {
             .field("request_format", &self.request_format)
             .field("failure_cooldown", &self.failure_cooldown)
             .field("workspace", &self.workspace)
+            .field("background_refresh", &self.background_refresh)
             .field("on_refresh_token_rotated", &self.on_rotated.is_some())
             .field("replay", &self.replay)
             .field("unauthorized", &self.unauthorized)

@@ -86,6 +86,11 @@ impl<P, C> EshopboxAuthLayer<P, C> {
     pub fn handle(&self) -> TokenHandle {
         TokenHandle::new(self.cache.clone())
     }
+
+    #[cfg(test)]
+    pub(crate) fn shared(&self) -> &Arc<TokenCache> {
+        &self.cache
+    }
 }
 
 impl<S, P: Clone, C: Clone> Layer<S> for EshopboxAuthLayer<P, C> {

@@ -1139,3 +1139,38 @@ fn shape(retry: bool) -> crate::layer::Shape {
         proxy_host: None,
     }
 }
+
+#[tokio::test(start_paused = true)]
+async fn background_refresh_keeps_the_token_fresh_and_stops_with_the_last_user() {
+    let script = Script::new(Duration::from_secs(100));
+    let layer = script.layer();
+    crate::token::cache::spawn_background(layer.shared()).unwrap();
+    // A token arrives before any request.
+    script.wait_calls(1).await;
+    let handle = layer.handle();
+    let api = Api::new();
+    let mut svc = layer.clone().layer(api.service());
+
+    // Refresh time is 45–50 s (margin capped at half of 100 s, less jitter): the task
+    // refreshes then, without any request.
+    pass(&svc, Duration::from_secs(60)).await;
+    script.wait_calls(2).await;
+    let res = send(&mut svc, get()).await.unwrap();
+    assert_eq!(res.body(), "Bearer tok-2");
+    assert_eq!(handle.stats().waited, 0, "no request waited");
+
+    // Once the layer, its services and handles are gone, no task is left.
+    let metrics = tokio::runtime::Handle::current().metrics();
+    assert!(
+        metrics.num_alive_tasks() >= 2,
+        "the refresher and a phase timer run"
+    );
+    drop((svc, layer, handle));
+    for _ in 0..100 {
+        if metrics.num_alive_tasks() == 0 {
+            break;
+        }
+        tokio::task::yield_now().await;
+    }
+    assert_eq!(metrics.num_alive_tasks(), 0);
+}

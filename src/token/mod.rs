@@ -7,10 +7,11 @@
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU8, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use http::HeaderValue;
+use tokio::sync::oneshot;
 use tokio::time::Instant;
 
 use crate::error::Error;
@@ -72,6 +73,10 @@ pub(crate) struct Token {
     /// [`FRESH`], [`STALE`] or [`EXPIRED`], moved on by a timer task at `refresh_at`
     /// and `expires_at`, so the request path reads an atomic instead of the clock.
     pub(crate) phase: AtomicU8,
+    /// Dropped with the token, which ends its phase timer early.
+    _alive: oneshot::Sender<()>,
+    /// The other end, taken by [`Token::schedule`].
+    gone: Mutex<Option<oneshot::Receiver<()>>>,
 }
 
 impl Token {
@@ -89,27 +94,43 @@ impl Token {
         } else {
             FRESH
         };
+        let (alive, gone) = oneshot::channel();
         Token {
             header,
             generation,
             refresh_at,
             expires_at,
             phase: AtomicU8::new(phase),
+            _alive: alive,
+            gone: Mutex::new(Some(gone)),
         }
     }
 
     /// Spawns the timer that moves this token's phase on. It holds the token weakly
-    /// and ends early once the token is dropped. Must run inside a tokio runtime.
+    /// and ends as soon as the token is dropped. Must run inside a tokio runtime.
     pub(crate) fn schedule(token: &Arc<Token>) {
+        let gone = token
+            .gone
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        let Some(mut gone) = gone else {
+            return;
+        };
         let weak = Arc::downgrade(token);
         let (refresh_at, expires_at) = (token.refresh_at, token.expires_at);
         tokio::spawn(async move {
-            tokio::time::sleep_until(refresh_at).await;
+            // `Ok` from the timeout means the token was dropped first.
+            if tokio::time::timeout_at(refresh_at, &mut gone).await.is_ok() {
+                return;
+            }
             match weak.upgrade() {
                 Some(token) => token.phase.fetch_max(STALE, Ordering::Release),
                 None => return,
             };
-            tokio::time::sleep_until(expires_at).await;
+            if tokio::time::timeout_at(expires_at, &mut gone).await.is_ok() {
+                return;
+            }
             if let Some(token) = weak.upgrade() {
                 token.phase.store(EXPIRED, Ordering::Release);
             }
