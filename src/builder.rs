@@ -14,7 +14,7 @@ use http::HeaderValue;
 use secrecy::SecretString;
 
 use crate::token::cache::{spawn_background, Timing, TokenCache};
-use crate::token::endpoint::{EshopboxEndpoint, RequestFormat, RotationHook};
+use crate::token::endpoint::{GrantEndpoint, RequestFormat, RotationHook};
 
 /// Eshopbox's token endpoint.
 pub const DEFAULT_TOKEN_URL: &str = "https://auth.myeshopbox.com/api/v1/generateToken";
@@ -248,7 +248,7 @@ impl<P, C> EshopboxAuthBuilder<P, C> {
                         .with_source(e)
                 })?,
         };
-        let source = EshopboxEndpoint::new(
+        let source = GrantEndpoint::eshopbox(
             client,
             url,
             self.request_format,

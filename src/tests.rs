@@ -16,7 +16,7 @@ use tower::{service_fn, BoxError, Layer, Service, ServiceExt};
 
 use crate::replay::{CloneBodies, EmptyBodies, ReplayPolicy};
 use crate::token::cache::{Timing, TokenCache};
-use crate::token::{BoxFuture, Source, TokenResponse};
+use crate::token::{Source, SourceFuture, TokenResponse};
 use crate::{Error, ErrorKind, EshopboxAuthLayer};
 
 const MARGIN: Duration = Duration::from_secs(300);
@@ -107,7 +107,7 @@ impl Script {
 }
 
 impl Source for Script {
-    fn fetch(&self) -> BoxFuture<Result<TokenResponse, Error>> {
+    fn fetch(&self) -> SourceFuture<'_> {
         let shared = self.shared.clone();
         Box::pin(async move {
             let mut n = 0;
@@ -951,7 +951,7 @@ async fn a_token_dead_on_arrival_is_used_for_a_second_not_refetched_per_request(
 struct PanicsOnce(AtomicUsize);
 
 impl Source for PanicsOnce {
-    fn fetch(&self) -> BoxFuture<Result<TokenResponse, Error>> {
+    fn fetch(&self) -> SourceFuture<'_> {
         let n = self.0.fetch_add(1, Ordering::SeqCst);
         Box::pin(async move {
             assert!(n > 0, "source panics on its first fetch");

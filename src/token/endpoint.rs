@@ -1,4 +1,5 @@
-//! The Eshopbox token call: `POST /api/v1/generateToken` with the refresh-token grant.
+//! The token call: a form or JSON `POST` of an OAuth 2 grant — Eshopbox's
+//! `POST /api/v1/generateToken` with the refresh-token grant by default.
 
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime};
@@ -9,7 +10,7 @@ use secrecy::{ExposeSecret, SecretString};
 use serde::Serialize;
 
 use super::response::{oauth_error_code, parse, rotated_refresh_token};
-use super::{BoxFuture, Source, TokenResponse};
+use super::{Source, SourceFuture, TokenResponse};
 use crate::credentials::Credentials;
 use crate::error::{Error, ErrorKind};
 
@@ -30,57 +31,83 @@ pub enum RequestFormat {
     Form,
 }
 
-/// Fetches tokens from the Eshopbox token endpoint.
-pub(crate) struct EshopboxEndpoint {
+/// Fetches tokens with one OAuth 2 grant from one token endpoint.
+pub(crate) struct GrantEndpoint {
     inner: Arc<Inner>,
 }
 
+/// Which grant a [`GrantEndpoint`] sends.
+pub(crate) enum GrantKind {
+    /// `grant_type=refresh_token`, with the refresh token to send next (replaced when
+    /// the endpoint rotates it).
+    RefreshToken(Mutex<SecretString>),
+    /// `grant_type=client_credentials`, with an optional `scope`.
+    ClientCredentials { scope: Option<String> },
+}
+
+/// Everything a [`GrantEndpoint`] needs.
+pub(crate) struct GrantConfig {
+    pub(crate) client: reqwest::Client,
+    pub(crate) url: reqwest::Url,
+    pub(crate) format: RequestFormat,
+    pub(crate) client_id: String,
+    pub(crate) client_secret: SecretString,
+    pub(crate) grant: GrantKind,
+    /// Send the client credentials as HTTP Basic instead of in the body.
+    pub(crate) basic_auth: bool,
+    pub(crate) on_rotated: Option<RotationHook>,
+}
+
 struct Inner {
-    client: reqwest::Client,
-    url: reqwest::Url,
-    format: RequestFormat,
-    client_id: String,
-    client_secret: SecretString,
-    /// The refresh token to send next; replaced when the endpoint rotates it.
-    refresh_token: Mutex<SecretString>,
-    on_rotated: Option<RotationHook>,
+    config: GrantConfig,
 }
 
 /// Called with the new refresh token after the endpoint rotated it.
 pub(crate) type RotationHook = Arc<dyn Fn(&SecretString) + Send + Sync + 'static>;
 
 #[derive(Serialize)]
-struct Grant<'a> {
-    client_id: &'a str,
-    client_secret: &'a str,
+struct Fields<'a> {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    client_id: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    client_secret: Option<&'a str>,
     grant_type: &'static str,
-    refresh_token: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    refresh_token: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    scope: Option<&'a str>,
 }
 
-impl EshopboxEndpoint {
-    pub(crate) fn new(
+impl GrantEndpoint {
+    pub(crate) fn new(config: GrantConfig) -> Self {
+        GrantEndpoint {
+            inner: Arc::new(Inner { config }),
+        }
+    }
+
+    /// Eshopbox's refresh-token grant, credentials in the body.
+    pub(crate) fn eshopbox(
         client: reqwest::Client,
         url: reqwest::Url,
         format: RequestFormat,
         credentials: Credentials,
         on_rotated: Option<RotationHook>,
     ) -> Self {
-        EshopboxEndpoint {
-            inner: Arc::new(Inner {
-                client,
-                url,
-                format,
-                client_id: credentials.client_id,
-                client_secret: credentials.client_secret,
-                refresh_token: Mutex::new(credentials.refresh_token),
-                on_rotated,
-            }),
-        }
+        GrantEndpoint::new(GrantConfig {
+            client,
+            url,
+            format,
+            client_id: credentials.client_id,
+            client_secret: credentials.client_secret,
+            grant: GrantKind::RefreshToken(Mutex::new(credentials.refresh_token)),
+            basic_auth: false,
+            on_rotated,
+        })
     }
 }
 
-impl Source for EshopboxEndpoint {
-    fn fetch(&self) -> BoxFuture<Result<TokenResponse, Error>> {
+impl Source for GrantEndpoint {
+    fn fetch(&self) -> SourceFuture<'_> {
         let inner = self.inner.clone();
         Box::pin(async move { inner.fetch().await })
     }
@@ -88,20 +115,26 @@ impl Source for EshopboxEndpoint {
 
 impl Inner {
     fn body(&self) -> Result<(Vec<u8>, &'static str), Error> {
-        let refresh_token = self
-            .refresh_token
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clone();
-        let grant = Grant {
-            client_id: &self.client_id,
-            client_secret: self.client_secret.expose_secret(),
-            grant_type: "refresh_token",
-            refresh_token: refresh_token.expose_secret(),
+        let config = &self.config;
+        let (grant_type, refresh_token, scope) = match &config.grant {
+            GrantKind::RefreshToken(token) => (
+                "refresh_token",
+                Some(token.lock().unwrap_or_else(PoisonError::into_inner).clone()),
+                None,
+            ),
+            GrantKind::ClientCredentials { scope } => ("client_credentials", None, scope.as_deref()),
         };
-        // Neither serializer can fail on four strings; the messages below never quote
+        let in_body = !config.basic_auth;
+        let grant = Fields {
+            client_id: in_body.then_some(config.client_id.as_str()),
+            client_secret: in_body.then(|| config.client_secret.expose_secret()),
+            grant_type,
+            refresh_token: refresh_token.as_ref().map(|t| t.expose_secret()),
+            scope,
+        };
+        // Neither serializer can fail on a few strings; the messages below never quote
         // the values.
-        match self.format {
+        match config.format {
             RequestFormat::Json => serde_json::to_vec(&grant)
                 .map(|b| (b, "application/json"))
                 .map_err(|_| Error::config("could not encode the token request as JSON")),
@@ -113,11 +146,19 @@ impl Inner {
 
     async fn fetch(&self) -> Result<TokenResponse, Error> {
         let (body, content_type) = self.body()?;
-        let mut response = self
+        let config = &self.config;
+        let mut request = config
             .client
-            .post(self.url.clone())
+            .post(config.url.clone())
             .header(CONTENT_TYPE, content_type)
-            .header(ACCEPT, "application/json")
+            .header(ACCEPT, "application/json");
+        if config.basic_auth {
+            request = request.basic_auth(
+                &config.client_id,
+                Some(config.client_secret.expose_secret()),
+            );
+        }
+        let mut response = request
             .body(body)
             .send()
             .await
@@ -163,18 +204,18 @@ impl Inner {
 impl Inner {
     /// Uses a rotated refresh token from now on and tells the application.
     fn rotate(&self, rotated: &SecretString) {
+        let GrantKind::RefreshToken(refresh_token) = &self.config.grant else {
+            return;
+        };
         {
-            let mut current = self
-                .refresh_token
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner);
+            let mut current = refresh_token.lock().unwrap_or_else(PoisonError::into_inner);
             if current.expose_secret() == rotated.expose_secret() {
                 return;
             }
             *current = rotated.clone();
         }
         tracing::info!("token endpoint rotated the refresh token; using the new one");
-        if let Some(hook) = &self.on_rotated {
+        if let Some(hook) = &self.config.on_rotated {
             hook(rotated);
         }
     }

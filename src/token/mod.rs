@@ -46,10 +46,14 @@ impl std::fmt::Debug for TokenResponse {
     }
 }
 
+/// The future of [`Source::fetch`].
+pub(crate) type SourceFuture<'a> =
+    Pin<Box<dyn Future<Output = Result<TokenResponse, Error>> + Send + 'a>>;
+
 /// Something that can obtain a fresh access token.
 pub(crate) trait Source: Send + Sync + 'static {
-    /// Requests one token. The returned future must not borrow `self`.
-    fn fetch(&self) -> BoxFuture<Result<TokenResponse, Error>>;
+    /// Requests one token.
+    fn fetch(&self) -> SourceFuture<'_>;
 }
 
 /// [`Token::phase`]: before `refresh_at`.
