@@ -13,8 +13,10 @@ use crate::replay::{CloneBodies, EmptyBodies};
 use http::HeaderValue;
 use secrecy::SecretString;
 
+use crate::source::{Custom, TokenSource};
 use crate::token::cache::{spawn_background, Timing, TokenCache};
 use crate::token::endpoint::{GrantEndpoint, RequestFormat, RotationHook};
+use crate::token::Source;
 
 /// Eshopbox's token endpoint.
 pub const DEFAULT_TOKEN_URL: &str = "https://auth.myeshopbox.com/api/v1/generateToken";
@@ -40,7 +42,7 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// resent after a 401.
 #[must_use]
 pub struct EshopboxAuthBuilder<P = EmptyBodies, C = Http401> {
-    credentials: Credentials,
+    origin: Origin,
     token_url: String,
     refresh_margin: Duration,
     token_timeout: Duration,
@@ -55,10 +57,26 @@ pub struct EshopboxAuthBuilder<P = EmptyBodies, C = Http401> {
     unauthorized: C,
 }
 
+/// Where tokens come from.
+enum Origin {
+    /// Eshopbox's refresh grant with these credentials.
+    Eshopbox(Credentials),
+    /// A caller-supplied source.
+    Custom(Box<dyn Source>),
+}
+
 impl EshopboxAuthBuilder {
     pub(crate) fn new(credentials: Credentials) -> Self {
+        Self::from_origin(Origin::Eshopbox(credentials))
+    }
+
+    pub(crate) fn with_source<T: TokenSource>(source: T) -> Self {
+        Self::from_origin(Origin::Custom(Box::new(Custom(source))))
+    }
+
+    fn from_origin(origin: Origin) -> Self {
         EshopboxAuthBuilder {
-            credentials,
+            origin,
             token_url: DEFAULT_TOKEN_URL.to_owned(),
             refresh_margin: DEFAULT_REFRESH_MARGIN,
             token_timeout: DEFAULT_TOKEN_TIMEOUT,
@@ -181,7 +199,7 @@ impl<P, C> EshopboxAuthBuilder<P, C> {
     /// Which request bodies may be resent after a 401; see [`crate::replay`].
     pub fn replay_bodies<Q>(self, policy: Q) -> EshopboxAuthBuilder<Q, C> {
         EshopboxAuthBuilder {
-            credentials: self.credentials,
+            origin: self.origin,
             token_url: self.token_url,
             refresh_margin: self.refresh_margin,
             token_timeout: self.token_timeout,
@@ -202,7 +220,7 @@ impl<P, C> EshopboxAuthBuilder<P, C> {
     /// for tonic channels.
     pub fn unauthorized_when<D>(self, policy: D) -> EshopboxAuthBuilder<P, D> {
         EshopboxAuthBuilder {
-            credentials: self.credentials,
+            origin: self.origin,
             token_url: self.token_url,
             refresh_margin: self.refresh_margin,
             token_timeout: self.token_timeout,
@@ -231,32 +249,30 @@ impl<P, C> EshopboxAuthBuilder<P, C> {
     /// other than loopback, a zero token timeout, or an HTTP client that cannot be
     /// built.
     pub fn build(self) -> Result<EshopboxAuthLayer<P, C>, Error> {
-        self.credentials.validate()?;
-        let url = check_token_url(&self.token_url)?;
-        let proxy_host = self.workspace.as_deref().map(proxy_host).transpose()?;
         if self.token_timeout.is_zero() {
             return Err(Error::config("token_timeout must be more than zero"));
         }
-        let client = match self.http_client {
-            Some(client) => client,
-            None => reqwest::Client::builder()
-                .connect_timeout(CONNECT_TIMEOUT.min(self.token_timeout))
-                .redirect(reqwest::redirect::Policy::none())
-                .build()
-                .map_err(|e| {
-                    Error::config("could not build the HTTP client for token requests")
-                        .with_source(e)
-                })?,
+        let proxy_host = self.workspace.as_deref().map(proxy_host).transpose()?;
+        let source: Box<dyn Source> = match self.origin {
+            Origin::Custom(source) => source,
+            Origin::Eshopbox(credentials) => {
+                credentials.validate()?;
+                let url = check_token_url(&self.token_url)?;
+                let client = match self.http_client {
+                    Some(client) => client,
+                    None => default_client(self.token_timeout)?,
+                };
+                Box::new(GrantEndpoint::eshopbox(
+                    client,
+                    url,
+                    self.request_format,
+                    credentials,
+                    self.on_rotated,
+                ))
+            }
         };
-        let source = GrantEndpoint::eshopbox(
-            client,
-            url,
-            self.request_format,
-            self.credentials,
-            self.on_rotated,
-        );
         let cache = TokenCache::new(
-            Box::new(source),
+            source,
             Timing {
                 margin: self.refresh_margin,
                 timeout: self.token_timeout,
@@ -279,6 +295,18 @@ impl<P, C> EshopboxAuthBuilder<P, C> {
     }
 }
 
+/// The default client for token requests: a connect timeout, and no redirects (a
+/// redirect would carry the client secret to another URL).
+pub(crate) fn default_client(token_timeout: Duration) -> Result<reqwest::Client, Error> {
+    reqwest::Client::builder()
+        .connect_timeout(CONNECT_TIMEOUT.min(token_timeout))
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .map_err(|e| {
+            Error::config("could not build the HTTP client for token requests").with_source(e)
+        })
+}
+
 /// The `ProxyHost` value for a workspace name: non-empty, a valid header value.
 fn proxy_host(workspace: &str) -> Result<HeaderValue, Error> {
     let workspace = workspace.trim();
@@ -292,7 +320,7 @@ fn proxy_host(workspace: &str) -> Result<HeaderValue, Error> {
 }
 
 /// Parses the token URL and refuses plain http except on loopback.
-fn check_token_url(raw: &str) -> Result<reqwest::Url, Error> {
+pub(crate) fn check_token_url(raw: &str) -> Result<reqwest::Url, Error> {
     let url = reqwest::Url::parse(raw)
         .map_err(|e| Error::config(format!("token_url is not a valid URL: {e}")))?;
     match url.scheme() {
@@ -319,7 +347,13 @@ fn is_loopback(url: &reqwest::Url) -> bool {
 impl<P: fmt::Debug, C: fmt::Debug> fmt::Debug for EshopboxAuthBuilder<P, C> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("EshopboxAuthBuilder")
-            .field("credentials", &self.credentials)
+            .field(
+                "origin",
+                match &self.origin {
+                    Origin::Eshopbox(credentials) => credentials as &dyn fmt::Debug,
+                    Origin::Custom(_) => &"custom token source",
+                },
+            )
             .field("token_url", &self.token_url)
             .field("refresh_margin", &self.refresh_margin)
             .field("token_timeout", &self.token_timeout)

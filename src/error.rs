@@ -85,12 +85,25 @@ impl Error {
         Error::new(ErrorKind::Config, message)
     }
 
-    pub(crate) fn invalid_response(message: impl Into<String>) -> Self {
+    /// An [`ErrorKind::InvalidResponse`] error, for
+    /// [`TokenSource`](crate::source::TokenSource) implementations. The message must
+    /// not contain a secret.
+    pub fn invalid_response(message: impl Into<String>) -> Self {
         Error::new(ErrorKind::InvalidResponse, message)
     }
 
-    pub(crate) fn unavailable(message: impl Into<String>) -> Self {
+    /// An [`ErrorKind::Unavailable`] error (retried with back-off), for
+    /// [`TokenSource`](crate::source::TokenSource) implementations. The message must
+    /// not contain a secret.
+    pub fn unavailable(message: impl Into<String>) -> Self {
         Error::new(ErrorKind::Unavailable, message)
+    }
+
+    /// An [`ErrorKind::Rejected`] error (remembered for the failure cooldown), for
+    /// [`TokenSource`](crate::source::TokenSource) implementations. The message must
+    /// not contain a secret.
+    pub fn rejected(message: impl Into<String>) -> Self {
+        Error::new(ErrorKind::Rejected, message)
     }
 
     /// Adds the HTTP status and OAuth `error` code of the endpoint's answer.

@@ -13,6 +13,7 @@ use crate::error::Error;
 use crate::handle::TokenHandle;
 use crate::replay::EmptyBodies;
 use crate::service::EshopboxAuth;
+use crate::source::TokenSource;
 use crate::token::cache::TokenCache;
 
 /// Layer that applies [`EshopboxAuth`] to a service.
@@ -61,6 +62,14 @@ impl EshopboxAuthLayer {
     /// A builder to configure the layer.
     pub fn builder(credentials: Credentials) -> EshopboxAuthBuilder {
         EshopboxAuthBuilder::new(credentials)
+    }
+
+    /// A builder for a layer whose tokens come from another [`TokenSource`] — a
+    /// generic OAuth 2 grant, a closure, your own type; see [`crate::source`]. The
+    /// Eshopbox-specific settings (`token_url`, `request_format`, `http_client`,
+    /// `on_refresh_token_rotated`) do not apply to it.
+    pub fn with_source<T: TokenSource>(source: T) -> EshopboxAuthBuilder {
+        EshopboxAuthBuilder::with_source(source)
     }
 }
 

@@ -133,6 +133,7 @@ pub mod replay;
 #[cfg_attr(docsrs, doc(cfg(feature = "reqwest")))]
 pub mod reqwest;
 mod service;
+pub mod source;
 mod stats;
 mod token;
 

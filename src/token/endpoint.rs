@@ -122,7 +122,9 @@ impl Inner {
                 Some(token.lock().unwrap_or_else(PoisonError::into_inner).clone()),
                 None,
             ),
-            GrantKind::ClientCredentials { scope } => ("client_credentials", None, scope.as_deref()),
+            GrantKind::ClientCredentials { scope } => {
+                ("client_credentials", None, scope.as_deref())
+            }
         };
         let in_body = !config.basic_auth;
         let grant = Fields {

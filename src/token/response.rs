@@ -89,7 +89,7 @@ pub(crate) fn rotated_refresh_token(body: &[u8]) -> Option<SecretString> {
 /// `Bearer <token>`, marked sensitive. The token must be a single run of visible
 /// characters: no whitespace or control characters (which also rules out CR/LF header
 /// injection).
-fn bearer_header(token: &str) -> Result<HeaderValue, Error> {
+pub(crate) fn bearer_header(token: &str) -> Result<HeaderValue, Error> {
     if token
         .bytes()
         .any(|b| b.is_ascii_whitespace() || b.is_ascii_control())
@@ -106,6 +106,11 @@ fn bearer_header(token: &str) -> Result<HeaderValue, Error> {
     })?;
     value.set_sensitive(true);
     Ok(value)
+}
+
+/// A lifetime clamped to [`MAX_LIFETIME`].
+pub(crate) fn clamp_lifetime(lifetime: Duration) -> Duration {
+    lifetime.min(MAX_LIFETIME)
 }
 
 /// `expires_in` as a number of seconds (integer, float or numeric string). Zero or

@@ -104,6 +104,7 @@ pub struct Seen {
     pub method: http::Method,
     pub path: String,
     pub content_type: Option<String>,
+    pub authorization: Option<String>,
     pub body: Bytes,
 }
 
@@ -185,6 +186,10 @@ async fn answer(
         content_type: parts
             .headers
             .get(http::header::CONTENT_TYPE)
+            .map(|v| v.to_str().unwrap_or_default().to_owned()),
+        authorization: parts
+            .headers
+            .get(http::header::AUTHORIZATION)
             .map(|v| v.to_str().unwrap_or_default().to_owned()),
         body,
     });

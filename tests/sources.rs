@@ -1,0 +1,175 @@
+//! Other token sources get the same machinery: generic OAuth 2 grants and closures.
+
+mod support;
+
+use std::collections::BTreeMap;
+use std::convert::Infallible;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use eshopbox_auth::source::{source_fn, FetchedToken, OAuth2Source};
+use eshopbox_auth::{Error, ErrorKind, EshopboxAuthLayer};
+use http::{Request, Response, StatusCode};
+use http_body_util::Empty;
+use support::{Reply, TokenServer};
+use tower::{service_fn, Layer, ServiceExt};
+
+/// Echoes the Authorization header; 401 for `refused`.
+fn api(
+    refused: &'static str,
+) -> impl tower::Service<
+    Request<Empty<Bytes>>,
+    Response = Response<String>,
+    Error = Infallible,
+    Future = impl Send,
+> + Clone
+       + Send
+       + 'static {
+    service_fn(move |req: Request<Empty<Bytes>>| {
+        let auth = req.headers()["authorization"]
+            .to_str()
+            .unwrap_or("")
+            .to_owned();
+        let mut res = Response::new(auth.clone());
+        if auth == refused {
+            *res.status_mut() = StatusCode::UNAUTHORIZED;
+        }
+        async move { Ok::<_, Infallible>(res) }
+    })
+}
+
+fn get() -> Request<Empty<Bytes>> {
+    Request::get("/resource").body(Empty::new()).unwrap()
+}
+
+fn form(body: &[u8]) -> BTreeMap<String, String> {
+    serde_urlencoded::from_bytes(body).unwrap()
+}
+
+#[tokio::test]
+async fn client_credentials_with_basic_auth_and_scope() {
+    let server = TokenServer::counting(3600).await;
+    let source = OAuth2Source::client_credentials(&server.url(), "svc-id", "svc-secret")
+        .scope("orders:read")
+        .basic_auth(true)
+        .build()
+        .unwrap();
+    let layer = EshopboxAuthLayer::with_source(source).build().unwrap();
+    let res = layer.layer(api("")).oneshot(get()).await.unwrap();
+    assert_eq!(res.body(), "Bearer tok-1");
+
+    let seen = &server.seen()[0];
+    assert_eq!(
+        seen.content_type.as_deref(),
+        Some("application/x-www-form-urlencoded")
+    );
+    let fields = form(&seen.body);
+    assert_eq!(fields["grant_type"], "client_credentials");
+    assert_eq!(fields["scope"], "orders:read");
+    assert!(
+        !fields.contains_key("client_secret"),
+        "secret not in the body"
+    );
+    // base64("svc-id:svc-secret")
+    assert_eq!(
+        seen.authorization.as_deref(),
+        Some("Basic c3ZjLWlkOnN2Yy1zZWNyZXQ=")
+    );
+}
+
+#[tokio::test]
+async fn refresh_token_grant_in_the_body_uses_a_rotated_token() {
+    let server = TokenServer::start(|n| {
+        Reply::json(
+            200,
+            &format!(r#"{{"access_token":"tok-{n}","expires_in":3600,"refresh_token":"rt-{n}"}}"#),
+        )
+    })
+    .await;
+    let source = OAuth2Source::refresh_token(&server.url(), "id", "secret", "rt-0")
+        .build()
+        .unwrap();
+    let layer = EshopboxAuthLayer::with_source(source).build().unwrap();
+    // tok-1 is refused: a second grant is made, with the rotated refresh token.
+    let res = layer
+        .layer(api("Bearer tok-1"))
+        .oneshot(get())
+        .await
+        .unwrap();
+    assert_eq!(res.body(), "Bearer tok-2");
+    let sent: Vec<_> = server.seen().iter().map(|s| form(&s.body)).collect();
+    assert_eq!(sent[0]["grant_type"], "refresh_token");
+    assert_eq!(sent[0]["client_secret"], "secret");
+    assert_eq!(sent[0]["refresh_token"], "rt-0");
+    assert_eq!(sent[1]["refresh_token"], "rt-1");
+}
+
+#[tokio::test]
+async fn a_closure_source_gets_single_flight_and_401_handling() {
+    let calls = Arc::new(AtomicUsize::new(0));
+    let counter = calls.clone();
+    let layer = EshopboxAuthLayer::with_source(source_fn(move || {
+        let n = counter.fetch_add(1, Ordering::SeqCst) + 1;
+        async move {
+            tokio::task::yield_now().await;
+            Ok(FetchedToken::new(format!("fn-{n}")).expires_in(Duration::from_secs(60)))
+        }
+    }))
+    .build()
+    .unwrap();
+    let svc = layer.layer(api("Bearer fn-1"));
+    let tasks: Vec<_> = (0..100)
+        .map(|_| tokio::spawn(svc.clone().oneshot(get())))
+        .collect();
+    for task in tasks {
+        assert_eq!(task.await.unwrap().unwrap().body(), "Bearer fn-2");
+    }
+    assert_eq!(
+        calls.load(Ordering::SeqCst),
+        2,
+        "one to start, one after the 401s"
+    );
+}
+
+#[tokio::test]
+async fn a_rejecting_closure_source_is_not_hammered() {
+    let calls = Arc::new(AtomicUsize::new(0));
+    let counter = calls.clone();
+    let layer = EshopboxAuthLayer::with_source(source_fn(move || {
+        counter.fetch_add(1, Ordering::SeqCst);
+        async { Err::<FetchedToken, _>(rejected()) }
+    }))
+    .build()
+    .unwrap();
+    let svc = layer.layer(api(""));
+    for _ in 0..20 {
+        let err = svc.clone().oneshot(get()).await.unwrap_err();
+        assert_eq!(
+            err.downcast_ref::<Error>().unwrap().kind(),
+            ErrorKind::Rejected
+        );
+    }
+    assert_eq!(
+        calls.load(Ordering::SeqCst),
+        1,
+        "the rejection is remembered"
+    );
+}
+
+fn rejected() -> Error {
+    Error::rejected("the identity provider refused the credentials")
+}
+
+#[test]
+fn oauth2_builder_refuses_bad_input() {
+    let err = OAuth2Source::client_credentials("http://example.com/token", "id", "secret")
+        .build()
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Config);
+    let err = OAuth2Source::refresh_token("https://idp.example/token", "id", "secret", " ")
+        .build()
+        .unwrap_err();
+    assert!(err.to_string().contains("refresh_token is empty"));
+}
