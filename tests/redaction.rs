@@ -112,6 +112,10 @@ async fn trace_output_carries_no_secret() {
         "retrying",
         "token refresh failed",
         "invalid_grant",
+        "reason=Cold",
+        "reason=Invalidated",
+        "token refresh finished",
+        "duration_ms",
     ] {
         assert!(text.contains(event), "no {event:?} in the log:\n{text}");
     }

@@ -34,8 +34,10 @@ type Outcome = Option<Result<Arc<Token>, Error>>;
 /// Why a refresh was started; reported in logs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Reason {
-    /// No token yet, or the last one was invalidated by a 401.
-    Missing,
+    /// No token yet.
+    Cold,
+    /// The last token was invalidated (a 401, or through the handle).
+    Invalidated,
     /// The token is in its soft window.
     Early,
     /// The token expired.
@@ -73,6 +75,8 @@ pub(crate) struct TokenCache {
     changes: watch::Sender<Option<TokenInfo>>,
     /// True while a refresh task runs; lets the soft window skip the mutex.
     refreshing: AtomicBool,
+    /// True from an invalidation until the next token arrives (for logs).
+    invalidated: AtomicBool,
     slow: Mutex<Slow>,
     next_generation: AtomicU64,
     source: Box<dyn Source>,
@@ -96,6 +100,7 @@ impl TokenCache {
             counters: Counters::default(),
             changes: watch::channel(None).0,
             refreshing: AtomicBool::new(false),
+            invalidated: AtomicBool::new(false),
             slow: Mutex::new(Slow::default()),
             next_generation: AtomicU64::new(1),
             source,
@@ -145,6 +150,7 @@ impl TokenCache {
             let previous = self.current.compare_and_swap(&current, None);
             if ptr_eq(&previous, &current) {
                 tracing::debug!(generation, "access token invalidated");
+                self.invalidated.store(true, Ordering::Relaxed);
                 self.counters.invalidation();
                 self.changes.send_replace(None);
                 return true;
@@ -204,7 +210,8 @@ impl TokenCache {
         let reason = match self.current.load_full() {
             Some(token) if now < token.expires_at => return Ok(Joined::Valid(token)),
             Some(_) => Reason::Expired,
-            None => Reason::Missing,
+            None if self.invalidated.load(Ordering::Relaxed) => Reason::Invalidated,
+            None => Reason::Cold,
         };
         if let Some(rx) = &slow.inflight {
             return Ok(Joined::Refresh(rx.clone()));
@@ -362,6 +369,7 @@ impl TokenCache {
                     let token = Arc::new(self.token_from(response, sent_at));
                     Token::schedule(&token);
                     self.current.store(Some(token.clone()));
+                    self.invalidated.store(false, Ordering::Relaxed);
                     self.changes.send_replace(Some(TokenInfo::of(&token)));
                     return Ok(token);
                 }
