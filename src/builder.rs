@@ -61,8 +61,8 @@ pub struct EshopboxAuthBuilder<P = EmptyBodies, C = Http401> {
 enum Origin {
     /// Eshopbox's refresh grant with these credentials.
     Eshopbox(Credentials),
-    /// A caller-supplied source.
-    Custom(Box<dyn Source>),
+    /// A caller-supplied source, wrapped once its rotation hook is known.
+    Custom(Box<dyn FnOnce(Option<RotationHook>) -> Box<dyn Source> + Send>),
 }
 
 impl EshopboxAuthBuilder {
@@ -71,7 +71,9 @@ impl EshopboxAuthBuilder {
     }
 
     pub(crate) fn with_source<T: TokenSource>(source: T) -> Self {
-        Self::from_origin(Origin::Custom(Box::new(Custom(source))))
+        Self::from_origin(Origin::Custom(Box::new(move |on_rotated| {
+            Box::new(Custom { source, on_rotated }) as Box<dyn Source>
+        })))
     }
 
     fn from_origin(origin: Origin) -> Self {
@@ -254,7 +256,7 @@ impl<P, C> EshopboxAuthBuilder<P, C> {
         }
         let proxy_host = self.workspace.as_deref().map(proxy_host).transpose()?;
         let source: Box<dyn Source> = match self.origin {
-            Origin::Custom(source) => source,
+            Origin::Custom(wrap) => wrap(self.on_rotated),
             Origin::Eshopbox(credentials) => {
                 credentials.validate()?;
                 let url = check_token_url(&self.token_url)?;

@@ -66,8 +66,9 @@ impl EshopboxAuthLayer {
 
     /// A builder for a layer whose tokens come from another [`TokenSource`] — a
     /// generic OAuth 2 grant, a closure, your own type; see [`crate::source`]. The
-    /// Eshopbox-specific settings (`token_url`, `request_format`, `http_client`,
-    /// `on_refresh_token_rotated`) do not apply to it.
+    /// Eshopbox-specific settings (`token_url`, `request_format`, `http_client`) do
+    /// not apply to it; `on_refresh_token_rotated` receives the refresh tokens the
+    /// source reports with [`FetchedToken::rotated_refresh_token`](crate::source::FetchedToken::rotated_refresh_token).
     pub fn with_source<T: TokenSource>(source: T) -> EshopboxAuthBuilder {
         EshopboxAuthBuilder::with_source(source)
     }

@@ -57,6 +57,7 @@ pub trait TokenSource: Send + Sync + 'static {
 pub struct FetchedToken {
     access_token: SecretString,
     expires_in: Option<Duration>,
+    refresh_token: Option<SecretString>,
 }
 
 impl FetchedToken {
@@ -66,7 +67,16 @@ impl FetchedToken {
         FetchedToken {
             access_token: SecretString::from(access_token.into()),
             expires_in: None,
+            refresh_token: None,
         }
+    }
+
+    /// A new refresh token that came with this one. The layer hands it to the
+    /// builder's [`on_refresh_token_rotated`](crate::EshopboxAuthBuilder::on_refresh_token_rotated)
+    /// hook; the source itself must use it for its next request.
+    pub fn rotated_refresh_token(mut self, refresh_token: impl Into<String>) -> Self {
+        self.refresh_token = Some(SecretString::from(refresh_token.into()));
+        self
     }
 
     /// How long the token lives, counted from when the request for it was sent
@@ -82,6 +92,7 @@ impl fmt::Debug for FetchedToken {
         f.debug_struct("FetchedToken")
             .field("access_token", &"[redacted]")
             .field("expires_in", &self.expires_in)
+            .field("rotated_refresh_token", &self.refresh_token.is_some())
             .finish()
     }
 }
@@ -116,12 +127,18 @@ impl<F> fmt::Debug for FnSource<F> {
 }
 
 /// Adapts a public [`TokenSource`] to the cache's internal source.
-pub(crate) struct Custom<T>(pub(crate) T);
+pub(crate) struct Custom<T> {
+    pub(crate) source: T,
+    pub(crate) on_rotated: Option<RotationHook>,
+}
 
 impl<T: TokenSource> Source for Custom<T> {
     fn fetch(&self) -> SourceFuture<'_> {
         Box::pin(async move {
-            let fetched = self.0.fetch().await?;
+            let fetched = self.source.fetch().await?;
+            if let (Some(rotated), Some(hook)) = (&fetched.refresh_token, &self.on_rotated) {
+                hook(rotated);
+            }
             Ok(TokenResponse {
                 header: bearer_header(fetched.access_token.expose_secret())?,
                 lifetime: fetched.expires_in.map_or(DEFAULT_LIFETIME, clamp_lifetime),

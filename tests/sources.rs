@@ -173,3 +173,23 @@ fn oauth2_builder_refuses_bad_input() {
         .unwrap_err();
     assert!(err.to_string().contains("refresh_token is empty"));
 }
+
+#[tokio::test]
+async fn a_rotated_refresh_token_reported_by_a_source_reaches_the_hook() {
+    let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let hook_seen = seen.clone();
+    let layer = EshopboxAuthLayer::with_source(source_fn(|| async {
+        Ok(FetchedToken::new("t").rotated_refresh_token("rt-next"))
+    }))
+    .on_refresh_token_rotated(move |rt| {
+        use eshopbox_auth::secrecy::ExposeSecret;
+        hook_seen
+            .lock()
+            .unwrap()
+            .push(rt.expose_secret().to_owned());
+    })
+    .build()
+    .unwrap();
+    layer.layer(api("")).oneshot(get()).await.unwrap();
+    assert_eq!(*seen.lock().unwrap(), ["rt-next"]);
+}
