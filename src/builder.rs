@@ -42,6 +42,13 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// resent after a 401.
 #[must_use]
 pub struct EshopboxAuthBuilder<P = EmptyBodies, C = Http401> {
+    settings: Settings,
+    replay: P,
+    unauthorized: C,
+}
+
+/// The builder's settings that do not depend on its type parameters.
+struct Settings {
     origin: Origin,
     token_url: String,
     refresh_margin: Duration,
@@ -53,8 +60,6 @@ pub struct EshopboxAuthBuilder<P = EmptyBodies, C = Http401> {
     failure_cooldown: Duration,
     workspace: Option<String>,
     background_refresh: bool,
-    replay: P,
-    unauthorized: C,
 }
 
 /// Where tokens come from.
@@ -78,17 +83,19 @@ impl EshopboxAuthBuilder {
 
     fn from_origin(origin: Origin) -> Self {
         EshopboxAuthBuilder {
-            origin,
-            token_url: DEFAULT_TOKEN_URL.to_owned(),
-            refresh_margin: DEFAULT_REFRESH_MARGIN,
-            token_timeout: DEFAULT_TOKEN_TIMEOUT,
-            retry_on_unauthorized: true,
-            request_format: RequestFormat::Json,
-            http_client: None,
-            on_rotated: None,
-            failure_cooldown: DEFAULT_FAILURE_COOLDOWN,
-            workspace: None,
-            background_refresh: false,
+            settings: Settings {
+                origin,
+                token_url: DEFAULT_TOKEN_URL.to_owned(),
+                refresh_margin: DEFAULT_REFRESH_MARGIN,
+                token_timeout: DEFAULT_TOKEN_TIMEOUT,
+                retry_on_unauthorized: true,
+                request_format: RequestFormat::Json,
+                http_client: None,
+                on_rotated: None,
+                failure_cooldown: DEFAULT_FAILURE_COOLDOWN,
+                workspace: None,
+                background_refresh: false,
+            },
             replay: EmptyBodies,
             unauthorized: Http401,
         }
@@ -99,7 +106,7 @@ impl<P, C> EshopboxAuthBuilder<P, C> {
     /// The token endpoint (default [`DEFAULT_TOKEN_URL`]). Must be `https://`, or
     /// `http://` on a loopback host (`localhost`, `127.0.0.0/8`, `[::1]`) for tests.
     pub fn token_url(mut self, url: &str) -> Self {
-        url.clone_into(&mut self.token_url);
+        url.clone_into(&mut self.settings.token_url);
         self
     }
 
@@ -108,7 +115,7 @@ impl<P, C> EshopboxAuthBuilder<P, C> {
     /// processes do not refresh in lockstep. Within the margin, requests keep using the
     /// still-valid token while one refresh runs in the background.
     pub fn refresh_margin(mut self, margin: Duration) -> Self {
-        self.refresh_margin = margin;
+        self.settings.refresh_margin = margin;
         self
     }
 
@@ -116,7 +123,7 @@ impl<P, C> EshopboxAuthBuilder<P, C> {
     /// Requests waiting on that refresh fail with
     /// [`Unavailable`](crate::ErrorKind::Unavailable) when it runs out.
     pub fn token_timeout(mut self, timeout: Duration) -> Self {
-        self.token_timeout = timeout;
+        self.settings.token_timeout = timeout;
         self
     }
 
@@ -124,13 +131,13 @@ impl<P, C> EshopboxAuthBuilder<P, C> {
     /// `401 Unauthorized` (default `true`). Either way, the token that was refused is
     /// dropped so that the next request gets a new one.
     pub fn retry_on_unauthorized(mut self, retry: bool) -> Self {
-        self.retry_on_unauthorized = retry;
+        self.settings.retry_on_unauthorized = retry;
         self
     }
 
     /// How the token request body is encoded (default [`RequestFormat::Json`]).
     pub fn request_format(mut self, format: RequestFormat) -> Self {
-        self.request_format = format;
+        self.settings.request_format = format;
         self
     }
 
@@ -138,7 +145,7 @@ impl<P, C> EshopboxAuthBuilder<P, C> {
     /// with a 10 s connect timeout and redirects off (a redirect would carry the client
     /// secret to another URL).
     pub fn http_client(mut self, client: reqwest::Client) -> Self {
-        self.http_client = Some(client);
+        self.settings.http_client = Some(client);
         self
     }
 
@@ -167,7 +174,7 @@ impl<P, C> EshopboxAuthBuilder<P, C> {
     where
         F: Fn(&SecretString) + Send + Sync + 'static,
     {
-        self.on_rotated = Some(Arc::new(hook));
+        self.settings.on_rotated = Some(Arc::new(hook));
         self
     }
 
@@ -177,14 +184,14 @@ impl<P, C> EshopboxAuthBuilder<P, C> {
     /// random between half and two and a half times this: 1 to 5 s by default.
     /// Zero turns it off.
     pub fn failure_cooldown(mut self, cooldown: Duration) -> Self {
-        self.failure_cooldown = cooldown;
+        self.settings.failure_cooldown = cooldown;
         self
     }
 
     /// Adds `ProxyHost: <workspace>` to every request, as Eshopbox requires for
     /// workspace calls such as webhook registration (default: no such header).
     pub fn workspace(mut self, workspace: &str) -> Self {
-        self.workspace = Some(workspace.to_owned());
+        self.settings.workspace = Some(workspace.to_owned());
         self
     }
 
@@ -194,24 +201,14 @@ impl<P, C> EshopboxAuthBuilder<P, C> {
     /// last layer, service and handle is dropped. `build` must then run inside a
     /// tokio runtime.
     pub fn background_refresh(mut self, enabled: bool) -> Self {
-        self.background_refresh = enabled;
+        self.settings.background_refresh = enabled;
         self
     }
 
     /// Which request bodies may be resent after a 401; see [`crate::replay`].
     pub fn replay_bodies<Q>(self, policy: Q) -> EshopboxAuthBuilder<Q, C> {
         EshopboxAuthBuilder {
-            origin: self.origin,
-            token_url: self.token_url,
-            refresh_margin: self.refresh_margin,
-            token_timeout: self.token_timeout,
-            retry_on_unauthorized: self.retry_on_unauthorized,
-            request_format: self.request_format,
-            http_client: self.http_client,
-            on_rotated: self.on_rotated,
-            failure_cooldown: self.failure_cooldown,
-            workspace: self.workspace,
-            background_refresh: self.background_refresh,
+            settings: self.settings,
             replay: policy,
             unauthorized: self.unauthorized,
         }
@@ -222,17 +219,7 @@ impl<P, C> EshopboxAuthBuilder<P, C> {
     /// for tonic channels.
     pub fn unauthorized_when<D>(self, policy: D) -> EshopboxAuthBuilder<P, D> {
         EshopboxAuthBuilder {
-            origin: self.origin,
-            token_url: self.token_url,
-            refresh_margin: self.refresh_margin,
-            token_timeout: self.token_timeout,
-            retry_on_unauthorized: self.retry_on_unauthorized,
-            request_format: self.request_format,
-            http_client: self.http_client,
-            on_rotated: self.on_rotated,
-            failure_cooldown: self.failure_cooldown,
-            workspace: self.workspace,
-            background_refresh: self.background_refresh,
+            settings: self.settings,
             replay: self.replay,
             unauthorized: policy,
         }
@@ -251,44 +238,49 @@ impl<P, C> EshopboxAuthBuilder<P, C> {
     /// other than loopback, a zero token timeout, or an HTTP client that cannot be
     /// built.
     pub fn build(self) -> Result<EshopboxAuthLayer<P, C>, Error> {
-        if self.token_timeout.is_zero() {
+        if self.settings.token_timeout.is_zero() {
             return Err(Error::config("token_timeout must be more than zero"));
         }
-        let proxy_host = self.workspace.as_deref().map(proxy_host).transpose()?;
-        let source: Box<dyn Source> = match self.origin {
-            Origin::Custom(wrap) => wrap(self.on_rotated),
+        let proxy_host = self
+            .settings
+            .workspace
+            .as_deref()
+            .map(proxy_host)
+            .transpose()?;
+        let source: Box<dyn Source> = match self.settings.origin {
+            Origin::Custom(wrap) => wrap(self.settings.on_rotated),
             Origin::Eshopbox(credentials) => {
                 credentials.validate()?;
-                let url = check_token_url(&self.token_url)?;
-                let client = match self.http_client {
+                let url = check_token_url(&self.settings.token_url)?;
+                let client = match self.settings.http_client {
                     Some(client) => client,
-                    None => default_client(self.token_timeout)?,
+                    None => default_client(self.settings.token_timeout)?,
                 };
                 Box::new(GrantEndpoint::eshopbox(
                     client,
                     url,
-                    self.request_format,
+                    self.settings.request_format,
                     credentials,
-                    self.on_rotated,
+                    self.settings.on_rotated,
                 ))
             }
         };
         let cache = TokenCache::new(
             source,
             Timing {
-                margin: self.refresh_margin,
-                timeout: self.token_timeout,
-                failure_cooldown: self.failure_cooldown,
+                margin: self.settings.refresh_margin,
+                timeout: self.settings.token_timeout,
+                failure_cooldown: self.settings.failure_cooldown,
             },
         );
         let cache = Arc::new(cache);
-        if self.background_refresh {
+        if self.settings.background_refresh {
             spawn_background(&cache)?;
         }
         Ok(EshopboxAuthLayer::from_parts(
             cache,
             Shape {
-                retry_on_unauthorized: self.retry_on_unauthorized,
+                retry_on_unauthorized: self.settings.retry_on_unauthorized,
                 proxy_host,
             },
             self.replay,
@@ -351,20 +343,26 @@ impl<P: fmt::Debug, C: fmt::Debug> fmt::Debug for EshopboxAuthBuilder<P, C> {
         f.debug_struct("EshopboxAuthBuilder")
             .field(
                 "origin",
-                match &self.origin {
+                match &self.settings.origin {
                     Origin::Eshopbox(credentials) => credentials as &dyn fmt::Debug,
                     Origin::Custom(_) => &"custom token source",
                 },
             )
-            .field("token_url", &self.token_url)
-            .field("refresh_margin", &self.refresh_margin)
-            .field("token_timeout", &self.token_timeout)
-            .field("retry_on_unauthorized", &self.retry_on_unauthorized)
-            .field("request_format", &self.request_format)
-            .field("failure_cooldown", &self.failure_cooldown)
-            .field("workspace", &self.workspace)
-            .field("background_refresh", &self.background_refresh)
-            .field("on_refresh_token_rotated", &self.on_rotated.is_some())
+            .field("token_url", &self.settings.token_url)
+            .field("refresh_margin", &self.settings.refresh_margin)
+            .field("token_timeout", &self.settings.token_timeout)
+            .field(
+                "retry_on_unauthorized",
+                &self.settings.retry_on_unauthorized,
+            )
+            .field("request_format", &self.settings.request_format)
+            .field("failure_cooldown", &self.settings.failure_cooldown)
+            .field("workspace", &self.settings.workspace)
+            .field("background_refresh", &self.settings.background_refresh)
+            .field(
+                "on_refresh_token_rotated",
+                &self.settings.on_rotated.is_some(),
+            )
             .field("replay", &self.replay)
             .field("unauthorized", &self.unauthorized)
             .finish_non_exhaustive()
