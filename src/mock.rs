@@ -108,9 +108,12 @@ impl MockEshopbox {
         let state = Arc::new(State::default());
         let shared = state.clone();
         let server = tokio::spawn(async move {
+            // Owned here, so that aborting the server also closes every connection.
+            let mut connections = tokio::task::JoinSet::new();
             while let Ok((stream, _)) = listener.accept().await {
+                while connections.try_join_next().is_some() {}
                 let state = shared.clone();
-                tokio::spawn(async move {
+                connections.spawn(async move {
                     let service = hyper::service::service_fn(move |req| answer(state.clone(), req));
                     let _ = hyper::server::conn::http1::Builder::new()
                         .serve_connection(TokioIo::new(stream), service)

@@ -170,11 +170,16 @@ mod grpc {
 
         fn size_hint(&self) -> SizeHint {
             let mut hint = self.rest.size_hint();
-            let buffered = self.read.as_ref().map_or(0, |b| b.len() as u64);
-            hint.set_lower(hint.lower() + buffered);
+            let pending = match &self.next {
+                Some(Ok(frame)) => frame.data_ref().map_or(0, |d| d.len() as u64),
+                _ => 0,
+            };
+            let buffered = self.read.as_ref().map_or(0, |b| b.len() as u64) + pending;
+            // Raise the upper bound first: `SizeHint` asserts lower <= upper.
             if let Some(upper) = hint.upper() {
-                hint.set_upper(upper + buffered);
+                hint.set_upper(upper.saturating_add(buffered));
             }
+            hint.set_lower(hint.lower().saturating_add(buffered));
             hint
         }
     }
@@ -194,6 +199,15 @@ mod grpc {
             let (send, copy) = GrpcBodies.prepare(body);
             assert_eq!(bytes_of(send).await, &b"\0\0\0\0\x03abc"[..]);
             assert_eq!(bytes_of(copy.unwrap()).await, &b"\0\0\0\0\x03abc"[..]);
+        }
+
+        #[tokio::test]
+        async fn a_body_too_large_to_buffer_is_sent_whole_with_its_size() {
+            let big = Bytes::from(vec![7u8; MAX_BUFFERED + 1]);
+            let (send, copy) = GrpcBodies.prepare(Body::new(Full::new(big.clone())));
+            assert!(copy.is_none());
+            assert_eq!(send.size_hint().exact(), Some(big.len() as u64));
+            assert_eq!(bytes_of(send).await, big);
         }
 
         #[tokio::test]

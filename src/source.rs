@@ -144,6 +144,7 @@ impl<T: TokenSource> Source for Custom<T> {
                 lifetime: fetched.expires_in.map_or(DEFAULT_LIFETIME, clamp_lifetime),
                 scope: None,
                 has_id_token: false,
+                rotated: None,
             })
         })
     }
@@ -189,9 +190,15 @@ impl TokenSource for OAuth2Source {
     fn fetch(&self) -> BoxFuture<'_, Result<FetchedToken, Error>> {
         Box::pin(async move {
             let response = self.endpoint.fetch().await?;
-            let header = response.header.to_str().unwrap_or_default();
+            let header = response.header.to_str().map_err(|_| {
+                Error::invalid_response(
+                    "token endpoint answered an access_token that is not visible ASCII",
+                )
+            })?;
             let token = header.strip_prefix("Bearer ").unwrap_or(header);
-            Ok(FetchedToken::new(token).expires_in(response.lifetime))
+            let mut fetched = FetchedToken::new(token).expires_in(response.lifetime);
+            fetched.refresh_token = response.rotated;
+            Ok(fetched)
         })
     }
 }

@@ -21,7 +21,8 @@ pub struct Stats {
     pub failures_unavailable: u64,
     /// Token requests answered with something unusable.
     pub failures_invalid_response: u64,
-    /// Tokens invalidated because a response classified them as refused (401).
+    /// Tokens invalidated: by a response classified as refused (401), or through
+    /// [`TokenHandle::invalidate`](crate::TokenHandle::invalidate).
     pub invalidations: u64,
     /// Requests resent once with a new token after a 401.
     pub resends: u64,

@@ -133,6 +133,7 @@ impl Source for Script {
                 lifetime: *shared.lifetime.lock().unwrap(),
                 scope: None,
                 has_id_token: false,
+                rotated: None,
             })
         })
     }
@@ -960,6 +961,7 @@ impl Source for PanicsOnce {
                 lifetime: Duration::from_secs(60),
                 scope: None,
                 has_id_token: false,
+                rotated: None,
             })
         })
     }
@@ -1173,4 +1175,55 @@ async fn background_refresh_keeps_the_token_fresh_and_stops_with_the_last_user()
         tokio::task::yield_now().await;
     }
     assert_eq!(metrics.num_alive_tasks(), 0);
+}
+
+#[test]
+fn a_refresh_started_on_a_runtime_that_shut_down_fails_instead_of_hanging() {
+    let script = Script::new(Duration::from_secs(86400));
+    let layer = script.layer();
+    let cache = layer.shared().clone();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let handle = runtime.handle().clone();
+    runtime.shutdown_background();
+    // On a runtime that shut down, the spawned refresh is dropped at once; its guard
+    // must answer the waiter (a regression would hang, hence the thread and bound).
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _entered = handle.enter();
+        let mut wait = tokio_test::task::spawn(cache.wait());
+        let _ = tx.send(format!("{:?}", wait.poll()));
+    });
+    let polled = rx
+        .recv_timeout(Duration::from_secs(30))
+        .expect("the refresh did not deadlock");
+    assert!(polled.contains("cancelled or panicked"), "{polled}");
+}
+
+#[test]
+fn a_token_whose_timer_is_gone_falls_back_to_the_clock() {
+    use crate::token::{Token, EXPIRED, FRESH, STALE, UNTIMED};
+    use std::sync::atomic::Ordering as O;
+    let now = tokio::time::Instant::now();
+    let header = HeaderValue::from_static("Bearer t");
+    let hour = Duration::from_secs(3600);
+    let fresh = Arc::new(Token::new(header.clone(), 1, now + hour, now + 2 * hour));
+    let stale = Arc::new(Token::new(header.clone(), 2, now, now + hour));
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        Token::schedule(&fresh);
+        Token::schedule(&stale);
+    });
+    // The timers never ran: their runtime is dropped with them.
+    drop(runtime);
+    assert_eq!(fresh.phase.load(O::Acquire), UNTIMED);
+    assert_eq!(fresh.phase_now(), FRESH);
+    assert_eq!(stale.phase_now(), STALE);
+    let expired = Token::new(header, 3, now, now);
+    assert_eq!(expired.phase_now(), EXPIRED);
 }

@@ -136,3 +136,24 @@ async fn the_workspace_goes_out_as_proxyhost() {
     let echoed: serde_json::Value = serde_json::from_str(&body_text(res).await).unwrap();
     assert_eq!(echoed["proxy_host"], "acme");
 }
+
+#[tokio::test]
+async fn a_dropped_mock_closes_its_connections() {
+    let eshopbox = MockEshopbox::start().await.unwrap();
+    let client = client();
+    let url = eshopbox.url("/api/v2/inventoryListing");
+    let first = client
+        .request(Request::get(&url).body(Full::default()).unwrap())
+        .await
+        .unwrap();
+    body_text(first).await; // the connection goes back to the pool
+    drop(eshopbox);
+    let second = client
+        .request(Request::get(&url).body(Full::default()).unwrap())
+        .await;
+    assert!(
+        second.is_err(),
+        "answered after drop: {:?}",
+        second.map(|r| r.status())
+    );
+}

@@ -193,3 +193,31 @@ async fn a_rotated_refresh_token_reported_by_a_source_reaches_the_hook() {
     layer.layer(api("")).oneshot(get()).await.unwrap();
     assert_eq!(*seen.lock().unwrap(), ["rt-next"]);
 }
+
+#[tokio::test]
+async fn an_oauth2_rotation_reaches_the_layer_hook_too() {
+    let server = TokenServer::start(|n| {
+        Reply::json(
+            200,
+            &format!(r#"{{"access_token":"tok-{n}","expires_in":3600,"refresh_token":"rt-{n}"}}"#),
+        )
+    })
+    .await;
+    let source = OAuth2Source::refresh_token(&server.url(), "id", "secret", "rt-0")
+        .build()
+        .unwrap();
+    let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let hook_seen = seen.clone();
+    let layer = EshopboxAuthLayer::with_source(source)
+        .on_refresh_token_rotated(move |rt| {
+            use eshopbox_auth::secrecy::ExposeSecret;
+            hook_seen
+                .lock()
+                .unwrap()
+                .push(rt.expose_secret().to_owned());
+        })
+        .build()
+        .unwrap();
+    layer.layer(api("")).oneshot(get()).await.unwrap();
+    assert_eq!(*seen.lock().unwrap(), ["rt-1"]);
+}

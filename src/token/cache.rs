@@ -116,7 +116,7 @@ impl TokenCache {
     pub(crate) fn get(self: &Arc<Self>) -> Option<(HeaderValue, u64)> {
         let guard = self.current.load();
         let token = guard.as_ref()?;
-        match token.phase.load(Ordering::Acquire) {
+        match token.phase_now() {
             FRESH => {}
             STALE => self.refresh_in_background(),
             _ => return None,
@@ -221,7 +221,10 @@ impl TokenCache {
                 return Err(error.clone());
             }
         }
-        self.start(&mut slow, reason).map(Joined::Refresh)
+        let (rx, launch) = self.start(&mut slow, reason)?;
+        drop(slow);
+        launch.go();
+        Ok(Joined::Refresh(rx))
     }
 
     /// The current token, if any (valid or not).
@@ -251,7 +254,12 @@ impl TokenCache {
                 let mut slow = cache.lock_slow();
                 match &slow.inflight {
                     Some(rx) => rx.clone(),
-                    None => cache.start(&mut slow, Reason::Forced)?,
+                    None => {
+                        let (rx, launch) = cache.start(&mut slow, Reason::Forced)?;
+                        drop(slow);
+                        launch.go();
+                        rx
+                    }
                 }
             };
             answer(rx).await
@@ -278,21 +286,29 @@ impl TokenCache {
             .current
             .load()
             .as_ref()
-            .is_some_and(|t| t.phase.load(Ordering::Acquire) != FRESH);
+            .is_some_and(|t| t.phase_now() != FRESH);
         if due {
-            if let Err(e) = self.start(&mut slow, Reason::Early) {
-                tracing::warn!(error = %e, "could not start a background token refresh");
+            match self.start(&mut slow, Reason::Early) {
+                Ok((_, launch)) => {
+                    drop(slow);
+                    launch.go();
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "could not start a background token refresh");
+                }
             }
         }
     }
 
-    /// Spawns the refresh task. Called with the slow path locked and no refresh
-    /// running.
+    /// Registers a refresh and prepares its task. Called with the slow path locked and
+    /// no refresh running; the caller releases the lock, then [`Launch::go`]es — a
+    /// runtime that is shutting down drops the task at once, and its [`Finish`] guard
+    /// takes the lock.
     fn start(
         self: &Arc<Self>,
         slow: &mut Slow,
         reason: Reason,
-    ) -> Result<watch::Receiver<Outcome>, Error> {
+    ) -> Result<(watch::Receiver<Outcome>, Launch), Error> {
         let runtime = tokio::runtime::Handle::try_current().map_err(|_| {
             Error::config("no tokio runtime: the token refresh must run inside a tokio runtime")
         })?;
@@ -307,7 +323,7 @@ impl TokenCache {
             done: false,
         };
         let span = tracing::debug_span!("eshopbox_auth_refresh", ?reason);
-        runtime.spawn(
+        let task = Box::pin(
             async move {
                 let started = Instant::now();
                 let outcome = finish.cache.refresh(reason).await;
@@ -329,7 +345,7 @@ impl TokenCache {
             }
             .instrument(span),
         );
-        Ok(rx)
+        Ok((rx, Launch { runtime, task }))
     }
 
     /// Ends a refresh: clears the slow path, remembers a failure, answers the waiters.
@@ -481,6 +497,19 @@ impl std::fmt::Debug for TokenCache {
             .field("refreshing", &self.refreshing.load(Ordering::Relaxed))
             .field("timing", &self.timing)
             .finish_non_exhaustive()
+    }
+}
+
+/// A refresh task, ready to spawn once the slow-path lock is released.
+#[must_use]
+struct Launch {
+    runtime: tokio::runtime::Handle,
+    task: BoxFuture<()>,
+}
+
+impl Launch {
+    fn go(self) {
+        self.runtime.spawn(self.task);
     }
 }
 

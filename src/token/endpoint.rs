@@ -196,10 +196,13 @@ impl Inner {
         if !status.is_success() {
             return Err(status_error(status, &bytes).with_retry_after(retry_after));
         }
-        if let Some(rotated) = rotated_refresh_token(&bytes) {
-            self.rotate(&rotated);
+        let rotated = rotated_refresh_token(&bytes);
+        if let Some(rotated) = &rotated {
+            self.rotate(rotated);
         }
-        parse(&bytes)
+        let mut token = parse(&bytes)?;
+        token.rotated = rotated;
+        Ok(token)
     }
 }
 

@@ -6,7 +6,6 @@
 //! in memory that other threads' clones do not touch.
 
 use std::ops::Deref;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use arc_swap::{ArcSwapOption, Cache};
@@ -52,7 +51,7 @@ impl LocalToken {
     /// a usable token, or `None` when the request must wait for a refresh.
     pub(crate) fn get(&mut self) -> Option<(HeaderValue, u64)> {
         let token = self.swap.load().as_ref()?;
-        match token.phase.load(Ordering::Acquire) {
+        match token.phase_now() {
             FRESH => {}
             STALE => self.cache.refresh_in_background(),
             _ => return None,

@@ -11,6 +11,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use http::HeaderValue;
+use secrecy::SecretString;
 use tokio::sync::oneshot;
 use tokio::time::Instant;
 
@@ -35,6 +36,8 @@ pub(crate) struct TokenResponse {
     pub(crate) scope: Option<String>,
     /// Whether an `id_token` came along (its value is not kept).
     pub(crate) has_id_token: bool,
+    /// A new refresh token the endpoint rotated to (already in use by the endpoint).
+    pub(crate) rotated: Option<SecretString>,
 }
 
 impl std::fmt::Debug for TokenResponse {
@@ -62,6 +65,8 @@ pub(crate) const FRESH: u8 = 0;
 pub(crate) const STALE: u8 = 1;
 /// [`Token::phase`]: at or after `expires_at`.
 pub(crate) const EXPIRED: u8 = 2;
+/// [`Token::phase`]: the timer is gone (its runtime shut down); read the clock.
+pub(crate) const UNTIMED: u8 = 3;
 
 /// The token as requests use it: the ready-made header value and when it goes stale.
 pub(crate) struct Token {
@@ -110,6 +115,25 @@ impl Token {
         }
     }
 
+    /// [`FRESH`], [`STALE`] or [`EXPIRED`]: from the timer-driven phase, or from the
+    /// clock when the timer is gone.
+    #[inline]
+    pub(crate) fn phase_now(&self) -> u8 {
+        match self.phase.load(Ordering::Acquire) {
+            UNTIMED => {
+                let now = Instant::now();
+                if now >= self.expires_at {
+                    EXPIRED
+                } else if now >= self.refresh_at {
+                    STALE
+                } else {
+                    FRESH
+                }
+            }
+            phase => phase,
+        }
+    }
+
     /// Spawns the timer that moves this token's phase on. It holds the token weakly
     /// and ends as soon as the token is dropped. Must run inside a tokio runtime.
     pub(crate) fn schedule(token: &Arc<Token>) {
@@ -121,24 +145,54 @@ impl Token {
         let Some(mut gone) = gone else {
             return;
         };
-        let weak = Arc::downgrade(token);
         let (refresh_at, expires_at) = (token.refresh_at, token.expires_at);
+        let mut timer = Timer {
+            token: Arc::downgrade(token),
+            done: false,
+        };
         tokio::spawn(async move {
             // `Ok` from the timeout means the token was dropped first.
             if tokio::time::timeout_at(refresh_at, &mut gone).await.is_ok() {
+                timer.disarm();
                 return;
             }
-            match weak.upgrade() {
+            match timer.token.upgrade() {
                 Some(token) => token.phase.fetch_max(STALE, Ordering::Release),
                 None => return,
             };
             if tokio::time::timeout_at(expires_at, &mut gone).await.is_ok() {
+                timer.disarm();
                 return;
             }
-            if let Some(token) = weak.upgrade() {
+            if let Some(token) = timer.token.upgrade() {
                 token.phase.store(EXPIRED, Ordering::Release);
             }
+            timer.disarm();
         });
+    }
+}
+
+/// Owned by a phase timer task. If the task is dropped before it finishes (its
+/// runtime shut down), the token falls back to reading the clock.
+struct Timer {
+    token: std::sync::Weak<Token>,
+    done: bool,
+}
+
+impl Timer {
+    /// The timer finished its work (or the token is gone): nothing to fall back on.
+    fn disarm(&mut self) {
+        self.done = true;
+    }
+}
+
+impl Drop for Timer {
+    fn drop(&mut self) {
+        if !self.done {
+            if let Some(token) = self.token.upgrade() {
+                token.phase.store(UNTIMED, Ordering::Release);
+            }
+        }
     }
 }
 

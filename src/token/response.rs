@@ -69,6 +69,7 @@ pub(crate) fn parse(body: &[u8]) -> Result<TokenResponse, Error> {
         lifetime,
         scope: raw.scope,
         has_id_token: raw.id_token.is_some(),
+        rotated: None,
     })
 }
 
