@@ -148,6 +148,8 @@ async fn a_dropped_mock_closes_its_connections() {
         .unwrap();
     body_text(first).await; // the connection goes back to the pool
     drop(eshopbox);
+    // Let the aborted server task run its cancellation (which closes the connections).
+    tokio::task::yield_now().await;
     let second = client
         .request(Request::get(&url).body(Full::default()).unwrap())
         .await;
