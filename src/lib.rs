@@ -76,6 +76,8 @@
 //!
 //! - `examples/quickstart.rs` — hyper-util's legacy `Client`, 4 000 requests against
 //!   [`mock::MockEshopbox`] (`cargo run --example quickstart`);
+//! - `examples/hyper_util.rs` — a GET and a POST resent after a 401 with
+//!   [`CloneBodies`];
 //! - `examples/reqwest.rs` — reqwest through [`reqwest::ReqwestService`];
 //! - `examples/axum.rs` — one shared authenticated client in axum state;
 //! - `examples/tonic.rs` — a tonic `Channel`, with [`classify::GrpcUnauthenticated`].
