@@ -44,6 +44,22 @@ fn get() -> Request<Empty<Bytes>> {
     Request::get("/resource").body(Empty::new()).unwrap()
 }
 
+/// An endpoint that answers `tok-n` with a new refresh token `rt-n` each time, and
+/// an OAuth 2 refresh-grant source on it that starts from `rt-0`.
+async fn rotating_refresh_grant() -> (TokenServer, OAuth2Source) {
+    let server = TokenServer::start(|n| {
+        Reply::json(
+            200,
+            &format!(r#"{{"access_token":"tok-{n}","expires_in":3600,"refresh_token":"rt-{n}"}}"#),
+        )
+    })
+    .await;
+    let source = OAuth2Source::refresh_token(&server.url(), "id", "secret", "rt-0")
+        .build()
+        .unwrap();
+    (server, source)
+}
+
 fn form(body: &[u8]) -> BTreeMap<String, String> {
     serde_urlencoded::from_bytes(body).unwrap()
 }
@@ -81,16 +97,7 @@ async fn client_credentials_with_basic_auth_and_scope() {
 
 #[tokio::test]
 async fn refresh_token_grant_in_the_body_uses_a_rotated_token() {
-    let server = TokenServer::start(|n| {
-        Reply::json(
-            200,
-            &format!(r#"{{"access_token":"tok-{n}","expires_in":3600,"refresh_token":"rt-{n}"}}"#),
-        )
-    })
-    .await;
-    let source = OAuth2Source::refresh_token(&server.url(), "id", "secret", "rt-0")
-        .build()
-        .unwrap();
+    let (server, source) = rotating_refresh_grant().await;
     let layer = EshopboxAuthLayer::with_source(source).build().unwrap();
     // tok-1 is refused: a second grant is made, with the rotated refresh token.
     let res = layer
@@ -196,16 +203,7 @@ async fn a_rotated_refresh_token_reported_by_a_source_reaches_the_hook() {
 
 #[tokio::test]
 async fn an_oauth2_rotation_reaches_the_layer_hook_too() {
-    let server = TokenServer::start(|n| {
-        Reply::json(
-            200,
-            &format!(r#"{{"access_token":"tok-{n}","expires_in":3600,"refresh_token":"rt-{n}"}}"#),
-        )
-    })
-    .await;
-    let source = OAuth2Source::refresh_token(&server.url(), "id", "secret", "rt-0")
-        .build()
-        .unwrap();
+    let (_server, source) = rotating_refresh_grant().await;
     let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
     let hook_seen = seen.clone();
     let layer = EshopboxAuthLayer::with_source(source)

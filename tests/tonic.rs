@@ -12,18 +12,28 @@ use example::{ping, start_echo, Echo};
 use tonic::Code;
 use tower::ServiceBuilder;
 
-#[tokio::test]
-async fn tonic_channel_carries_the_token_and_unauthenticated_invalidates_it() {
+/// A mock Eshopbox, and a channel to an echo service whose list of refused tokens
+/// the test controls.
+async fn setup() -> (
+    MockEshopbox,
+    std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+    tonic::transport::Channel,
+) {
     let eshopbox = MockEshopbox::start().await.unwrap();
     let echo = Echo::default();
     let refused = echo.refused.clone();
     let addr = start_echo(echo).await.unwrap();
-
     let channel = tonic::transport::Channel::from_shared(format!("http://{addr}"))
         .unwrap()
         .connect()
         .await
         .unwrap();
+    (eshopbox, refused, channel)
+}
+
+#[tokio::test]
+async fn tonic_channel_carries_the_token_and_unauthenticated_invalidates_it() {
+    let (eshopbox, refused, channel) = setup().await;
     let auth = EshopboxAuthLayer::builder(eshopbox.credentials())
         .token_url(&eshopbox.token_url())
         .unauthorized_when(GrpcUnauthenticated)
@@ -55,15 +65,7 @@ async fn tonic_channel_carries_the_token_and_unauthenticated_invalidates_it() {
 
 #[tokio::test]
 async fn with_grpc_bodies_an_unauthenticated_unary_call_is_resent_once() {
-    let eshopbox = MockEshopbox::start().await.unwrap();
-    let echo = Echo::default();
-    let refused = echo.refused.clone();
-    let addr = start_echo(echo).await.unwrap();
-    let channel = tonic::transport::Channel::from_shared(format!("http://{addr}"))
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
+    let (eshopbox, refused, channel) = setup().await;
     let auth = EshopboxAuthLayer::builder(eshopbox.credentials())
         .token_url(&eshopbox.token_url())
         .unauthorized_when(GrpcUnauthenticated)
