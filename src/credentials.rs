@@ -49,17 +49,22 @@ impl Credentials {
 
     /// Refuses empty or whitespace-only fields, naming the field and never its value.
     pub(crate) fn validate(&self) -> Result<(), Error> {
-        let fields = [
-            ("client_id", self.client_id.as_str()),
-            ("client_secret", self.client_secret.expose_secret()),
-            ("refresh_token", self.refresh_token.expose_secret()),
-        ];
-        for (name, value) in fields {
-            if value.trim().is_empty() {
-                return Err(Error::config(format!("credentials: {name} is empty")));
-            }
-        }
-        Ok(())
+        require_all(
+            "credentials: ",
+            &[
+                ("client_id", self.client_id.as_str()),
+                ("client_secret", self.client_secret.expose_secret()),
+                ("refresh_token", self.refresh_token.expose_secret()),
+            ],
+        )
+    }
+}
+
+/// Refuses the first empty or whitespace-only field, naming it and never its value.
+pub(crate) fn require_all(context: &str, fields: &[(&str, &str)]) -> Result<(), Error> {
+    match fields.iter().find(|(_, value)| value.trim().is_empty()) {
+        Some((name, _)) => Err(Error::config(format!("{context}{name} is empty"))),
+        None => Ok(()),
     }
 }
 

@@ -288,11 +288,7 @@ impl OAuth2Builder {
         if let Grant::RefreshToken(token) = &self.grant {
             fields.push(("refresh_token", token));
         }
-        for (name, value) in fields {
-            if value.trim().is_empty() {
-                return Err(Error::config(format!("{name} is empty")));
-            }
-        }
+        crate::credentials::require_all("", &fields)?;
         let url = crate::builder::check_token_url(&self.token_url)?;
         let client = match self.http_client {
             Some(client) => client,

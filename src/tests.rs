@@ -89,14 +89,7 @@ impl Script {
     }
 
     fn layer_with<P>(&self, retry: bool, replay: P) -> EshopboxAuthLayer<P> {
-        let cache = TokenCache::new(
-            Box::new(self.clone()),
-            Timing {
-                margin: MARGIN,
-                timeout: Duration::from_secs(30),
-                failure_cooldown: Duration::from_secs(2),
-            },
-        );
+        let cache = TokenCache::new(Box::new(self.clone()), timing());
         EshopboxAuthLayer::from_parts(
             Arc::new(cache),
             shape(retry),
@@ -969,14 +962,7 @@ impl Source for PanicsOnce {
 
 #[tokio::test(start_paused = true)]
 async fn a_panicking_refresh_fails_its_waiters_and_does_not_wedge_the_cache() {
-    let cache = TokenCache::new(
-        Box::new(PanicsOnce(AtomicUsize::new(0))),
-        Timing {
-            margin: MARGIN,
-            timeout: Duration::from_secs(30),
-            failure_cooldown: Duration::from_secs(2),
-        },
-    );
+    let cache = TokenCache::new(Box::new(PanicsOnce(AtomicUsize::new(0))), timing());
     let layer = EshopboxAuthLayer::from_parts(
         Arc::new(cache),
         shape(true),
@@ -1031,14 +1017,7 @@ async fn pass<S, P, C>(svc: &crate::EshopboxAuth<S, P, C>, by: Duration) {
 #[tokio::test(start_paused = true)]
 async fn a_custom_classifier_decides_what_counts_as_unauthorized() {
     let script = Script::new(Duration::from_secs(86400));
-    let cache = TokenCache::new(
-        Box::new(script.clone()),
-        Timing {
-            margin: MARGIN,
-            timeout: Duration::from_secs(30),
-            failure_cooldown: Duration::from_secs(2),
-        },
-    );
+    let cache = TokenCache::new(Box::new(script.clone()), timing());
     // This API answers 200 with "expired" in the body's place: a header says it.
     let expired = |res: &Response<String>| res.headers().contains_key("x-token-expired");
     let layer = EshopboxAuthLayer::from_parts(Arc::new(cache), shape(true), EmptyBodies, expired);
@@ -1226,4 +1205,13 @@ fn a_token_whose_timer_is_gone_falls_back_to_the_clock() {
     assert_eq!(stale.phase_now(), STALE);
     let expired = Token::new(header, 3, now, now);
     assert_eq!(expired.phase_now(), EXPIRED);
+}
+
+/// The timing every unit test uses: a 5 min margin, 30 s timeout, 2 s cooldown.
+fn timing() -> Timing {
+    Timing {
+        margin: MARGIN,
+        timeout: Duration::from_secs(30),
+        failure_cooldown: Duration::from_secs(2),
+    }
 }

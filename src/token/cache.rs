@@ -116,12 +116,22 @@ impl TokenCache {
     pub(crate) fn get(self: &Arc<Self>) -> Option<(HeaderValue, u64)> {
         let guard = self.current.load();
         let token = guard.as_ref()?;
+        self.admit(token)
+            .then(|| (token.header.clone(), token.generation))
+    }
+
+    /// Whether `token` may be sent now: yes while fresh; yes in the soft window, after
+    /// making sure a background refresh runs; no once expired.
+    #[inline]
+    pub(crate) fn admit(self: &Arc<Self>, token: &Token) -> bool {
         match token.phase_now() {
-            FRESH => {}
-            STALE => self.refresh_in_background(),
-            _ => return None,
+            FRESH => true,
+            STALE => {
+                self.refresh_in_background();
+                true
+            }
+            _ => false,
         }
-        Some((token.header.clone(), token.generation))
     }
 
     /// A future that resolves to a usable token: the current one if it became valid in

@@ -13,7 +13,7 @@ use bytes::Bytes;
 use http::HeaderValue;
 
 use super::cache::TokenCache;
-use super::{Token, FRESH, STALE};
+use super::Token;
 
 /// Lets an `arc_swap::Cache` reach the shared token cell through the shared cache.
 #[derive(Clone)]
@@ -51,10 +51,8 @@ impl LocalToken {
     /// a usable token, or `None` when the request must wait for a refresh.
     pub(crate) fn get(&mut self) -> Option<(HeaderValue, u64)> {
         let token = self.swap.load().as_ref()?;
-        match token.phase_now() {
-            FRESH => {}
-            STALE => self.cache.refresh_in_background(),
-            _ => return None,
+        if !self.cache.admit(token) {
+            return None;
         }
         let generation = token.generation;
         match &self.header {
