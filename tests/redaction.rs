@@ -8,9 +8,9 @@ use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 use eshopbox_auth::{ErrorKind, EshopboxAuthLayer};
-use http::{Request, Response, StatusCode};
+use http::{Request, Response};
 use http_body_util::Empty;
-use support::{assert_no_secret, credentials, Reply, TokenServer};
+use support::{assert_no_secret, credentials, EchoApi, Reply, TokenServer};
 use tower::{service_fn, ServiceBuilder, ServiceExt};
 
 #[derive(Clone, Default)]
@@ -59,20 +59,7 @@ async fn trace_output_carries_no_secret() {
         })
         .build()
         .unwrap();
-    let api = service_fn(|req: Request<Empty<Bytes>>| async move {
-        let auth = req.headers()["authorization"]
-            .to_str()
-            .unwrap_or("")
-            .to_owned();
-        let status = if auth == "Bearer acc-secret-one" {
-            StatusCode::UNAUTHORIZED
-        } else {
-            StatusCode::OK
-        };
-        let mut res = Response::new(auth);
-        *res.status_mut() = status;
-        Ok::<_, std::convert::Infallible>(res)
-    });
+    let api = EchoApi::refusing("Bearer acc-secret-one");
     let svc = ServiceBuilder::new().layer(layer.clone()).service(api);
     let get = || {
         Request::get("/api/v2/inventoryListing")

@@ -11,8 +11,8 @@ use bytes::Bytes;
 use eshopbox_auth::{Error, ErrorKind, EshopboxAuthLayer};
 use http::{Request, Response};
 use http_body_util::Empty;
-use support::{assert_no_secret, credentials, full_report, Reply, TokenServer};
-use tower::{service_fn, BoxError, ServiceBuilder, ServiceExt};
+use support::{assert_no_secret, credentials, full_report, EchoApi, Reply, TokenServer};
+use tower::{BoxError, ServiceBuilder, ServiceExt};
 
 /// What one scripted answer must turn into.
 struct Case {
@@ -164,16 +164,10 @@ async fn one_request(url: &str) -> Result<Response<String>, BoxError> {
         .token_url(url)
         .token_timeout(Duration::from_secs(2))
         .build()?;
-    let api = service_fn(|req: Request<Empty<Bytes>>| async move {
-        let auth = req.headers()["authorization"]
-            .to_str()
-            .unwrap_or("")
-            .to_owned();
-        Ok::<_, std::convert::Infallible>(Response::new(auth))
-    });
+    let api = EchoApi::default();
     let svc = ServiceBuilder::new().layer(layer).service(api);
     let req = Request::get("https://acme.myeshopbox.com/api/v2/inventoryListing")
-        .body(Empty::new())
+        .body(Empty::<Bytes>::new())
         .unwrap();
     svc.oneshot(req).await
 }
@@ -239,17 +233,11 @@ async fn an_endpoint_that_comes_back_serves_the_next_request() {
         .token_timeout(Duration::from_secs(2))
         .build()
         .unwrap();
-    let api = service_fn(|req: Request<Empty<Bytes>>| async move {
-        let auth = req.headers()["authorization"]
-            .to_str()
-            .unwrap_or("")
-            .to_owned();
-        Ok::<_, std::convert::Infallible>(Response::new(auth))
-    });
+    let api = EchoApi::default();
     let svc = ServiceBuilder::new().layer(layer).service(api);
     let get = || {
         Request::get("/api/v2/inventoryListing")
-            .body(Empty::new())
+            .body(Empty::<Bytes>::new())
             .unwrap()
     };
 

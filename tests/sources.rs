@@ -3,7 +3,6 @@
 mod support;
 
 use std::collections::BTreeMap;
-use std::convert::Infallible;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -11,33 +10,13 @@ use std::time::Duration;
 use bytes::Bytes;
 use eshopbox_auth::source::{source_fn, FetchedToken, OAuth2Source};
 use eshopbox_auth::{Error, ErrorKind, EshopboxAuthLayer};
-use http::{Request, Response, StatusCode};
+use http::Request;
 use http_body_util::Empty;
-use support::{Reply, TokenServer};
-use tower::{service_fn, Layer, ServiceExt};
+use support::{EchoApi, Reply, TokenServer};
+use tower::{Layer, ServiceExt};
 
-/// Echoes the Authorization header; 401 for `refused`.
-fn api(
-    refused: &'static str,
-) -> impl tower::Service<
-    Request<Empty<Bytes>>,
-    Response = Response<String>,
-    Error = Infallible,
-    Future = impl Send,
-> + Clone
-       + Send
-       + 'static {
-    service_fn(move |req: Request<Empty<Bytes>>| {
-        let auth = req.headers()["authorization"]
-            .to_str()
-            .unwrap_or("")
-            .to_owned();
-        let mut res = Response::new(auth.clone());
-        if auth == refused {
-            *res.status_mut() = StatusCode::UNAUTHORIZED;
-        }
-        async move { Ok::<_, Infallible>(res) }
-    })
+fn api(refused: &'static str) -> EchoApi {
+    EchoApi::refusing(refused)
 }
 
 fn get() -> Request<Empty<Bytes>> {

@@ -3,47 +3,23 @@
 
 mod support;
 
-use std::convert::Infallible;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
-use std::task::{Context, Poll};
-
 use bytes::Bytes;
 use eshopbox_auth::{Error, ErrorKind, EshopboxAuthLayer, RequestFormat};
 use http::{Request, Response, StatusCode};
 use http_body_util::Empty;
-use support::{assert_no_secret, credentials, full_report, Reply, TokenServer};
-use tower::{BoxError, Service, ServiceBuilder, ServiceExt};
+use support::{assert_no_secret, credentials, full_report, EchoApi, Reply, TokenServer};
+use tower::{BoxError, Layer, Service, ServiceBuilder, ServiceExt};
 
-/// An API stand-in: echoes the Authorization header; answers 401 to `rejected`.
-#[derive(Clone, Debug)]
-struct Api {
-    rejected: &'static str,
-    calls: Arc<AtomicUsize>,
+fn api(rejected: &'static str) -> EchoApi {
+    EchoApi::refusing(rejected)
 }
 
-fn api(rejected: &'static str, calls: Arc<AtomicUsize>) -> Api {
-    Api { rejected, calls }
-}
-
-impl Service<Request<Empty<Bytes>>> for Api {
-    type Response = Response<String>;
-    type Error = Infallible;
-    type Future = std::future::Ready<Result<Response<String>, Infallible>>;
-
-    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, req: Request<Empty<Bytes>>) -> Self::Future {
-        self.calls.fetch_add(1, Ordering::SeqCst);
-        let auth = req.headers()["authorization"].to_str().unwrap().to_owned();
-        let mut res = Response::new(auth.clone());
-        if auth == self.rejected {
-            *res.status_mut() = StatusCode::UNAUTHORIZED;
-        }
-        std::future::ready(Ok(res))
-    }
+/// A layer with default settings on the loopback endpoint.
+fn layer_for(server: &TokenServer) -> EshopboxAuthLayer {
+    EshopboxAuthLayer::builder(credentials())
+        .token_url(&server.url())
+        .build()
+        .unwrap()
 }
 
 fn get() -> Request<Empty<Bytes>> {
@@ -53,12 +29,9 @@ fn get() -> Request<Empty<Bytes>> {
 }
 
 async fn one_request(server: &TokenServer) -> Result<Response<String>, BoxError> {
-    let layer = EshopboxAuthLayer::builder(credentials())
-        .token_url(&server.url())
-        .build()?;
     let mut svc = ServiceBuilder::new()
-        .layer(layer)
-        .service(api("", Arc::default()));
+        .layer(layer_for(server))
+        .service(api(""));
     svc.ready().await?.call(get()).await
 }
 
@@ -93,7 +66,7 @@ async fn form_encoding_sends_the_same_fields() {
         .request_format(RequestFormat::Form)
         .build()
         .unwrap();
-    let mut svc = layer.layer_service(api("", Arc::default()));
+    let mut svc = layer.layer(api(""));
     svc.ready().await.unwrap().call(get()).await.unwrap();
 
     let seen = &server.seen()[0];
@@ -114,26 +87,12 @@ async fn form_encoding_sends_the_same_fields() {
     );
 }
 
-/// `ServiceBuilder` without the generics noise.
-trait LayerService {
-    fn layer_service<S>(&self, inner: S) -> eshopbox_auth::EshopboxAuth<S>;
-}
-
-impl LayerService for EshopboxAuthLayer {
-    fn layer_service<S>(&self, inner: S) -> eshopbox_auth::EshopboxAuth<S> {
-        tower::Layer::layer(self, inner)
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_thousand_concurrent_cold_requests_make_one_post() {
     let server = TokenServer::counting(86400).await;
-    let layer = EshopboxAuthLayer::builder(credentials())
-        .token_url(&server.url())
-        .build()
-        .unwrap();
-    let calls = Arc::new(AtomicUsize::new(0));
-    let svc = layer.layer_service(api("", calls.clone()));
+    let layer = layer_for(&server);
+    let api = api("");
+    let svc = layer.layer(api.clone());
 
     let tasks: Vec<_> = (0..1000)
         .map(|_| {
@@ -145,23 +104,20 @@ async fn a_thousand_concurrent_cold_requests_make_one_post() {
         assert_eq!(task.await.unwrap().unwrap().body(), "Bearer tok-1");
     }
     assert_eq!(server.posts(), 1);
-    assert_eq!(calls.load(Ordering::SeqCst), 1000);
+    assert_eq!(api.calls(), 1000);
 }
 
 #[tokio::test]
 async fn a_401_fetches_a_new_token_and_resends() {
     let server = TokenServer::counting(86400).await;
-    let layer = EshopboxAuthLayer::builder(credentials())
-        .token_url(&server.url())
-        .build()
-        .unwrap();
-    let calls = Arc::new(AtomicUsize::new(0));
-    let mut svc = layer.layer_service(api("Bearer tok-1", calls.clone()));
+    let layer = layer_for(&server);
+    let api = api("Bearer tok-1");
+    let mut svc = layer.layer(api.clone());
     let res = svc.ready().await.unwrap().call(get()).await.unwrap();
     assert_eq!(res.status(), StatusCode::OK);
     assert_eq!(res.body(), "Bearer tok-2");
     assert_eq!(server.posts(), 2);
-    assert_eq!(calls.load(Ordering::SeqCst), 2);
+    assert_eq!(api.calls(), 2);
 }
 
 #[tokio::test]
@@ -173,12 +129,9 @@ async fn a_rotated_refresh_token_is_used_from_then_on() {
         )
     })
     .await;
-    let layer = EshopboxAuthLayer::builder(credentials())
-        .token_url(&server.url())
-        .build()
-        .unwrap();
+    let layer = layer_for(&server);
     // tok-1 is refused, so a second token request is made.
-    let mut svc = layer.layer_service(api("Bearer tok-1", Arc::default()));
+    let mut svc = layer.layer(api("Bearer tok-1"));
     svc.ready().await.unwrap().call(get()).await.unwrap();
     let sent: Vec<String> = server
         .seen()
@@ -201,7 +154,7 @@ async fn an_unreachable_endpoint_is_unavailable() {
         .token_url(&format!("http://{addr}/api/v1/generateToken"))
         .build()
         .unwrap();
-    let mut svc = layer.layer_service(api("", Arc::default()));
+    let mut svc = layer.layer(api(""));
     let err = svc.ready().await.unwrap().call(get()).await.unwrap_err();
     let eshopbox = err.downcast_ref::<Error>().unwrap();
     assert_eq!(eshopbox.kind(), ErrorKind::Unavailable);
@@ -218,7 +171,7 @@ async fn debug_output_never_shows_a_secret() {
     let builder = EshopboxAuthLayer::builder(creds.clone()).token_url(&server.url());
     let builder_shown = format!("{builder:?}");
     let layer = builder.build().unwrap();
-    let mut svc = layer.layer_service(api("", Arc::default()));
+    let mut svc = layer.layer(api(""));
     let res = svc.ready().await.unwrap().call(get()).await.unwrap();
     assert_eq!(res.body(), "Bearer tok-secret-access");
 

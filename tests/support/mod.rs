@@ -262,3 +262,54 @@ impl<B> tower::Service<Request<B>> for Noop {
         std::future::ready(Ok(Response::new(())))
     }
 }
+
+/// An API stand-in: answers 200 with the `Authorization` header it received as the
+/// body, or 401 when that header is `refused`; counts its calls.
+#[derive(Clone, Debug, Default)]
+pub struct EchoApi {
+    refused: &'static str,
+    calls: Arc<AtomicUsize>,
+}
+
+impl EchoApi {
+    /// Answers 401 to requests carrying exactly `refused` ("" refuses nothing sent).
+    pub fn refusing(refused: &'static str) -> Self {
+        EchoApi {
+            refused,
+            calls: Arc::default(),
+        }
+    }
+
+    /// Requests received.
+    pub fn calls(&self) -> usize {
+        self.calls.load(Ordering::SeqCst)
+    }
+}
+
+impl tower::Service<Request<http_body_util::Empty<Bytes>>> for EchoApi {
+    type Response = Response<String>;
+    type Error = std::convert::Infallible;
+    type Future = std::future::Ready<Result<Response<String>, Self::Error>>;
+
+    fn poll_ready(
+        &mut self,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: Request<http_body_util::Empty<Bytes>>) -> Self::Future {
+        self.calls.fetch_add(1, Ordering::SeqCst);
+        let auth = req
+            .headers()
+            .get(http::header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_owned();
+        let mut res = Response::new(auth.clone());
+        if !auth.is_empty() && auth == self.refused {
+            *res.status_mut() = StatusCode::UNAUTHORIZED;
+        }
+        std::future::ready(Ok(res))
+    }
+}
