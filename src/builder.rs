@@ -14,8 +14,10 @@ use http::HeaderValue;
 use secrecy::SecretString;
 
 use crate::source::{Custom, TokenSource};
+use crate::store::{TokenStore, DEFAULT_LOCK_LEASE};
 use crate::token::cache::{spawn_background, Timing, TokenCache};
 use crate::token::endpoint::{GrantEndpoint, RequestFormat, RotationHook};
+use crate::token::shared::Shared;
 use crate::token::Source;
 
 /// Eshopbox's token endpoint.
@@ -30,6 +32,9 @@ pub const DEFAULT_TOKEN_TIMEOUT: Duration = Duration::from_secs(30);
 /// Default [`failure_cooldown`](EshopboxAuthBuilder::failure_cooldown): 2 seconds
 /// (drawn between 1 and 5 s each time).
 pub const DEFAULT_FAILURE_COOLDOWN: Duration = Duration::from_secs(2);
+
+/// Default [`store_timeout`](EshopboxAuthBuilder::store_timeout): 1 second.
+pub const DEFAULT_STORE_TIMEOUT: Duration = Duration::from_secs(1);
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -60,6 +65,9 @@ struct Settings {
     failure_cooldown: Duration,
     workspace: Option<String>,
     background_refresh: bool,
+    store: Option<Arc<dyn TokenStore>>,
+    lock_lease: Duration,
+    store_timeout: Duration,
 }
 
 /// Where tokens come from.
@@ -95,6 +103,9 @@ impl EshopboxAuthBuilder {
                 failure_cooldown: DEFAULT_FAILURE_COOLDOWN,
                 workspace: None,
                 background_refresh: false,
+                store: None,
+                lock_lease: DEFAULT_LOCK_LEASE,
+                store_timeout: DEFAULT_STORE_TIMEOUT,
             },
             replay: EmptyBodies,
             unauthorized: Http401,
@@ -205,6 +216,31 @@ impl<P, C> EshopboxAuthBuilder<P, C> {
         self
     }
 
+    /// Shares the token with every other layer using the same store — other replicas
+    /// of the service, with [`RedisStore`](crate::store) — so that all of them
+    /// together make one token call per expiry; see [`crate::store`]. Requests are
+    /// still served from this layer's own copy of the token.
+    pub fn token_store(mut self, store: impl TokenStore) -> Self {
+        self.settings.store = Some(Arc::new(store));
+        self
+    }
+
+    /// How long the token store's refresh lock is held at most (default 10 s): if
+    /// the replica holding it dies or stalls, another one takes over after this.
+    /// Keep it above a normal token call's duration.
+    pub fn lock_lease(mut self, lease: Duration) -> Self {
+        self.settings.lock_lease = lease;
+        self
+    }
+
+    /// The longest one call to the token store may take (default 1 s). A store that
+    /// does not answer in time counts as failed: the layer then requests its token
+    /// directly.
+    pub fn store_timeout(mut self, timeout: Duration) -> Self {
+        self.settings.store_timeout = timeout;
+        self
+    }
+
     /// Which request bodies may be resent after a 401; see [`crate::replay`].
     pub fn replay_bodies<Q>(self, policy: Q) -> EshopboxAuthBuilder<Q, C> {
         EshopboxAuthBuilder {
@@ -241,6 +277,12 @@ impl<P, C> EshopboxAuthBuilder<P, C> {
         if self.settings.token_timeout.is_zero() {
             return Err(Error::config("token_timeout must be more than zero"));
         }
+        if self.settings.lock_lease < Duration::from_millis(1) {
+            return Err(Error::config("lock_lease must be at least a millisecond"));
+        }
+        if self.settings.store_timeout.is_zero() {
+            return Err(Error::config("store_timeout must be more than zero"));
+        }
         let proxy_host = self
             .settings
             .workspace
@@ -265,8 +307,13 @@ impl<P, C> EshopboxAuthBuilder<P, C> {
                 ))
             }
         };
+        let shared = self
+            .settings
+            .store
+            .map(|store| Shared::new(store, self.settings.lock_lease, self.settings.store_timeout));
         let cache = TokenCache::new(
             source,
+            shared,
             Timing {
                 margin: self.settings.refresh_margin,
                 timeout: self.settings.token_timeout,
@@ -359,6 +406,9 @@ impl<P: fmt::Debug, C: fmt::Debug> fmt::Debug for EshopboxAuthBuilder<P, C> {
             .field("failure_cooldown", &self.settings.failure_cooldown)
             .field("workspace", &self.settings.workspace)
             .field("background_refresh", &self.settings.background_refresh)
+            .field("token_store", &self.settings.store.is_some())
+            .field("lock_lease", &self.settings.lock_lease)
+            .field("store_timeout", &self.settings.store_timeout)
             .field(
                 "on_refresh_token_rotated",
                 &self.settings.on_rotated.is_some(),

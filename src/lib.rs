@@ -137,6 +137,7 @@ pub mod reqwest;
 mod service;
 pub mod source;
 mod stats;
+pub mod store;
 mod token;
 
 #[cfg(test)]
@@ -148,8 +149,8 @@ mod tests;
 pub struct ReadmeDoctests;
 
 pub use builder::{
-    EshopboxAuthBuilder, DEFAULT_FAILURE_COOLDOWN, DEFAULT_REFRESH_MARGIN, DEFAULT_TOKEN_TIMEOUT,
-    DEFAULT_TOKEN_URL,
+    EshopboxAuthBuilder, DEFAULT_FAILURE_COOLDOWN, DEFAULT_REFRESH_MARGIN, DEFAULT_STORE_TIMEOUT,
+    DEFAULT_TOKEN_TIMEOUT, DEFAULT_TOKEN_URL,
 };
 pub use credentials::Credentials;
 pub use error::{Error, ErrorKind};

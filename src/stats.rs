@@ -2,8 +2,9 @@
 //! [`TokenHandle::stats`](crate::TokenHandle::stats) and, with the `metrics` feature,
 //! reported to the [`metrics`](https://docs.rs/metrics) facade as
 //! `eshopbox_auth_token_requests_total`, `eshopbox_auth_token_failures_total{kind}`,
-//! `eshopbox_auth_invalidations_total`, `eshopbox_auth_resends_total` and
-//! `eshopbox_auth_waited_total`.
+//! `eshopbox_auth_invalidations_total`, `eshopbox_auth_resends_total`,
+//! `eshopbox_auth_waited_total`, `eshopbox_auth_store_adopted_total` and
+//! `eshopbox_auth_store_failures_total`.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -28,6 +29,11 @@ pub struct Stats {
     pub resends: u64,
     /// Requests that found no usable token and waited for a refresh.
     pub waited: u64,
+    /// Tokens taken from the [token store](crate::store) instead of being requested.
+    pub store_adopted: u64,
+    /// Refreshes that found the token store failing and went to the token endpoint
+    /// directly.
+    pub store_failures: u64,
 }
 
 #[derive(Default)]
@@ -39,6 +45,8 @@ pub(crate) struct Counters {
     invalidations: AtomicU64,
     resends: AtomicU64,
     waited: AtomicU64,
+    store_adopted: AtomicU64,
+    store_failures: AtomicU64,
 }
 
 /// With the `metrics` feature, every count also goes to the `metrics` facade under
@@ -50,6 +58,8 @@ mod names {
     pub(super) const INVALIDATIONS: &str = "eshopbox_auth_invalidations_total";
     pub(super) const RESENDS: &str = "eshopbox_auth_resends_total";
     pub(super) const WAITED: &str = "eshopbox_auth_waited_total";
+    pub(super) const STORE_ADOPTED: &str = "eshopbox_auth_store_adopted_total";
+    pub(super) const STORE_FAILURES: &str = "eshopbox_auth_store_failures_total";
 }
 
 impl Counters {
@@ -90,6 +100,18 @@ impl Counters {
         metrics::counter!(names::WAITED).increment(1);
     }
 
+    pub(crate) fn adopted(&self) {
+        self.store_adopted.fetch_add(1, Ordering::Relaxed);
+        #[cfg(feature = "metrics")]
+        metrics::counter!(names::STORE_ADOPTED).increment(1);
+    }
+
+    pub(crate) fn store_failure(&self) {
+        self.store_failures.fetch_add(1, Ordering::Relaxed);
+        #[cfg(feature = "metrics")]
+        metrics::counter!(names::STORE_FAILURES).increment(1);
+    }
+
     pub(crate) fn snapshot(&self) -> Stats {
         let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
         Stats {
@@ -100,6 +122,8 @@ impl Counters {
             invalidations: get(&self.invalidations),
             resends: get(&self.resends),
             waited: get(&self.waited),
+            store_adopted: get(&self.store_adopted),
+            store_failures: get(&self.store_failures),
         }
     }
 }

@@ -89,7 +89,7 @@ impl Script {
     }
 
     fn layer_with<P>(&self, retry: bool, replay: P) -> EshopboxAuthLayer<P> {
-        let cache = TokenCache::new(Box::new(self.clone()), timing());
+        let cache = TokenCache::new(Box::new(self.clone()), None, timing());
         EshopboxAuthLayer::from_parts(
             Arc::new(cache),
             shape(retry),
@@ -962,7 +962,7 @@ impl Source for PanicsOnce {
 
 #[tokio::test(start_paused = true)]
 async fn a_panicking_refresh_fails_its_waiters_and_does_not_wedge_the_cache() {
-    let cache = TokenCache::new(Box::new(PanicsOnce(AtomicUsize::new(0))), timing());
+    let cache = TokenCache::new(Box::new(PanicsOnce(AtomicUsize::new(0))), None, timing());
     let layer = EshopboxAuthLayer::from_parts(
         Arc::new(cache),
         shape(true),
@@ -1017,7 +1017,7 @@ async fn pass<S, P, C>(svc: &crate::EshopboxAuth<S, P, C>, by: Duration) {
 #[tokio::test(start_paused = true)]
 async fn a_custom_classifier_decides_what_counts_as_unauthorized() {
     let script = Script::new(Duration::from_secs(86400));
-    let cache = TokenCache::new(Box::new(script.clone()), timing());
+    let cache = TokenCache::new(Box::new(script.clone()), None, timing());
     // This API answers 200 with "expired" in the body's place: a header says it.
     let expired = |res: &Response<String>| res.headers().contains_key("x-token-expired");
     let layer = EshopboxAuthLayer::from_parts(Arc::new(cache), shape(true), EmptyBodies, expired);

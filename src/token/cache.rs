@@ -16,18 +16,22 @@
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use arc_swap::ArcSwapOption;
 use http::HeaderValue;
+use secrecy::{ExposeSecret, SecretString};
 use tokio::sync::watch;
 use tokio::time::Instant;
 use tracing::Instrument;
 
+use super::response::bearer_header;
+use super::shared::Shared;
 use super::{BoxFuture, Source, Token, TokenResponse, FRESH, STALE};
 use crate::error::Error;
 use crate::handle::TokenInfo;
 use crate::stats::Counters;
+use crate::store::SharedToken;
 
 type Outcome = Option<Result<Arc<Token>, Error>>;
 
@@ -79,7 +83,11 @@ pub(crate) struct TokenCache {
     invalidated: AtomicBool,
     slow: Mutex<Slow>,
     next_generation: AtomicU64,
+    /// The store id of the token a 401 invalidated (0: none), for the store.
+    failed_shared_id: AtomicU64,
     source: Box<dyn Source>,
+    /// The token store shared with other layers, if any.
+    shared: Option<Shared>,
     timing: Timing,
 }
 
@@ -94,7 +102,7 @@ struct Slow {
 }
 
 impl TokenCache {
-    pub(crate) fn new(source: Box<dyn Source>, timing: Timing) -> Self {
+    pub(crate) fn new(source: Box<dyn Source>, shared: Option<Shared>, timing: Timing) -> Self {
         TokenCache {
             current: ArcSwapOption::empty(),
             counters: Counters::default(),
@@ -103,7 +111,9 @@ impl TokenCache {
             invalidated: AtomicBool::new(false),
             slow: Mutex::new(Slow::default()),
             next_generation: AtomicU64::new(1),
+            failed_shared_id: AtomicU64::new(0),
             source,
+            shared,
             timing,
         }
     }
@@ -160,6 +170,10 @@ impl TokenCache {
             let previous = self.current.compare_and_swap(&current, None);
             if ptr_eq(&previous, &current) {
                 tracing::debug!(generation, "access token invalidated");
+                if let Some(token) = &current {
+                    self.failed_shared_id
+                        .store(token.shared_id, Ordering::Relaxed);
+                }
                 self.invalidated.store(true, Ordering::Relaxed);
                 self.counters.invalidation();
                 self.changes.send_replace(None);
@@ -373,11 +387,35 @@ impl TokenCache {
         tx.send_replace(Some(outcome));
     }
 
-    /// One refresh: up to [`MAX_ATTEMPTS`] token requests, retrying transient failures
-    /// with jittered exponential back-off (or the endpoint's `Retry-After`), all within
-    /// the token timeout.
+    /// One refresh: through the token store when there is one (adopting another
+    /// replica's token, or making the token call under the store's lock), else — or
+    /// when the store fails — straight from the source.
     async fn refresh(&self, reason: Reason) -> Result<Arc<Token>, Error> {
         let deadline = Instant::now() + self.timing.timeout;
+        if let Some(shared) = self.shared.as_ref().filter(|s| s.available()) {
+            match shared.refresh(self, reason, deadline).await {
+                Ok(outcome) => return outcome,
+                Err(failure) => {
+                    self.counters.store_failure();
+                    shared.failed(failure);
+                }
+            }
+        }
+        let (response, sent_at) = self.fetch(reason, deadline).await?;
+        if let (Some(shared), Some(rotated)) = (&self.shared, &response.rotated) {
+            shared.keep_rotation(rotated.clone());
+        }
+        Ok(self.install(response, sent_at))
+    }
+
+    /// Token requests until one succeeds: up to [`MAX_ATTEMPTS`], retrying transient
+    /// failures with jittered exponential back-off (or the endpoint's `Retry-After`),
+    /// all before `deadline`. Returns the answer and when its request was sent.
+    pub(crate) async fn fetch(
+        &self,
+        reason: Reason,
+        deadline: Instant,
+    ) -> Result<(TokenResponse, Instant), Error> {
         let mut attempt = 1;
         loop {
             tracing::debug!(?reason, attempt, "requesting an access token");
@@ -391,14 +429,7 @@ impl TokenCache {
                 ))),
             };
             let error = match result {
-                Ok(response) => {
-                    let token = Arc::new(self.token_from(response, sent_at));
-                    Token::schedule(&token);
-                    self.current.store(Some(token.clone()));
-                    self.invalidated.store(false, Ordering::Relaxed);
-                    self.changes.send_replace(Some(TokenInfo::of(&token)));
-                    return Ok(token);
-                }
+                Ok(response) => return Ok((response, sent_at)),
                 Err(error) => error,
             };
             self.counters.failure(error.kind());
@@ -420,6 +451,107 @@ impl TokenCache {
                 }
             }
         }
+    }
+
+    /// Makes a fetched token the current one.
+    pub(crate) fn install(&self, response: TokenResponse, sent_at: Instant) -> Arc<Token> {
+        // A token that is (nearly) dead on arrival is still used for a moment, so a
+        // broken `expires_in` cannot turn every request into a token request.
+        let lifetime = response.lifetime.max(MIN_LIFETIME);
+        let issued_at = SystemTime::now()
+            .checked_sub(sent_at.elapsed())
+            .unwrap_or_else(SystemTime::now);
+        tracing::debug!(
+            lifetime_secs = lifetime.as_secs(),
+            scope = response.scope.as_deref().unwrap_or(""),
+            id_token = response.has_id_token,
+            "access token received"
+        );
+        let shared_id = fastrand::u64(1..);
+        self.put(
+            response.header,
+            sent_at + lifetime,
+            lifetime,
+            issued_at,
+            shared_id,
+        )
+    }
+
+    /// Makes a token from the store the current one, if it suits this refresh: it
+    /// must live at least [`MIN_LIFETIME`] more, and for an early or forced refresh it
+    /// must not be due for a refresh itself.
+    pub(crate) fn adopt(&self, stored: &SharedToken, reason: Reason) -> Option<Arc<Token>> {
+        let remaining = stored.remaining();
+        if remaining < MIN_LIFETIME {
+            return None;
+        }
+        let header = match bearer_header(stored.access_token().expose_secret()) {
+            Ok(header) => header,
+            Err(error) => {
+                tracing::warn!(%error, "ignoring an unusable token in the token store");
+                return None;
+            }
+        };
+        let lifetime = stored
+            .expires_at()
+            .duration_since(stored.issued_at())
+            .unwrap_or_default()
+            .max(remaining);
+        let due = remaining <= early_by(self.timing.margin, lifetime, 0.0);
+        if due && matches!(reason, Reason::Early | Reason::Forced) {
+            return None;
+        }
+        tracing::debug!(
+            remaining_secs = remaining.as_secs(),
+            "using the access token from the token store"
+        );
+        self.counters.adopted();
+        Some(self.put(
+            header,
+            Instant::now() + remaining,
+            lifetime,
+            stored.issued_at(),
+            stored.id(),
+        ))
+    }
+
+    /// Builds the token, schedules its phase timer and publishes it.
+    fn put(
+        &self,
+        header: HeaderValue,
+        expires_at: Instant,
+        lifetime: Duration,
+        issued_at: SystemTime,
+        shared_id: u64,
+    ) -> Arc<Token> {
+        let generation = self.next_generation.fetch_add(1, Ordering::Relaxed);
+        let refresh_at = (expires_at - early_by(self.timing.margin, lifetime, fastrand::f64()))
+            .max(Instant::now() + MIN_LIFETIME)
+            .min(expires_at);
+        let mut token = Token::new(header, generation, refresh_at, expires_at);
+        token.shared_id = shared_id;
+        token.issued_at = issued_at;
+        token.lifetime = lifetime;
+        let token = Arc::new(token);
+        Token::schedule(&token);
+        self.current.store(Some(token.clone()));
+        self.invalidated.store(false, Ordering::Relaxed);
+        self.changes.send_replace(Some(TokenInfo::of(&token)));
+        tracing::debug!(generation, "access token in use");
+        token
+    }
+
+    /// The store id of the last token invalidated by a 401, once.
+    pub(crate) fn take_failed_shared_id(&self) -> Option<u64> {
+        match self.failed_shared_id.swap(0, Ordering::Relaxed) {
+            0 => None,
+            id => Some(id),
+        }
+    }
+
+    /// Sends `refresh_token` with the next token requests (it came from the store).
+    pub(crate) fn use_refresh_token(&self, refresh_token: SecretString) {
+        self.source.use_refresh_token(refresh_token);
     }
 
     /// How long to answer a failed refresh's error without a new token request, when
@@ -446,25 +578,6 @@ impl TokenCache {
         (!hold.is_zero()).then(|| (error.clone(), now + hold))
     }
 
-    fn token_from(&self, response: TokenResponse, sent_at: Instant) -> Token {
-        let generation = self.next_generation.fetch_add(1, Ordering::Relaxed);
-        // A token that is (nearly) dead on arrival is still used for a moment, so a
-        // broken `expires_in` cannot turn every request into a token request.
-        let lifetime = response.lifetime.max(MIN_LIFETIME);
-        let expires_at = sent_at + lifetime;
-        let refresh_at = (expires_at - early_by(self.timing.margin, lifetime, fastrand::f64()))
-            .max(Instant::now() + MIN_LIFETIME)
-            .min(expires_at);
-        tracing::debug!(
-            generation,
-            lifetime_secs = lifetime.as_secs(),
-            scope = response.scope.as_deref().unwrap_or(""),
-            id_token = response.has_id_token,
-            "access token received"
-        );
-        Token::new(response.header, generation, refresh_at, expires_at)
-    }
-
     /// After a failed refresh, pushes the still-valid token's next refresh attempt back,
     /// so the soft window does not turn into a retry loop. The token itself stays.
     fn back_off(&self, error: &Error) {
@@ -482,12 +595,7 @@ impl TokenCache {
                 .clamp(Duration::from_secs(1), Duration::from_secs(30))
                 .max(error.retry_after().unwrap_or_default())
                 .min(remaining);
-            let delayed = Arc::new(Token::new(
-                token.header.clone(),
-                token.generation,
-                now + wait,
-                token.expires_at,
-            ));
+            let delayed = Arc::new(token.refreshing_at(now + wait));
             let previous = self
                 .current
                 .compare_and_swap(&current, Some(delayed.clone()));

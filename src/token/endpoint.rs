@@ -111,6 +111,12 @@ impl Source for GrantEndpoint {
         let inner = self.inner.clone();
         Box::pin(async move { inner.fetch().await })
     }
+
+    fn use_refresh_token(&self, refresh_token: SecretString) {
+        if let GrantKind::RefreshToken(current) = &self.inner.config.grant {
+            *current.lock().unwrap_or_else(PoisonError::into_inner) = refresh_token;
+        }
+    }
 }
 
 impl Inner {

@@ -8,7 +8,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use http::HeaderValue;
 use secrecy::SecretString;
@@ -16,11 +16,13 @@ use tokio::sync::oneshot;
 use tokio::time::Instant;
 
 use crate::error::Error;
+use crate::store::SharedToken;
 
 pub(crate) mod cache;
 pub(crate) mod endpoint;
 pub(crate) mod local;
 pub(crate) mod response;
+pub(crate) mod shared;
 
 /// A boxed, sendable future: the token paths are off the hot path, so one allocation
 /// per refresh (or per waiting request) is fine.
@@ -57,6 +59,12 @@ pub(crate) type SourceFuture<'a> =
 pub(crate) trait Source: Send + Sync + 'static {
     /// Requests one token.
     fn fetch(&self) -> SourceFuture<'_>;
+
+    /// Sends `refresh_token` from now on (another process rotated it). Sources without
+    /// a refresh token ignore it.
+    fn use_refresh_token(&self, refresh_token: SecretString) {
+        let _ = refresh_token;
+    }
 }
 
 /// [`Token::phase`]: before `refresh_at`.
@@ -79,6 +87,12 @@ pub(crate) struct Token {
     pub(crate) refresh_at: Instant,
     /// From this instant on, requests wait for a new token.
     pub(crate) expires_at: Instant,
+    /// Identifies the token in a token store (random, not derived from the token).
+    pub(crate) shared_id: u64,
+    /// When the token was requested, by the wall clock (for a token store).
+    pub(crate) issued_at: SystemTime,
+    /// How long it lives from `issued_at`.
+    pub(crate) lifetime: Duration,
     /// [`FRESH`], [`STALE`] or [`EXPIRED`], moved on by a timer task at `refresh_at`
     /// and `expires_at`, so the request path reads an atomic instead of the clock.
     pub(crate) phase: AtomicU8,
@@ -109,10 +123,39 @@ impl Token {
             generation,
             refresh_at,
             expires_at,
+            shared_id: 0,
+            issued_at: SystemTime::now(),
+            lifetime: expires_at.saturating_duration_since(now),
             phase: AtomicU8::new(phase),
             _alive: alive,
             gone: Mutex::new(Some(gone)),
         }
+    }
+
+    /// A copy of this token that is due for a refresh at `refresh_at` instead.
+    pub(crate) fn refreshing_at(&self, refresh_at: Instant) -> Token {
+        let mut copy = Token::new(
+            self.header.clone(),
+            self.generation,
+            refresh_at,
+            self.expires_at,
+        );
+        copy.shared_id = self.shared_id;
+        copy.issued_at = self.issued_at;
+        copy.lifetime = self.lifetime;
+        copy
+    }
+
+    /// This token as a token store keeps it; `None` if its header is not a Bearer
+    /// token of visible ASCII.
+    pub(crate) fn to_shared(&self) -> Option<SharedToken> {
+        let value = self.header.to_str().ok()?.strip_prefix("Bearer ")?;
+        Some(SharedToken::new(
+            self.shared_id,
+            SecretString::from(value.to_owned()),
+            self.issued_at,
+            self.issued_at + self.lifetime,
+        ))
     }
 
     /// [`FRESH`], [`STALE`] or [`EXPIRED`]: from the timer-driven phase, or from the
@@ -202,6 +245,7 @@ impl std::fmt::Debug for Token {
             .field("generation", &self.generation)
             .field("refresh_at", &self.refresh_at)
             .field("expires_at", &self.expires_at)
+            .field("shared_id", &self.shared_id)
             .finish_non_exhaustive()
     }
 }

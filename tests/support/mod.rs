@@ -108,7 +108,7 @@ pub struct Seen {
     pub body: Bytes,
 }
 
-type Script = Box<dyn FnMut(usize) -> Reply + Send>;
+type Script = Box<dyn FnMut(usize, &Seen) -> Reply + Send>;
 
 struct State {
     posts: AtomicUsize,
@@ -125,7 +125,12 @@ pub struct TokenServer {
 
 impl TokenServer {
     /// Starts an endpoint whose n-th request (from 1) is answered by `script(n)`.
-    pub async fn start(script: impl FnMut(usize) -> Reply + Send + 'static) -> Self {
+    pub async fn start(mut script: impl FnMut(usize) -> Reply + Send + 'static) -> Self {
+        Self::start_seeing(move |n, _| script(n)).await
+    }
+
+    /// Starts an endpoint whose n-th request (from 1) is answered by `script(n, seen)`.
+    pub async fn start_seeing(script: impl FnMut(usize, &Seen) -> Reply + Send + 'static) -> Self {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let state = Arc::new(State {
@@ -180,7 +185,7 @@ async fn answer(
         .map(|b| b.to_bytes())
         .unwrap_or_default();
     let n = state.posts.fetch_add(1, Ordering::SeqCst) + 1;
-    state.seen.lock().unwrap().push(Seen {
+    let seen = Seen {
         method: parts.method,
         path: parts.uri.path().to_owned(),
         content_type: parts
@@ -192,8 +197,9 @@ async fn answer(
             .get(http::header::AUTHORIZATION)
             .map(|v| v.to_str().unwrap_or_default().to_owned()),
         body,
-    });
-    let reply = (state.script.lock().unwrap())(n);
+    };
+    let reply = (state.script.lock().unwrap())(n, &seen);
+    state.seen.lock().unwrap().push(seen);
     if let Some(delay) = reply.delay {
         tokio::time::sleep(delay).await;
     }
@@ -219,6 +225,30 @@ async fn answer(
         http::HeaderValue::from_static(reply.content_type),
     );
     Ok(response)
+}
+
+/// An endpoint that rotates the refresh token on every call, as some providers do:
+/// the n-th call must send the refresh token the (n-1)-th handed out (the first,
+/// [`REFRESH_TOKEN`]); it answers `tok-n` and `rt-n`, and refuses a spent refresh
+/// token with `400 invalid_grant`.
+pub async fn rotating_endpoint(expires_in: i64) -> TokenServer {
+    let mut current = REFRESH_TOKEN.to_owned();
+    let mut issued = 0;
+    TokenServer::start_seeing(move |_, seen| {
+        let sent: serde_json::Value = serde_json::from_slice(&seen.body).unwrap_or_default();
+        if sent["refresh_token"].as_str() != Some(current.as_str()) {
+            return Reply::json(400, r#"{"error":"invalid_grant"}"#);
+        }
+        issued += 1;
+        current = format!("rt-{issued}");
+        Reply::json(
+            200,
+            &format!(
+                r#"{{"access_token":"tok-{issued}","refresh_token":"{current}","expires_in":{expires_in},"token_type":"Bearer"}}"#
+            ),
+        )
+    })
+    .await
 }
 
 /// Credentials matching the constants above.

@@ -1,0 +1,268 @@
+//! Sharing one token between several layers or processes.
+//!
+//! Without a store, each layer keeps its token to itself: N replicas of a service
+//! make N token calls per expiry, and with a provider that rotates refresh tokens they
+//! would spend each other's refresh token. With a [`TokenStore`]
+//! ([`EshopboxAuthBuilder::token_store`](crate::EshopboxAuthBuilder::token_store)):
+//!
+//! - every layer still serves requests from its own in-process copy of the token,
+//!   lock-free; the store is only used around refreshes and 401s;
+//! - a layer that needs a new token first looks in the store, and adopts a usable
+//!   token another replica put there;
+//! - otherwise it takes the store's refresh lock (an owner id and a lease), makes the
+//!   one token call, writes the token (and a rotated refresh token) back and releases
+//!   the lock. Replicas that did not get the lock poll the store for the new token
+//!   and take the lock over once its lease runs out;
+//! - a 401 removes the stored token only if it is still the one that failed;
+//! - when the store fails (down, slow, refusing), the layer logs it and refreshes on
+//!   its own, as if it had no store, and uses the store again a few seconds later.
+//!   No request fails because the store failed.
+//!
+//! Stores: [`InProcessStore`] shares a token between layers of one process;
+//! `RedisStore` (feature `redis`) between processes.
+//!
+//! ```
+//! use eshopbox_auth::store::InProcessStore;
+//! use eshopbox_auth::{Credentials, EshopboxAuthLayer};
+//! use tower::ServiceBuilder;
+//!
+//! # fn main() -> Result<(), eshopbox_auth::Error> {
+//! let store = InProcessStore::new();
+//! let credentials = Credentials::new("id", "secret", "refresh-token");
+//! let first = EshopboxAuthLayer::builder(credentials.clone())
+//!     .token_store(store.clone())
+//!     .build()?;
+//! let second = EshopboxAuthLayer::builder(credentials)
+//!     .token_store(store)
+//!     .build()?;
+//! let _service = ServiceBuilder::new()
+//!     .layer(first)
+//!     .service(tower::service_fn(|_: http::Request<String>| async {
+//!         Ok::<_, std::convert::Infallible>(http::Response::new(String::new()))
+//!     }));
+//! # let _ = second;
+//! # Ok(())
+//! # }
+//! ```
+
+use std::fmt;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, SystemTime};
+
+use secrecy::SecretString;
+use tokio::time::Instant;
+
+use crate::error::Error;
+use crate::source::BoxFuture;
+
+#[cfg(feature = "redis")]
+#[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
+mod redis;
+#[cfg(feature = "redis")]
+pub use self::redis::RedisStore;
+
+/// Default [`lock_lease`](crate::EshopboxAuthBuilder::lock_lease): 10 seconds.
+pub const DEFAULT_LOCK_LEASE: Duration = Duration::from_secs(10);
+
+/// An access token as it is kept in a [`TokenStore`].
+#[derive(Clone)]
+pub struct SharedToken {
+    id: u64,
+    access_token: SecretString,
+    issued_at: SystemTime,
+    expires_at: SystemTime,
+}
+
+impl SharedToken {
+    /// A token, identified by `id` (a random number chosen by the layer that fetched
+    /// it), valid from `issued_at` until `expires_at`.
+    pub fn new(
+        id: u64,
+        access_token: SecretString,
+        issued_at: SystemTime,
+        expires_at: SystemTime,
+    ) -> Self {
+        SharedToken {
+            id,
+            access_token,
+            issued_at,
+            expires_at,
+        }
+    }
+
+    /// Identifies this token, for [`TokenStore::remove`].
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
+    /// The access token (without `Bearer `).
+    pub fn access_token(&self) -> &SecretString {
+        &self.access_token
+    }
+
+    /// When the token was requested.
+    pub fn issued_at(&self) -> SystemTime {
+        self.issued_at
+    }
+
+    /// When the token expires; the store may forget it from then on.
+    pub fn expires_at(&self) -> SystemTime {
+        self.expires_at
+    }
+
+    /// How long until the token expires (zero once it has).
+    pub fn remaining(&self) -> Duration {
+        self.expires_at
+            .duration_since(SystemTime::now())
+            .unwrap_or_default()
+    }
+}
+
+impl fmt::Debug for SharedToken {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SharedToken")
+            .field("id", &self.id)
+            .field("access_token", &"[redacted]")
+            .field("issued_at", &self.issued_at)
+            .field("expires_at", &self.expires_at)
+            .finish()
+    }
+}
+
+/// Where several layers share their token, its refresh lock and the current refresh
+/// token.
+///
+/// Implementations report failures as [`Error`]s (typically
+/// [`Error::unavailable`]); the layer then refreshes on its own. Each call should
+/// answer promptly: the layer also bounds every call with its own timeout.
+pub trait TokenStore: Send + Sync + 'static {
+    /// The stored token, if any.
+    fn load(&self) -> BoxFuture<'_, Result<Option<SharedToken>, Error>>;
+
+    /// Stores `token` in place of the stored one, to be forgotten at its expiry.
+    fn save<'a>(&'a self, token: &'a SharedToken) -> BoxFuture<'a, Result<(), Error>>;
+
+    /// Removes the stored token if its id is `id` (atomically). Returns whether it did.
+    fn remove(&self, id: u64) -> BoxFuture<'_, Result<bool, Error>>;
+
+    /// Takes the refresh lock for `owner` for `lease`, if no one holds it. Returns
+    /// whether it did.
+    fn try_lock<'a>(
+        &'a self,
+        owner: &'a str,
+        lease: Duration,
+    ) -> BoxFuture<'a, Result<bool, Error>>;
+
+    /// Releases the refresh lock if `owner` holds it (atomically): a lock whose lease
+    /// ran out and was taken by another owner stays.
+    fn unlock<'a>(&'a self, owner: &'a str) -> BoxFuture<'a, Result<(), Error>>;
+
+    /// The refresh token to use next, if one was rotated and stored.
+    fn load_refresh_token(&self) -> BoxFuture<'_, Result<Option<SecretString>, Error>>;
+
+    /// Stores a rotated refresh token for the other layers.
+    fn save_refresh_token<'a>(
+        &'a self,
+        refresh_token: &'a SecretString,
+    ) -> BoxFuture<'a, Result<(), Error>>;
+}
+
+/// A [`TokenStore`] in this process's memory: layers built with clones of one
+/// `InProcessStore` share a token. (A layer without a store keeps its token to
+/// itself, which is as good for a single layer.)
+#[derive(Clone, Default)]
+pub struct InProcessStore {
+    state: Arc<Mutex<State>>,
+}
+
+#[derive(Default)]
+struct State {
+    token: Option<SharedToken>,
+    lock: Option<(String, Instant)>,
+    refresh_token: Option<SecretString>,
+}
+
+impl InProcessStore {
+    /// An empty store.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+impl fmt::Debug for InProcessStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let state = self.state();
+        f.debug_struct("InProcessStore")
+            .field("token", &state.token)
+            .field("locked", &state.lock.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+impl TokenStore for InProcessStore {
+    fn load(&self) -> BoxFuture<'_, Result<Option<SharedToken>, Error>> {
+        let mut state = self.state();
+        if state
+            .token
+            .as_ref()
+            .is_some_and(|t| t.remaining().is_zero())
+        {
+            state.token = None;
+        }
+        let token = state.token.clone();
+        Box::pin(async move { Ok(token) })
+    }
+
+    fn save<'a>(&'a self, token: &'a SharedToken) -> BoxFuture<'a, Result<(), Error>> {
+        self.state().token = Some(token.clone());
+        Box::pin(async { Ok(()) })
+    }
+
+    fn remove(&self, id: u64) -> BoxFuture<'_, Result<bool, Error>> {
+        let mut state = self.state();
+        let removed = state.token.as_ref().is_some_and(|t| t.id == id);
+        if removed {
+            state.token = None;
+        }
+        Box::pin(async move { Ok(removed) })
+    }
+
+    fn try_lock<'a>(
+        &'a self,
+        owner: &'a str,
+        lease: Duration,
+    ) -> BoxFuture<'a, Result<bool, Error>> {
+        let mut state = self.state();
+        let now = Instant::now();
+        let free = state.lock.as_ref().is_none_or(|(_, until)| now >= *until);
+        if free {
+            state.lock = Some((owner.to_owned(), now + lease));
+        }
+        Box::pin(async move { Ok(free) })
+    }
+
+    fn unlock<'a>(&'a self, owner: &'a str) -> BoxFuture<'a, Result<(), Error>> {
+        let mut state = self.state();
+        if state.lock.as_ref().is_some_and(|(held, _)| held == owner) {
+            state.lock = None;
+        }
+        Box::pin(async { Ok(()) })
+    }
+
+    fn load_refresh_token(&self) -> BoxFuture<'_, Result<Option<SecretString>, Error>> {
+        let token = self.state().refresh_token.clone();
+        Box::pin(async move { Ok(token) })
+    }
+
+    fn save_refresh_token<'a>(
+        &'a self,
+        refresh_token: &'a SecretString,
+    ) -> BoxFuture<'a, Result<(), Error>> {
+        self.state().refresh_token = Some(refresh_token.clone());
+        Box::pin(async { Ok(()) })
+    }
+}

@@ -1,0 +1,386 @@
+//! [`RedisStore`]: the token, its refresh lock and the rotated refresh token in Redis.
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use chacha20poly1305::aead::{Aead, AeadCore, KeyInit, OsRng, Payload};
+use chacha20poly1305::{XChaCha20Poly1305, XNonce};
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::{AsyncCommands, Script};
+use secrecy::{ExposeSecret, SecretString};
+use serde::{Deserialize, Serialize};
+use tokio::sync::OnceCell;
+
+use super::{SharedToken, TokenStore};
+use crate::error::Error;
+use crate::source::BoxFuture;
+
+/// Default [`key_prefix`](RedisStore::key_prefix).
+const DEFAULT_PREFIX: &str = "eshopbox-auth:";
+/// Bound on connecting (the layer bounds each call as well).
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+/// Length of the stored token's id prefix: 16 hex digits and a space.
+const ID_LEN: usize = 17;
+/// Marks a plain-text payload.
+const PLAIN: u8 = b'p';
+/// Marks an encrypted payload: nonce, then ciphertext.
+const SEALED: u8 = b'e';
+/// XChaCha20-Poly1305 nonce length.
+const NONCE_LEN: usize = 24;
+
+/// Deletes `KEYS[1]` if its value starts with `ARGV[1]`: the token with that id, or
+/// the lock of that owner (its whole value).
+const DELETE_IF_PREFIX: &str = r"
+local value = redis.call('GET', KEYS[1])
+if value and string.sub(value, 1, string.len(ARGV[1])) == ARGV[1] then
+    return redis.call('DEL', KEYS[1])
+end
+return 0
+";
+
+/// A [`TokenStore`] in Redis, shared by every replica that uses the same server and
+/// key prefix. Needs the `redis` feature.
+///
+/// Keys, under the prefix (default `eshopbox-auth:`): `token` (the access token, with
+/// a TTL ending at its expiry), `lock` (the refresh lock: an owner id with a lease),
+/// `refresh-token` (the latest rotated refresh token). Use one prefix per set of
+/// credentials.
+///
+/// **Secrets at rest.** The access token and a rotated refresh token are written to
+/// Redis. Anyone who can read those keys can call Eshopbox as your app until the
+/// token expires. Restrict access to the server (ACLs, a private network), use a
+/// `rediss://` URL for TLS, and set an [`encryption_key`](Self::encryption_key) so
+/// the values are stored encrypted (XChaCha20-Poly1305, bound to their key name).
+///
+/// ```no_run
+/// use eshopbox_auth::store::RedisStore;
+/// use eshopbox_auth::{Credentials, EshopboxAuthLayer};
+/// use tower::ServiceBuilder;
+///
+/// # fn main() -> Result<(), eshopbox_auth::Error> {
+/// let store = RedisStore::new("rediss://:password@redis.internal:6380/0")?
+///     .key_prefix("orders-app:eshopbox:")
+///     .encryption_key([7; 32]); // from your secret manager
+/// let layer = EshopboxAuthLayer::builder(Credentials::new("id", "secret", "refresh-token"))
+///     .token_store(store)
+///     .build()?;
+/// let _service = ServiceBuilder::new()
+///     .layer(layer)
+///     .service(tower::service_fn(|_: http::Request<String>| async {
+///         Ok::<_, std::convert::Infallible>(http::Response::new(String::new()))
+///     }));
+/// # Ok(())
+/// # }
+/// ```
+#[derive(Clone)]
+pub struct RedisStore {
+    client: redis::Client,
+    connection: Arc<OnceCell<ConnectionManager>>,
+    keys: Arc<Keys>,
+    cipher: Option<Arc<XChaCha20Poly1305>>,
+}
+
+struct Keys {
+    token: String,
+    lock: String,
+    refresh_token: String,
+}
+
+impl Keys {
+    fn new(prefix: &str) -> Self {
+        Keys {
+            token: format!("{prefix}token"),
+            lock: format!("{prefix}lock"),
+            refresh_token: format!("{prefix}refresh-token"),
+        }
+    }
+}
+
+/// The stored access token, before sealing.
+#[derive(Serialize, Deserialize)]
+struct Stored {
+    access_token: String,
+    issued_at_ms: u64,
+    expires_at_ms: u64,
+}
+
+impl RedisStore {
+    /// A store on the Redis server at `url` (`redis://`, `rediss://` for TLS, or
+    /// `redis+unix://`). Nothing connects yet: the first refresh does, and a server
+    /// that is down then only makes the layer request tokens directly.
+    ///
+    /// Fails with [`ErrorKind::Config`](crate::ErrorKind::Config) if the URL does
+    /// not parse.
+    pub fn new(url: &str) -> Result<Self, Error> {
+        let client = redis::Client::open(url)
+            .map_err(|_| Error::config("the Redis URL is not valid (its text is not repeated here: it may hold a password)"))?;
+        Ok(Self::from_client(client))
+    }
+
+    /// A store on an already configured [`redis::Client`].
+    pub fn from_client(client: redis::Client) -> Self {
+        RedisStore {
+            client,
+            connection: Arc::new(OnceCell::new()),
+            keys: Arc::new(Keys::new(DEFAULT_PREFIX)),
+            cipher: None,
+        }
+    }
+
+    /// The prefix of the store's keys (default `eshopbox-auth:`).
+    pub fn key_prefix(mut self, prefix: &str) -> Self {
+        self.keys = Arc::new(Keys::new(prefix));
+        self
+    }
+
+    /// Stores the access and refresh tokens encrypted with this 256-bit key
+    /// (XChaCha20-Poly1305, a random nonce per value). Every replica needs the same
+    /// key; one with another key cannot read the values and requests its own tokens.
+    pub fn encryption_key(mut self, key: [u8; 32]) -> Self {
+        self.cipher = Some(Arc::new(XChaCha20Poly1305::new(&key.into())));
+        self
+    }
+
+    async fn connection(&self) -> Result<ConnectionManager, Error> {
+        let config = ConnectionManagerConfig::new()
+            .set_connection_timeout(CONNECT_TIMEOUT)
+            .set_response_timeout(CONNECT_TIMEOUT)
+            .set_number_of_retries(1);
+        self.connection
+            .get_or_try_init(|| ConnectionManager::new_with_config(self.client.clone(), config))
+            .await
+            .cloned()
+            .map_err(|e| redis_error("connecting to Redis", e))
+    }
+
+    /// `payload`, sealed to `key` when encryption is on, behind its marker byte.
+    fn seal(&self, key: &str, payload: &[u8]) -> Result<Vec<u8>, Error> {
+        let Some(cipher) = &self.cipher else {
+            let mut out = Vec::with_capacity(payload.len() + 1);
+            out.push(PLAIN);
+            out.extend_from_slice(payload);
+            return Ok(out);
+        };
+        let nonce = XChaCha20Poly1305::generate_nonce(&mut OsRng);
+        let sealed = cipher
+            .encrypt(
+                &nonce,
+                Payload {
+                    msg: payload,
+                    aad: key.as_bytes(),
+                },
+            )
+            .map_err(|_| Error::unavailable("could not encrypt a value for the token store"))?;
+        let mut out = Vec::with_capacity(1 + NONCE_LEN + sealed.len());
+        out.push(SEALED);
+        out.extend_from_slice(&nonce);
+        out.extend_from_slice(&sealed);
+        Ok(out)
+    }
+
+    /// The payload of a value written by [`seal`](Self::seal).
+    fn open(&self, key: &str, value: &[u8]) -> Result<Vec<u8>, Error> {
+        match (value.split_first(), &self.cipher) {
+            (Some((&PLAIN, payload)), None) => Ok(payload.to_vec()),
+            (Some((&SEALED, rest)), Some(cipher)) if rest.len() > NONCE_LEN => {
+                let (nonce, sealed) = rest.split_at(NONCE_LEN);
+                cipher
+                    .decrypt(
+                        XNonce::from_slice(nonce),
+                        Payload {
+                            msg: sealed,
+                            aad: key.as_bytes(),
+                        },
+                    )
+                    .map_err(|_| {
+                        Error::invalid_response(format!(
+                            "could not decrypt `{key}` from Redis: another encryption key?"
+                        ))
+                    })
+            }
+            (Some((&PLAIN, _)), Some(_)) => Err(Error::invalid_response(format!(
+                "`{key}` in Redis is not encrypted, but this store has an encryption key"
+            ))),
+            (Some((&SEALED, _)), None) => Err(Error::invalid_response(format!(
+                "`{key}` in Redis is encrypted, but this store has no encryption key"
+            ))),
+            _ => Err(Error::invalid_response(format!(
+                "`{key}` in Redis was not written by this crate"
+            ))),
+        }
+    }
+
+    async fn load_token(&self) -> Result<Option<SharedToken>, Error> {
+        let mut connection = self.connection().await?;
+        let value: Option<Vec<u8>> = connection
+            .get(&self.keys.token)
+            .await
+            .map_err(|e| redis_error("reading the token", e))?;
+        let Some(value) = value else {
+            return Ok(None);
+        };
+        let malformed = || Error::invalid_response("the token in Redis is malformed");
+        if value.len() < ID_LEN || value[ID_LEN - 1] != b' ' {
+            return Err(malformed());
+        }
+        let id = std::str::from_utf8(&value[..ID_LEN - 1])
+            .ok()
+            .and_then(|hex| u64::from_str_radix(hex, 16).ok())
+            .ok_or_else(malformed)?;
+        let payload = self.open(&self.keys.token, &value[ID_LEN..])?;
+        let stored: Stored = serde_json::from_slice(&payload).map_err(|_| malformed())?;
+        Ok(Some(SharedToken::new(
+            id,
+            SecretString::from(stored.access_token),
+            UNIX_EPOCH + Duration::from_millis(stored.issued_at_ms),
+            UNIX_EPOCH + Duration::from_millis(stored.expires_at_ms),
+        )))
+    }
+
+    async fn save_token(&self, token: &SharedToken) -> Result<(), Error> {
+        let ttl = token.remaining().as_millis() as u64;
+        if ttl == 0 {
+            return Ok(());
+        }
+        let stored = Stored {
+            access_token: token.access_token().expose_secret().to_owned(),
+            issued_at_ms: unix_ms(token.issued_at()),
+            expires_at_ms: unix_ms(token.expires_at()),
+        };
+        let payload = serde_json::to_vec(&stored)
+            .map_err(|_| Error::unavailable("could not encode the token for Redis"))?;
+        let mut value = id_prefix(token.id()).into_bytes();
+        value.extend(self.seal(&self.keys.token, &payload)?);
+        let mut connection = self.connection().await?;
+        connection
+            .pset_ex::<_, _, ()>(&self.keys.token, value, ttl)
+            .await
+            .map_err(|e| redis_error("writing the token", e))
+    }
+
+    async fn delete_if_prefix(&self, key: &str, prefix: &str) -> Result<bool, Error> {
+        let mut connection = self.connection().await?;
+        let deleted: i64 = Script::new(DELETE_IF_PREFIX)
+            .key(key)
+            .arg(prefix)
+            .invoke_async(&mut connection)
+            .await
+            .map_err(|e| redis_error("running a compare-and-delete script", e))?;
+        Ok(deleted > 0)
+    }
+
+    async fn lock(&self, owner: &str, lease: Duration) -> Result<bool, Error> {
+        let mut connection = self.connection().await?;
+        let lease_ms = (lease.as_millis() as u64).max(1);
+        let taken: Option<String> = redis::cmd("SET")
+            .arg(&self.keys.lock)
+            .arg(owner)
+            .arg("NX")
+            .arg("PX")
+            .arg(lease_ms)
+            .query_async(&mut connection)
+            .await
+            .map_err(|e| redis_error("taking the refresh lock", e))?;
+        Ok(taken.is_some())
+    }
+
+    async fn load_refresh(&self) -> Result<Option<SecretString>, Error> {
+        let mut connection = self.connection().await?;
+        let value: Option<Vec<u8>> = connection
+            .get(&self.keys.refresh_token)
+            .await
+            .map_err(|e| redis_error("reading the refresh token", e))?;
+        let Some(value) = value else {
+            return Ok(None);
+        };
+        let payload = self.open(&self.keys.refresh_token, &value)?;
+        let token = String::from_utf8(payload)
+            .map_err(|_| Error::invalid_response("the refresh token in Redis is malformed"))?;
+        Ok(Some(SecretString::from(token)))
+    }
+
+    async fn save_refresh(&self, refresh_token: &SecretString) -> Result<(), Error> {
+        let value = self.seal(
+            &self.keys.refresh_token,
+            refresh_token.expose_secret().as_bytes(),
+        )?;
+        let mut connection = self.connection().await?;
+        connection
+            .set::<_, _, ()>(&self.keys.refresh_token, value)
+            .await
+            .map_err(|e| redis_error("writing the refresh token", e))
+    }
+}
+
+impl TokenStore for RedisStore {
+    fn load(&self) -> BoxFuture<'_, Result<Option<SharedToken>, Error>> {
+        Box::pin(self.load_token())
+    }
+
+    fn save<'a>(&'a self, token: &'a SharedToken) -> BoxFuture<'a, Result<(), Error>> {
+        Box::pin(self.save_token(token))
+    }
+
+    fn remove(&self, id: u64) -> BoxFuture<'_, Result<bool, Error>> {
+        Box::pin(async move {
+            self.delete_if_prefix(&self.keys.token, &id_prefix(id))
+                .await
+        })
+    }
+
+    fn try_lock<'a>(
+        &'a self,
+        owner: &'a str,
+        lease: Duration,
+    ) -> BoxFuture<'a, Result<bool, Error>> {
+        Box::pin(self.lock(owner, lease))
+    }
+
+    fn unlock<'a>(&'a self, owner: &'a str) -> BoxFuture<'a, Result<(), Error>> {
+        Box::pin(async move {
+            // The owner id is the lock's whole value, and every owner id has one length,
+            // so a prefix match is an exact match.
+            self.delete_if_prefix(&self.keys.lock, owner).await?;
+            Ok(())
+        })
+    }
+
+    fn load_refresh_token(&self) -> BoxFuture<'_, Result<Option<SecretString>, Error>> {
+        Box::pin(self.load_refresh())
+    }
+
+    fn save_refresh_token<'a>(
+        &'a self,
+        refresh_token: &'a SecretString,
+    ) -> BoxFuture<'a, Result<(), Error>> {
+        Box::pin(self.save_refresh(refresh_token))
+    }
+}
+
+impl fmt::Debug for RedisStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // The address only: the URL's password and the values stay out.
+        f.debug_struct("RedisStore")
+            .field(
+                "server",
+                &self.client.get_connection_info().addr.to_string(),
+            )
+            .field("token_key", &self.keys.token)
+            .field("encrypted", &self.cipher.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+fn id_prefix(id: u64) -> String {
+    format!("{id:016x} ")
+}
+
+fn unix_ms(time: SystemTime) -> u64 {
+    time.duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+fn redis_error(doing: &str, error: redis::RedisError) -> Error {
+    Error::unavailable(format!("token store: {doing} failed")).with_source(error)
+}
