@@ -206,8 +206,9 @@ impl TokenStore for Broken {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failing_store_costs_no_request() {
     let calls = Arc::new(AtomicUsize::new(0));
-    let store_calls = Arc::new(AtomicUsize::new(0));
-    let layers = replicas(3, || counting(calls.clone()), Down(store_calls.clone()));
+    let store = Broken::refusing();
+    let store_calls = store.calls.clone();
+    let layers = replicas(3, || counting(calls.clone()), store);
     let seen = burst(&layers, &EchoApi::default(), 100).await;
 
     assert_eq!(seen.len(), 300);
