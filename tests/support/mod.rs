@@ -4,6 +4,8 @@
 
 #![allow(dead_code)]
 
+pub mod replicas;
+
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -106,6 +108,8 @@ pub struct Seen {
     pub content_type: Option<String>,
     pub authorization: Option<String>,
     pub body: Bytes,
+    /// When it arrived.
+    pub at: std::time::Instant,
 }
 
 type Script = Box<dyn FnMut(usize, &Seen) -> Reply + Send>;
@@ -197,6 +201,7 @@ async fn answer(
             .get(http::header::AUTHORIZATION)
             .map(|v| v.to_str().unwrap_or_default().to_owned()),
         body,
+        at: std::time::Instant::now(),
     };
     let reply = (state.script.lock().unwrap())(n, &seen);
     state.seen.lock().unwrap().push(seen);

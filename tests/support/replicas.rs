@@ -1,0 +1,193 @@
+//! Scenarios of several layers ("replicas") sharing a token store, run against the
+//! in-process store (`tests/store.rs`) and against Redis (`tests/redis.rs`). Each
+//! replica gets a store of its own from `store()`, as separate processes would.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use eshopbox_auth::source::{source_fn, FetchedToken, TokenSource};
+use eshopbox_auth::store::TokenStore;
+use eshopbox_auth::EshopboxAuthLayer;
+use http::{Request, StatusCode};
+use http_body_util::Empty;
+use secrecy::ExposeSecret;
+use tokio::sync::Notify;
+use tower::{Layer, ServiceExt};
+
+use super::EchoApi;
+
+/// The refresh lock's lease in these scenarios.
+pub const LEASE: Duration = Duration::from_millis(300);
+
+/// A source handing out `tok-1`, `tok-2`, … (valid for an hour); counts its calls.
+pub fn counting(calls: Arc<AtomicUsize>) -> impl TokenSource {
+    source_fn(move || {
+        let calls = calls.clone();
+        async move {
+            let n = calls.fetch_add(1, Ordering::SeqCst) + 1;
+            tokio::task::yield_now().await;
+            Ok(FetchedToken::new(format!("tok-{n}")).expires_in(Duration::from_secs(3600)))
+        }
+    })
+}
+
+/// `n` layers, each on a source from `source` and a store from `store`.
+pub fn replicas<S: TokenSource, T: TokenStore>(
+    n: usize,
+    source: impl Fn() -> S,
+    store: impl Fn() -> T,
+) -> Vec<EshopboxAuthLayer> {
+    (0..n)
+        .map(|_| {
+            EshopboxAuthLayer::with_source(source())
+                .token_store(store())
+                .lock_lease(LEASE)
+                .build()
+                .unwrap()
+        })
+        .collect()
+}
+
+/// `per_layer` concurrent requests through each layer; the `Authorization` each
+/// request was finally answered 200 with.
+pub async fn burst(layers: &[EshopboxAuthLayer], api: &EchoApi, per_layer: usize) -> Vec<String> {
+    let mut tasks = tokio::task::JoinSet::new();
+    for layer in layers {
+        for _ in 0..per_layer {
+            let service = layer.layer(api.clone());
+            tasks.spawn(async move {
+                let response = service
+                    .oneshot(Request::new(Empty::<Bytes>::new()))
+                    .await
+                    .expect("request failed");
+                assert_eq!(response.status(), StatusCode::OK);
+                response.into_body()
+            });
+        }
+    }
+    let mut seen = Vec::new();
+    while let Some(result) = tasks.join_next().await {
+        seen.push(result.unwrap());
+    }
+    seen
+}
+
+/// 8 cold replicas × 500 concurrent requests → one token call; the other seven
+/// replicas take the stored token.
+pub async fn cold_start<T: TokenStore>(store: impl Fn() -> T) {
+    let calls = Arc::new(AtomicUsize::new(0));
+    let layers = replicas(8, || counting(calls.clone()), store);
+    let seen = burst(&layers, &EchoApi::default(), 500).await;
+
+    assert_eq!(seen.len(), 4000);
+    assert!(seen.iter().all(|auth| auth == "Bearer tok-1"));
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
+    let adopted: u64 = layers
+        .iter()
+        .map(|l| l.handle().stats().store_adopted)
+        .sum();
+    assert_eq!(adopted, 7, "the other seven replicas took the stored token");
+}
+
+/// The API refuses the shared token: every replica sees 401s, and together they make
+/// one token call; the store then holds the new token.
+pub async fn shared_401<T: TokenStore>(store: impl Fn() -> T) {
+    let calls = Arc::new(AtomicUsize::new(0));
+    let layers = replicas(8, || counting(calls.clone()), &store);
+    burst(&layers, &EchoApi::default(), 1).await;
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
+
+    let seen = burst(&layers, &EchoApi::refusing("Bearer tok-1"), 50).await;
+    assert!(seen.iter().all(|auth| auth == "Bearer tok-2"), "{seen:?}");
+    assert_eq!(calls.load(Ordering::SeqCst), 2);
+    let stored = store().load().await.unwrap().unwrap();
+    assert_eq!(stored.access_token().expose_secret(), "tok-2");
+}
+
+/// The replica holding the refresh lock hangs in its token call: once its lease runs
+/// out another replica refreshes; no request is lost, two token calls in all.
+pub async fn stalled_holder<T: TokenStore>(store: impl Fn() -> T) {
+    let calls = Arc::new(AtomicUsize::new(0));
+    let stall = Arc::new(Notify::new());
+    let took_over = Arc::new(Notify::new());
+    let source = || {
+        let (calls, stall, took_over) = (calls.clone(), stall.clone(), took_over.clone());
+        source_fn(move || {
+            let (calls, stall, took_over) = (calls.clone(), stall.clone(), took_over.clone());
+            async move {
+                let n = calls.fetch_add(1, Ordering::SeqCst) + 1;
+                if n == 1 {
+                    // The first token call hangs until the test lets it go.
+                    stall.notified().await;
+                } else {
+                    took_over.notify_one();
+                }
+                Ok(FetchedToken::new(format!("tok-{n}")).expires_in(Duration::from_secs(3600)))
+            }
+        })
+    };
+    let layers = replicas(8, source, store);
+    let all = tokio::spawn({
+        let layers = layers.clone();
+        async move { burst(&layers, &EchoApi::default(), 20).await }
+    });
+    // Another replica takes the lock once the hung holder's lease ran out; then the
+    // hung call is let go, and its replica's requests, which waited for it, go
+    // through too.
+    took_over.notified().await;
+    stall.notify_one();
+    let seen = all.await.unwrap();
+
+    assert_eq!(seen.len(), 160, "no request was lost");
+    assert_eq!(calls.load(Ordering::SeqCst), 2);
+    let count = |token: &str| seen.iter().filter(|auth| *auth == token).count();
+    // The hung holder's own requests waited for its call; the replica that took over
+    // used its token at least; no request got anything else.
+    assert!(count("Bearer tok-1") >= 20);
+    assert!(count("Bearer tok-2") >= 20);
+    assert_eq!(count("Bearer tok-1") + count("Bearer tok-2"), 160);
+}
+
+/// Against an endpoint that rotates the refresh token on every call and refuses spent
+/// ones: each round a different replica makes the token call, and it sends the
+/// refresh token the previous round stored, whichever replica rotated it.
+pub async fn rotation<T: TokenStore>(store: impl Fn() -> T) {
+    let endpoint = super::rotating_endpoint(3600).await;
+    let layers: Vec<EshopboxAuthLayer> = (0..4)
+        .map(|_| {
+            EshopboxAuthLayer::builder(super::credentials())
+                .token_url(&endpoint.url())
+                .token_store(store())
+                .build()
+                .unwrap()
+        })
+        .collect();
+    let api = EchoApi::default();
+    burst(&layers, &api, 20).await;
+
+    for round in 0..4 {
+        // Every replica picks up the current token first, so that invalidating it
+        // everywhere leaves nothing usable in the store.
+        burst(&layers, &api, 1).await;
+        for layer in &layers {
+            layer.handle().invalidate();
+        }
+        let seen = burst(&layers[round..=round], &api, 5).await;
+        let expected = format!("Bearer tok-{}", round + 2);
+        assert!(seen.iter().all(|auth| *auth == expected), "{seen:?}");
+    }
+    let sent: Vec<String> = endpoint
+        .seen()
+        .iter()
+        .map(|seen| {
+            let body: serde_json::Value = serde_json::from_slice(&seen.body).unwrap();
+            body["refresh_token"].as_str().unwrap().to_owned()
+        })
+        .collect();
+    // Five calls, each with the newest refresh token: none was refused as spent.
+    assert_eq!(sent, [super::REFRESH_TOKEN, "rt-1", "rt-2", "rt-3", "rt-4"]);
+    let stored = store().load_refresh_token().await.unwrap().unwrap();
+    assert_eq!(stored.expose_secret(), "rt-5");
+}
