@@ -19,7 +19,9 @@
 //!   and resends the request once with a new token, if its body can be replayed
 //!   (see [`replay`]);
 //! - reports token failures as an [`Error`] with an [`ErrorKind`] to match on, never
-//!   containing a secret.
+//!   containing a secret;
+//! - with a [token store](store) such as Redis, shares one token between the replicas
+//!   of a service: one token call per expiry across all of them.
 //!
 //! # Example
 //!
@@ -82,8 +84,9 @@
 //! - `examples/axum.rs` — one shared authenticated client in axum state;
 //! - `examples/tonic.rs` — a tonic `Channel`, with [`classify::GrpcUnauthenticated`].
 //!
-//! Optional features: `test-util` ([`mock`]), `reqwest` ([`reqwest`]) and `tonic`
-//! (`GrpcBodies`, to resend unary gRPC calls).
+//! Optional features: `test-util` ([`mock`]), `reqwest` ([`reqwest`]), `tonic`
+//! (`GrpcBodies`, to resend unary gRPC calls), `redis` (`store::RedisStore`, one token
+//! for all replicas) and `metrics` (counters to the `metrics` facade).
 //!
 //! # Errors
 //!
@@ -144,7 +147,13 @@ mod token;
 mod tests;
 
 /// The README's code blocks, compiled and run as doc tests.
-#[cfg(all(doctest, feature = "test-util", feature = "reqwest", feature = "tonic"))]
+#[cfg(all(
+    doctest,
+    feature = "test-util",
+    feature = "reqwest",
+    feature = "tonic",
+    feature = "redis"
+))]
 #[doc = include_str!("../README.md")]
 pub struct ReadmeDoctests;
 
