@@ -24,30 +24,61 @@ use tower::{Layer, ServiceExt};
 struct RedisServer {
     port: u16,
     child: Option<Child>,
+    /// With TLS: the directory holding the CA and the server's certificate and key.
+    tls: Option<std::path::PathBuf>,
 }
 
 impl RedisServer {
     fn start() -> Self {
+        Self::start_with(None)
+    }
+
+    fn start_with(tls: Option<std::path::PathBuf>) -> Self {
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()
             .local_addr()
             .unwrap()
             .port();
-        let mut server = RedisServer { port, child: None };
+        let mut server = RedisServer {
+            port,
+            child: None,
+            tls,
+        };
         server.restart();
         server
     }
 
     /// Starts the server (again) on its port, and waits until it answers.
     fn restart(&mut self) {
-        let child = Command::new(std::env::var("REDIS_SERVER").unwrap_or("redis-server".into()))
-            .args(["--bind", "127.0.0.1", "--port", &self.port.to_string()])
-            .args(["--save", "", "--appendonly", "no"])
-            .stdout(Stdio::null())
+        let port = self.port.to_string();
+        let mut command =
+            Command::new(std::env::var("REDIS_SERVER").unwrap_or("redis-server".into()));
+        command
+            .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .stdout(Stdio::null());
+        match &self.tls {
+            None => command.args(["--port", &port]),
+            Some(dir) => command
+                .args([
+                    "--port",
+                    "0",
+                    "--tls-port",
+                    &port,
+                    "--tls-auth-clients",
+                    "no",
+                ])
+                .arg("--tls-cert-file")
+                .arg(dir.join("server.pem"))
+                .arg("--tls-key-file")
+                .arg(dir.join("server.key"))
+                .arg("--tls-ca-cert-file")
+                .arg(dir.join("ca.pem")),
+        };
+        let child = command
             .spawn()
             .expect("could not start redis-server: install it (apt-get install -y redis-server)");
         self.child = Some(child);
-        let client = redis::Client::open(self.url()).unwrap();
+        let client = self.client();
         for _ in 0..500 {
             if let Ok(mut connection) = client.get_connection() {
                 if redis::cmd("PING").query::<String>(&mut connection).is_ok() {
@@ -67,18 +98,35 @@ impl RedisServer {
     }
 
     fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}/", self.port)
+        match self.tls {
+            None => format!("redis://127.0.0.1:{}/", self.port),
+            Some(_) => format!("rediss://127.0.0.1:{}/", self.port),
+        }
+    }
+
+    /// A client; with TLS, one that trusts the test CA.
+    fn client(&self) -> redis::Client {
+        match &self.tls {
+            None => redis::Client::open(self.url()).unwrap(),
+            Some(dir) => redis::Client::build_with_tls(
+                self.url(),
+                redis::TlsCertificates {
+                    client_tls: None,
+                    root_cert: Some(std::fs::read(dir.join("ca.pem")).unwrap()),
+                },
+            )
+            .unwrap(),
+        }
     }
 
     /// A store of its own (its own connection), as another process would have.
     fn store(&self) -> RedisStore {
-        RedisStore::new(&self.url()).unwrap().key_prefix("test:")
+        RedisStore::from_client(self.client()).key_prefix("test:")
     }
 
     /// The raw value of a key.
     fn get(&self, key: &str) -> Option<Vec<u8>> {
-        let client = redis::Client::open(self.url()).unwrap();
-        let mut connection = client.get_connection().unwrap();
+        let mut connection = self.client().get_connection().unwrap();
         redis::cmd("GET").arg(key).query(&mut connection).unwrap()
     }
 }
@@ -308,6 +356,79 @@ async fn lock_and_token_removal_are_owner_and_id_checked() {
     assert_eq!(store.load().await.unwrap().unwrap().id(), 0xfeed);
     assert!(store.remove(0xfeed).await.unwrap());
     assert!(store.load().await.unwrap().is_none());
+}
+
+/// A CA and a certificate for 127.0.0.1 signed by it, made with the `openssl` tool.
+fn test_certificates() -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("eshopbox-auth-tls-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let openssl = |args: &[&str]| {
+        let status = Command::new("openssl")
+            .args(args)
+            .current_dir(&dir)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .expect("could not run openssl: install it (apt-get install -y openssl)");
+        assert!(status.success(), "openssl {args:?} failed");
+    };
+    openssl(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-days",
+        "1",
+        "-subj",
+        "/CN=test CA",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.pem",
+    ]);
+    openssl(&[
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-subj",
+        "/CN=127.0.0.1",
+        "-keyout",
+        "server.key",
+        "-out",
+        "server.csr",
+    ]);
+    std::fs::write(dir.join("san.ext"), "subjectAltName=IP:127.0.0.1\n").unwrap();
+    openssl(&[
+        "x509",
+        "-req",
+        "-in",
+        "server.csr",
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-days",
+        "1",
+        "-extfile",
+        "san.ext",
+        "-out",
+        "server.pem",
+    ]);
+    dir
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_share_a_token_over_tls() {
+    let certificates = test_certificates();
+    let redis = RedisServer::start_with(Some(certificates.clone()));
+    replicas::cold_start(|| redis.store()).await;
+    // The server speaks TLS only: the token really went through it.
+    assert!(redis.get("test:token").is_some());
+    drop(redis);
+    let _ = std::fs::remove_dir_all(certificates);
 }
 
 #[test]
