@@ -112,3 +112,66 @@ async fn trace_output_carries_no_secret() {
         &["acc-secret-one", "acc-secret-two", "rt-rotated-secret"],
     );
 }
+
+#[tokio::test(flavor = "current_thread")]
+async fn token_store_paths_log_no_secret() {
+    use eshopbox_auth::store::{InProcessStore, RedisStore, TokenStore};
+
+    let captured = Captured::default();
+    let writer = captured.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::TRACE)
+        .with_ansi(false)
+        .with_writer(move || writer.clone())
+        .finish();
+    let _guard = tracing::subscriber::set_default(subscriber);
+
+    // Two layers share an in-process store against an endpoint that rotates the
+    // refresh token; a third has a Redis store on a port where nothing listens.
+    let endpoint = support::rotating_endpoint(86400).await;
+    let store = InProcessStore::new();
+    let layer = |store| {
+        EshopboxAuthLayer::builder(credentials())
+            .token_url(&endpoint.url())
+            .token_store(store)
+    };
+    let first = layer(store.clone()).build().unwrap();
+    let second = layer(store.clone()).build().unwrap();
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let down = RedisStore::new(&format!("redis://{}/", closed.local_addr().unwrap())).unwrap();
+    drop(closed);
+    let third = EshopboxAuthLayer::builder(credentials())
+        .token_url(&endpoint.url())
+        .token_store(down.clone())
+        .build()
+        .unwrap();
+    let get = || Request::get("/").body(Empty::<Bytes>::new()).unwrap();
+    let call = |layer: &EshopboxAuthLayer| {
+        ServiceBuilder::new()
+            .layer(layer.clone())
+            .service(EchoApi::default())
+            .oneshot(get())
+    };
+
+    assert_eq!(call(&first).await.unwrap().body(), "Bearer tok-1");
+    assert_eq!(call(&second).await.unwrap().body(), "Bearer tok-1");
+    first.handle().invalidate();
+    second.handle().invalidate();
+    assert_eq!(call(&second).await.unwrap().body(), "Bearer tok-2");
+    // The third layer sends the refresh token the store never gave it: refused, but
+    // logged and reported without the token.
+    let _ = call(&third).await;
+    assert_eq!(third.handle().stats().store_failures, 1);
+
+    let text = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
+    for event in [
+        "using the access token from the token store",
+        "token store unavailable",
+    ] {
+        assert!(text.contains(event), "no {event:?} in the log:\n{text}");
+    }
+    let shared = store.load().await.unwrap().unwrap();
+    let debug = format!("{shared:?} {store:?} {down:?} {first:?}");
+    let all = format!("{text}\n{debug}");
+    assert_no_secret(&all, &["tok-1", "tok-2", "rt-1", "rt-2"]);
+}
