@@ -129,6 +129,12 @@ impl RedisServer {
         let mut connection = self.client().get_connection().unwrap();
         redis::cmd("GET").arg(key).query(&mut connection).unwrap()
     }
+
+    /// Runs a command on a connection of its own.
+    fn command(&self, command: &mut redis::Cmd) {
+        let mut connection = self.client().get_connection().unwrap();
+        command.query::<()>(&mut connection).unwrap();
+    }
 }
 
 impl Drop for RedisServer {
@@ -295,6 +301,78 @@ async fn redis_stopped_and_restarted_under_traffic_fails_no_request() {
         .map(|l| l.handle().stats().store_failures)
         .sum();
     assert!(failures > 0, "the replicas noticed Redis was down");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_redis_fails_no_request() {
+    let redis = RedisServer::start();
+    let endpoint = TokenServer::counting(2).await;
+    let layers = endpoint_replicas(8, &endpoint, || redis.store());
+    let stop = Arc::new(AtomicBool::new(false));
+    let tasks = traffic(&layers, stop.clone());
+    until("the first token was shared", || endpoint.posts() >= 1).await;
+
+    // Redis stops answering for 3 s (longer than the 1 s store timeout).
+    redis.command(redis::cmd("CLIENT").arg("PAUSE").arg(3000).arg("ALL"));
+    let store_failures = || -> u64 {
+        layers
+            .iter()
+            .map(|l| l.handle().stats().store_failures)
+            .sum()
+    };
+    until("a replica gave up on the slow store", || {
+        store_failures() > 0
+    })
+    .await;
+    let at = endpoint.posts();
+    until("two more expiries passed", || endpoint.posts() >= at + 2).await;
+    stop.store(true, Ordering::Relaxed);
+    let (ok, failed) = totals(tasks).await;
+    assert_eq!(failed, 0, "{ok} requests succeeded");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_newest_refresh_token_survives_a_redis_restart_that_lost_the_data() {
+    let mut redis = RedisServer::start();
+    let endpoint = support::rotating_endpoint(3600).await;
+    let layers: Vec<EshopboxAuthLayer> = (0..3)
+        .map(|_| {
+            EshopboxAuthLayer::builder(support::credentials())
+                .token_url(&endpoint.url())
+                .token_store(redis.store())
+                .build()
+                .unwrap()
+        })
+        .collect();
+    let api = EchoApi::default();
+    let invalidate_all = || {
+        for layer in &layers {
+            layer.handle().invalidate();
+        }
+    };
+    burst(&layers, &api, 5).await; // tok-1, rt-1
+    invalidate_all();
+    burst(&layers[..1], &api, 5).await; // replica 0 rotates: tok-2, rt-2
+    burst(&layers, &api, 5).await; // the others take tok-2 (and rt-2)
+
+    // Redis comes back empty (no persistence): the stored refresh token is gone.
+    redis.stop();
+    redis.restart();
+    invalidate_all();
+    // Replica 1 never rotated, yet sends rt-2, and stores it again.
+    let seen = burst(&layers[1..2], &api, 5).await;
+    assert!(seen.iter().all(|auth| auth == "Bearer tok-3"), "{seen:?}");
+    let sent: Vec<String> = endpoint
+        .seen()
+        .iter()
+        .map(|seen| {
+            let body: serde_json::Value = serde_json::from_slice(&seen.body).unwrap();
+            body["refresh_token"].as_str().unwrap().to_owned()
+        })
+        .collect();
+    assert_eq!(sent, [support::REFRESH_TOKEN, "rt-1", "rt-2"]);
+    let stored = redis.store().load_refresh_token().await.unwrap().unwrap();
+    assert_eq!(secrecy::ExposeSecret::expose_secret(&stored), "rt-3");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -7,7 +7,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use chacha20poly1305::aead::{Aead, AeadCore, KeyInit, OsRng, Payload};
 use chacha20poly1305::{XChaCha20Poly1305, XNonce};
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use redis::{AsyncCommands, Script};
+use redis::{Cmd, FromRedisValue};
 use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Serialize};
 use tokio::sync::OnceCell;
@@ -154,6 +154,20 @@ impl RedisStore {
             .map_err(|e| redis_error("connecting to Redis", e))
     }
 
+    /// Runs one command. A command that finds the connection dropped (Redis restarted)
+    /// is sent once more, on the connection the manager re-establishes.
+    async fn query<T: FromRedisValue>(&self, doing: &str, command: &Cmd) -> Result<T, Error> {
+        let mut connection = self.connection().await?;
+        match command.query_async(&mut connection).await {
+            Err(e) if e.is_connection_dropped() || e.is_io_error() => {
+                tracing::debug!(error = %e, "Redis connection lost; sending the command again");
+                command.query_async(&mut connection).await
+            }
+            result => result,
+        }
+        .map_err(|e| redis_error(doing, e))
+    }
+
     /// `payload`, sealed to `key` when encryption is on, behind its marker byte.
     fn seal(&self, key: &str, payload: &[u8]) -> Result<Vec<u8>, Error> {
         let Some(cipher) = &self.cipher else {
@@ -212,11 +226,9 @@ impl RedisStore {
     }
 
     async fn load_token(&self) -> Result<Option<SharedToken>, Error> {
-        let mut connection = self.connection().await?;
-        let value: Option<Vec<u8>> = connection
-            .get(&self.keys.token)
-            .await
-            .map_err(|e| redis_error("reading the token", e))?;
+        let value: Option<Vec<u8>> = self
+            .query("reading the token", redis::cmd("GET").arg(&self.keys.token))
+            .await?;
         let Some(value) = value else {
             return Ok(None);
         };
@@ -252,45 +264,54 @@ impl RedisStore {
             .map_err(|_| Error::unavailable("could not encode the token for Redis"))?;
         let mut value = id_prefix(token.id()).into_bytes();
         value.extend(self.seal(&self.keys.token, &payload)?);
-        let mut connection = self.connection().await?;
-        connection
-            .pset_ex::<_, _, ()>(&self.keys.token, value, ttl)
-            .await
-            .map_err(|e| redis_error("writing the token", e))
+        self.query(
+            "writing the token",
+            redis::cmd("SET")
+                .arg(&self.keys.token)
+                .arg(value)
+                .arg("PX")
+                .arg(ttl),
+        )
+        .await
     }
 
     async fn delete_if_prefix(&self, key: &str, prefix: &str) -> Result<bool, Error> {
-        let mut connection = self.connection().await?;
-        let deleted: i64 = Script::new(DELETE_IF_PREFIX)
-            .key(key)
-            .arg(prefix)
-            .invoke_async(&mut connection)
-            .await
-            .map_err(|e| redis_error("running a compare-and-delete script", e))?;
+        let deleted: i64 = self
+            .query(
+                "running a compare-and-delete script",
+                redis::cmd("EVAL")
+                    .arg(DELETE_IF_PREFIX)
+                    .arg(1)
+                    .arg(key)
+                    .arg(prefix),
+            )
+            .await?;
         Ok(deleted > 0)
     }
 
     async fn lock(&self, owner: &str, lease: Duration) -> Result<bool, Error> {
-        let mut connection = self.connection().await?;
         let lease_ms = (lease.as_millis() as u64).max(1);
-        let taken: Option<String> = redis::cmd("SET")
-            .arg(&self.keys.lock)
-            .arg(owner)
-            .arg("NX")
-            .arg("PX")
-            .arg(lease_ms)
-            .query_async(&mut connection)
-            .await
-            .map_err(|e| redis_error("taking the refresh lock", e))?;
+        let taken: Option<String> = self
+            .query(
+                "taking the refresh lock",
+                redis::cmd("SET")
+                    .arg(&self.keys.lock)
+                    .arg(owner)
+                    .arg("NX")
+                    .arg("PX")
+                    .arg(lease_ms),
+            )
+            .await?;
         Ok(taken.is_some())
     }
 
     async fn load_refresh(&self) -> Result<Option<SecretString>, Error> {
-        let mut connection = self.connection().await?;
-        let value: Option<Vec<u8>> = connection
-            .get(&self.keys.refresh_token)
-            .await
-            .map_err(|e| redis_error("reading the refresh token", e))?;
+        let value: Option<Vec<u8>> = self
+            .query(
+                "reading the refresh token",
+                redis::cmd("GET").arg(&self.keys.refresh_token),
+            )
+            .await?;
         let Some(value) = value else {
             return Ok(None);
         };
@@ -305,11 +326,11 @@ impl RedisStore {
             &self.keys.refresh_token,
             refresh_token.expose_secret().as_bytes(),
         )?;
-        let mut connection = self.connection().await?;
-        connection
-            .set::<_, _, ()>(&self.keys.refresh_token, value)
-            .await
-            .map_err(|e| redis_error("writing the refresh token", e))
+        self.query(
+            "writing the refresh token",
+            redis::cmd("SET").arg(&self.keys.refresh_token).arg(value),
+        )
+        .await
     }
 }
 

@@ -35,9 +35,17 @@ pub(crate) struct Shared {
     call_timeout: Duration,
     /// Set after a store failure: refresh directly until then.
     paused_until: Mutex<Option<Instant>>,
-    /// A rotated refresh token that could not be written to the store yet. It is
-    /// newer than the stored one, so it is used (and written) first.
-    unsaved_rotation: Mutex<Option<SecretString>>,
+    /// The newest rotated refresh token this layer knows of.
+    rotation: Mutex<Rotation>,
+}
+
+/// The newest rotated refresh token a layer knows of, and whether the store has it.
+#[derive(Default)]
+struct Rotation {
+    latest: Option<SecretString>,
+    /// False for a rotation the store has not taken yet (it failed): that one is newer
+    /// than the stored one, so it is used, and written at the next chance.
+    stored: bool,
 }
 
 /// The store failed; the refresh goes on without it.
@@ -51,7 +59,7 @@ impl Shared {
             lease,
             call_timeout,
             paused_until: Mutex::new(None),
-            unsaved_rotation: Mutex::new(None),
+            rotation: Mutex::default(),
         }
     }
 
@@ -75,10 +83,14 @@ impl Shared {
     /// Keeps a refresh token rotated by a direct token call, to be stored (and used
     /// by the other replicas) once the store answers again.
     pub(crate) fn keep_rotation(&self, rotated: SecretString) {
-        *self
-            .unsaved_rotation
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner) = Some(rotated);
+        *self.rotation() = Rotation {
+            latest: Some(rotated),
+            stored: false,
+        };
+    }
+
+    fn rotation(&self) -> std::sync::MutexGuard<'_, Rotation> {
+        self.rotation.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     /// Notes a store failure: logged, and the store is left alone for a while.
@@ -139,9 +151,13 @@ impl Shared {
         usable: &impl Fn(&SharedToken) -> bool,
     ) -> Result<Option<Arc<Token>>, StoreFailed> {
         let stored = self.call(self.store.load()).await?;
-        Ok(stored
+        let adopted = stored
             .filter(usable)
-            .and_then(|stored| cache.adopt(&stored, reason)))
+            .and_then(|stored| cache.adopt(&stored, reason));
+        if adopted.is_some() {
+            self.follow_rotation(cache).await;
+        }
+        Ok(adopted)
     }
 
     /// Holding the lock: look once more, then make the token call and share its result.
@@ -181,44 +197,68 @@ impl Shared {
         Ok(outcome)
     }
 
-    /// Before a token call: the refresh token to send is the newest one — ours if a
-    /// rotation of ours is not stored yet (it is stored now), else the stored one.
+    /// Before a token call: the refresh token to send is the newest one. That is ours
+    /// if the store has not taken our last rotation yet (it is written now), else the
+    /// stored one. A store that lost its copy (a restart without persistence) gets
+    /// ours back.
     async fn sync_refresh_token(&self, cache: &TokenCache) -> Result<(), StoreFailed> {
-        let unsaved = self
-            .unsaved_rotation
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clone();
-        match unsaved {
-            Some(rotated) => {
-                self.call(self.store.save_refresh_token(&rotated)).await?;
-                self.unsaved_rotation
-                    .lock()
-                    .unwrap_or_else(PoisonError::into_inner)
-                    .take();
+        let (latest, stored) = {
+            let rotation = self.rotation();
+            (rotation.latest.clone(), rotation.stored)
+        };
+        match latest {
+            Some(latest) if !stored => {
+                self.call(self.store.save_refresh_token(&latest)).await?;
+                self.rotation().stored = true;
             }
-            None => {
-                if let Some(stored) = self.call(self.store.load_refresh_token()).await? {
-                    cache.use_refresh_token(stored);
+            latest => match self.call(self.store.load_refresh_token()).await? {
+                Some(from_store) => self.take_refresh_token(cache, from_store),
+                None => {
+                    if let Some(latest) = latest {
+                        self.call(self.store.save_refresh_token(&latest)).await?;
+                    }
                 }
-            }
+            },
         }
         Ok(())
+    }
+
+    /// After adopting another layer's token: also take the refresh token it may have
+    /// rotated, so this layer knows the newest one even if the store later loses it.
+    async fn follow_rotation(&self, cache: &TokenCache) {
+        let unsaved = {
+            let rotation = self.rotation();
+            rotation.latest.is_some() && !rotation.stored
+        };
+        if unsaved {
+            return;
+        }
+        if let Ok(Some(from_store)) = self.call(self.store.load_refresh_token()).await {
+            self.take_refresh_token(cache, from_store);
+        }
+    }
+
+    /// Uses a refresh token from the store from now on.
+    fn take_refresh_token(&self, cache: &TokenCache, from_store: SecretString) {
+        cache.use_refresh_token(from_store.clone());
+        *self.rotation() = Rotation {
+            latest: Some(from_store),
+            stored: true,
+        };
     }
 
     /// After a token call: writes the token and a rotated refresh token to the store.
     /// Failures are logged; a rotation that could not be written is kept for later.
     async fn publish(&self, token: &Token, rotated: Option<SecretString>) {
         if let Some(rotated) = rotated {
-            if let Err(StoreFailed(error)) =
-                self.call(self.store.save_refresh_token(&rotated)).await
-            {
+            let saved = self.call(self.store.save_refresh_token(&rotated)).await;
+            if let Err(StoreFailed(error)) = &saved {
                 tracing::warn!(%error, "could not store the rotated refresh token; will retry");
-                *self
-                    .unsaved_rotation
-                    .lock()
-                    .unwrap_or_else(PoisonError::into_inner) = Some(rotated);
             }
+            *self.rotation() = Rotation {
+                latest: Some(rotated),
+                stored: saved.is_ok(),
+            };
         }
         let Some(shared) = token.to_shared() else {
             return;
