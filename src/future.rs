@@ -128,6 +128,7 @@ where
 {
     type Output = Result<Response<RB>, BoxError>;
 
+    #[inline]
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let mut this = self.project();
         loop {
@@ -138,77 +139,128 @@ where
                     ready,
                 } => {
                     let token = ready!(token.as_mut().poll(cx))?;
-                    let Some(mut unsent) = unsent.take() else {
-                        return Poll::Ready(Err(polled_after_completion()));
-                    };
-                    unsent
-                        .request
-                        .headers_mut()
-                        .insert(AUTHORIZATION, token.header.clone());
-                    if *ready {
+                    let (unsent, ready) = (unsent.take(), *ready);
+                    if ready {
                         *this.generation = token.generation;
-                        let Unsent {
-                            mut service,
-                            request,
-                        } = *unsent;
-                        let future = service.call(request);
-                        this.state.set(State::Called { future });
-                    } else {
-                        this.state.set(State::Ready {
-                            unsent: Some(unsent),
-                        });
                     }
+                    with_token(this.state.as_mut(), &token, unsent, ready)?;
                 }
                 StateProj::Ready { unsent } => {
                     let Some(pending) = unsent.as_mut() else {
                         return Poll::Ready(Err(polled_after_completion()));
                     };
                     ready!(pending.service.poll_ready(cx)).map_err(Into::into)?;
-                    let Some(unsent) = unsent.take() else {
-                        return Poll::Ready(Err(polled_after_completion()));
-                    };
-                    let Unsent {
-                        mut service,
-                        request,
-                    } = *unsent;
-                    let future = service.call(request);
-                    this.state.set(State::Called { future });
+                    let unsent = unsent.take();
+                    send(this.state.as_mut(), unsent)?;
                 }
                 StateProj::Called { future } => {
                     let response = ready!(future.poll(cx)).map_err(Into::into)?;
                     if *this.resent || !this.unauthorized.is_unauthorized(&response) {
                         return Poll::Ready(Ok(response));
                     }
-                    // The first attempt was refused: drop this token (only if it is still
-                    // the current one), then resend once if a copy of the request exists.
-                    this.cache.invalidate(*this.generation);
-                    let Some(mut unsent) = this.replay.take() else {
+                    // The first attempt was refused: resend it once, if there is a copy.
+                    if !refused(this.state.as_mut(), this.cache, *this.generation, this.replay) {
                         return Poll::Ready(Ok(response));
-                    };
-                    *this.resent = true;
-                    this.cache.counters.resend();
-                    drop(response);
-                    tracing::debug!("request answered 401; resending it once with a new token");
-                    match this.cache.get() {
-                        Some((header, _)) => {
-                            unsent.request.headers_mut().insert(AUTHORIZATION, header);
-                            this.state.set(State::Ready {
-                                unsent: Some(unsent),
-                            });
-                        }
-                        None => this.state.set(State::Token {
-                            token: {
-                                this.cache.counters.waited();
-                                this.cache.wait()
-                            },
-                            unsent: Some(unsent),
-                            ready: false,
-                        }),
                     }
+                    *this.resent = true;
                 }
             }
         }
     }
+}
+
+// The rare transitions live in functions of their own, so that `poll` stays small for
+// the common case: one poll of the `Called` state.
+
+/// A token arrived for a request that waited: puts it on the request, then sends it
+/// (its service is ready) or waits for its service to be ready.
+#[cold]
+#[inline(never)]
+fn with_token<S, B>(
+    mut state: Pin<&mut State<S, B>>,
+    token: &Token,
+    unsent: Option<Box<Unsent<S, B>>>,
+    ready: bool,
+) -> Result<(), BoxError>
+where
+    S: Service<Request<B>>,
+{
+    let Some(mut unsent) = unsent else {
+        return Err(polled_after_completion());
+    };
+    unsent
+        .request
+        .headers_mut()
+        .insert(AUTHORIZATION, token.header.clone());
+    if ready {
+        send(state, Some(unsent))
+    } else {
+        state.set(State::Ready {
+            unsent: Some(unsent),
+        });
+        Ok(())
+    }
+}
+
+/// Sends a request on its service, which has been polled ready.
+#[cold]
+#[inline(never)]
+fn send<S, B>(
+    mut state: Pin<&mut State<S, B>>,
+    unsent: Option<Box<Unsent<S, B>>>,
+) -> Result<(), BoxError>
+where
+    S: Service<Request<B>>,
+{
+    let Some(unsent) = unsent else {
+        return Err(polled_after_completion());
+    };
+    let Unsent {
+        mut service,
+        request,
+    } = *unsent;
+    let future = service.call(request);
+    state.set(State::Called { future });
+    Ok(())
+}
+
+/// After a 401 for the first attempt: drops its token (only if it is still the
+/// current one) and, if a copy of the request was kept, moves on to resending it.
+/// Returns whether it did.
+#[cold]
+#[inline(never)]
+fn refused<S, B>(
+    mut state: Pin<&mut State<S, B>>,
+    cache: &Arc<TokenCache>,
+    generation: u64,
+    replay: &mut Option<Box<Unsent<S, B>>>,
+) -> bool
+where
+    S: Service<Request<B>>,
+{
+    cache.invalidate(generation);
+    let Some(mut unsent) = replay.take() else {
+        return false;
+    };
+    cache.counters.resend();
+    tracing::debug!("request answered 401; resending it once with a new token");
+    match cache.get() {
+        Some((header, _)) => {
+            unsent.request.headers_mut().insert(AUTHORIZATION, header);
+            state.set(State::Ready {
+                unsent: Some(unsent),
+            });
+        }
+        None => {
+            cache.counters.waited();
+            state.set(State::Token {
+                token: cache.wait(),
+                unsent: Some(unsent),
+                ready: false,
+            });
+        }
+    }
+    true
 }
 
 fn polled_after_completion() -> BoxError {

@@ -83,6 +83,7 @@ where
         self.inner.poll_ready(cx).map_err(Into::into)
     }
 
+    #[inline]
     fn call(&mut self, mut request: Request<B>) -> Self::Future {
         if let Some(workspace) = &self.shape.proxy_host {
             request.headers_mut().insert(PROXY_HOST, workspace.clone());
@@ -106,21 +107,38 @@ where
                     self.unauthorized.clone(),
                 )
             }
-            None => {
-                // The token must be fetched first. `self.inner` is the service the
-                // caller polled ready: take it along and leave a fresh clone behind.
-                let clone = self.inner.clone();
-                let ready = std::mem::replace(&mut self.inner, clone);
-                self.shared().counters.waited();
-                ResponseFuture::waiting(
-                    ready,
-                    request,
-                    self.shared().clone(),
-                    replay,
-                    self.unauthorized.clone(),
-                )
-            }
+            None => self.wait_for_token(request, replay),
         }
+    }
+}
+
+impl<S, P, C> EshopboxAuth<S, P, C>
+where
+    S: Clone,
+{
+    /// The first attempt must wait for a token. `self.inner` is the service the caller
+    /// polled ready: the request takes it along and leaves a fresh clone behind.
+    #[cold]
+    #[inline(never)]
+    fn wait_for_token<B>(
+        &mut self,
+        request: Request<B>,
+        replay: Option<Box<Unsent<S, B>>>,
+    ) -> ResponseFuture<S, B, C>
+    where
+        S: Service<Request<B>>,
+        C: Clone,
+    {
+        let clone = self.inner.clone();
+        let ready = std::mem::replace(&mut self.inner, clone);
+        self.shared().counters.waited();
+        ResponseFuture::waiting(
+            ready,
+            request,
+            self.shared().clone(),
+            replay,
+            self.unauthorized.clone(),
+        )
     }
 }
 

@@ -134,6 +134,13 @@ impl TokenCache {
     /// making sure a background refresh runs; no once expired.
     #[inline]
     pub(crate) fn admit(self: &Arc<Self>, token: &Token) -> bool {
+        // One load and compare while the token is fresh; the rest off the hot path.
+        token.phase.load(Ordering::Acquire) == FRESH || self.admit_unfresh(token)
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn admit_unfresh(self: &Arc<Self>, token: &Token) -> bool {
         match token.phase_now() {
             FRESH => true,
             STALE => {

@@ -30,8 +30,10 @@ impl Deref for Current {
 pub(crate) struct LocalToken {
     cache: Arc<TokenCache>,
     swap: Cache<Current, Option<Arc<Token>>>,
-    /// This clone's copy of the header, and the generation it was copied from.
-    header: Option<(u64, HeaderValue)>,
+    /// This clone's copy of the header, and the generation it was copied from (0: no
+    /// copy yet; generations start at 1).
+    header: HeaderValue,
+    copied: u64,
 }
 
 impl LocalToken {
@@ -39,7 +41,8 @@ impl LocalToken {
         LocalToken {
             swap: Cache::new(Current(cache.clone())),
             cache,
-            header: None,
+            header: HeaderValue::from_static(""),
+            copied: 0,
         }
     }
 
@@ -49,20 +52,18 @@ impl LocalToken {
 
     /// Like [`TokenCache::get`], from this clone's cache: the header and generation of
     /// a usable token, or `None` when the request must wait for a refresh.
+    #[inline]
     pub(crate) fn get(&mut self) -> Option<(HeaderValue, u64)> {
         let token = self.swap.load().as_ref()?;
         if !self.cache.admit(token) {
             return None;
         }
         let generation = token.generation;
-        match &self.header {
-            Some((copied, header)) if *copied == generation => Some((header.clone(), generation)),
-            _ => {
-                let header = own_copy(&token.header);
-                self.header = Some((generation, header.clone()));
-                Some((header, generation))
-            }
+        if self.copied != generation {
+            self.header = own_copy(&token.header);
+            self.copied = generation;
         }
+        Some((self.header.clone(), generation))
     }
 }
 
