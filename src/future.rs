@@ -159,7 +159,12 @@ where
                         return Poll::Ready(Ok(response));
                     }
                     // The first attempt was refused: resend it once, if there is a copy.
-                    if !refused(this.state.as_mut(), this.cache, *this.generation, this.replay) {
+                    if !refused(
+                        this.state.as_mut(),
+                        this.cache,
+                        *this.generation,
+                        this.replay,
+                    ) {
                         return Poll::Ready(Ok(response));
                     }
                     *this.resent = true;

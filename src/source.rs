@@ -50,6 +50,19 @@ pub trait TokenSource: Send + Sync + 'static {
     /// cooldown, an [`Unavailable`](crate::ErrorKind::Unavailable) one is retried
     /// with back-off.
     fn fetch(&self) -> BoxFuture<'_, Result<FetchedToken, Error>>;
+
+    /// The refresh token the source sends next, if it uses one that the provider
+    /// rotates. With a [token store](crate::store), the layer shares it with the other
+    /// replicas after each token call. The default: none.
+    fn refresh_token(&self) -> Option<SecretString> {
+        None
+    }
+
+    /// Sends `refresh_token` from now on: another replica sharing the
+    /// [token store](crate::store) rotated it. The default ignores it.
+    fn use_refresh_token(&self, refresh_token: SecretString) {
+        let _ = refresh_token;
+    }
 }
 
 /// A token as a [`TokenSource`] obtained it.
@@ -148,6 +161,14 @@ impl<T: TokenSource> Source for Custom<T> {
             })
         })
     }
+
+    fn refresh_token(&self) -> Option<SecretString> {
+        self.source.refresh_token()
+    }
+
+    fn use_refresh_token(&self, refresh_token: SecretString) {
+        self.source.use_refresh_token(refresh_token);
+    }
 }
 
 /// The generic OAuth 2 grants against any token endpoint.
@@ -200,6 +221,14 @@ impl TokenSource for OAuth2Source {
             fetched.refresh_token = response.rotated;
             Ok(fetched)
         })
+    }
+
+    fn refresh_token(&self) -> Option<SecretString> {
+        Source::refresh_token(&self.endpoint)
+    }
+
+    fn use_refresh_token(&self, refresh_token: SecretString) {
+        Source::use_refresh_token(&self.endpoint, refresh_token);
     }
 }
 

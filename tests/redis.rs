@@ -162,6 +162,12 @@ async fn a_stalled_lock_holder_is_taken_over_after_its_lease() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_but_live_lock_holder_keeps_its_lock() {
+    let redis = RedisServer::start();
+    replicas::slow_holder(|| redis.store()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rotated_refresh_token_is_shared_through_redis() {
     let redis = RedisServer::start();
     replicas::rotation(|| redis.store()).await;

@@ -36,8 +36,63 @@ async fn a_stalled_lock_holder_is_taken_over_after_its_lease() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_but_live_lock_holder_keeps_its_lock() {
+    replicas::slow_holder(in_process()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rotated_refresh_token_is_used_by_every_layer() {
     replicas::rotation(in_process()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rotation_in_an_unusable_answer_is_shared_too() {
+    // The first answer rotates the refresh token but carries no access token.
+    let endpoint = support::TokenServer::start(|n| match n {
+        1 => support::Reply::json(200, r#"{"refresh_token":"rt-1"}"#),
+        _ => support::Reply::token("tok-2", 3600),
+    })
+    .await;
+    let store = InProcessStore::new();
+    let layer = || {
+        EshopboxAuthLayer::builder(support::credentials())
+            .token_url(&endpoint.url())
+            .token_store(store.clone())
+            .build()
+            .unwrap()
+    };
+    let (first, second) = (layer(), layer());
+    let err = burst_result(&first).await.unwrap_err();
+    assert_eq!(
+        err.downcast_ref::<Error>().unwrap().kind(),
+        eshopbox_auth::ErrorKind::InvalidResponse
+    );
+    let stored = store.load_refresh_token().await.unwrap().unwrap();
+    assert_eq!(secrecy::ExposeSecret::expose_secret(&stored), "rt-1");
+
+    // The other replica sends the rotated refresh token, not the spent one.
+    assert!(burst_result(&second).await.is_ok());
+    let sent: Vec<String> = endpoint
+        .seen()
+        .iter()
+        .map(|seen| {
+            let body: serde_json::Value = serde_json::from_slice(&seen.body).unwrap();
+            body["refresh_token"].as_str().unwrap().to_owned()
+        })
+        .collect();
+    assert_eq!(sent, [support::REFRESH_TOKEN, "rt-1"]);
+}
+
+/// One request through `layer`.
+async fn burst_result(layer: &EshopboxAuthLayer) -> Result<String, tower::BoxError> {
+    use tower::{Layer, ServiceExt};
+    let response = layer
+        .layer(EchoApi::default())
+        .oneshot(http::Request::new(
+            http_body_util::Empty::<bytes::Bytes>::new(),
+        ))
+        .await?;
+    Ok(response.into_body())
 }
 
 /// A store that is down: every call fails at once, as with a refused connection, or
@@ -97,7 +152,7 @@ impl TokenStore for Broken {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[tokio::test(start_paused = true)]
 async fn a_failing_store_costs_no_request() {
     let calls = Arc::new(AtomicUsize::new(0));
     let store = Broken::refusing();

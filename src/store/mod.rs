@@ -139,22 +139,26 @@ pub trait TokenStore: Send + Sync + 'static {
     /// The stored token, if any.
     fn load(&self) -> BoxFuture<'_, Result<Option<SharedToken>, Error>>;
 
-    /// Stores `token` in place of the stored one, to be forgotten at its expiry.
+    /// Stores `token` in place of the stored one, to be forgotten at its expiry —
+    /// unless the stored one expires later (atomically): a replica that finishes late
+    /// does not replace a newer token.
     fn save<'a>(&'a self, token: &'a SharedToken) -> BoxFuture<'a, Result<(), Error>>;
 
     /// Removes the stored token if its id is `id` (atomically). Returns whether it did.
     fn remove(&self, id: u64) -> BoxFuture<'_, Result<bool, Error>>;
 
-    /// Takes the refresh lock for `owner` for `lease`, if no one holds it. Returns
-    /// whether it did.
+    /// Takes the refresh lock for `owner` for `lease` if no one holds it, or extends
+    /// it to `lease` from now if `owner` holds it (atomically). Returns whether
+    /// `owner` holds the lock now. The layer calls it again every third of the lease
+    /// while its token call runs.
     fn try_lock<'a>(
         &'a self,
         owner: &'a str,
         lease: Duration,
     ) -> BoxFuture<'a, Result<bool, Error>>;
 
-    /// Releases the refresh lock if `owner` holds it (atomically): a lock whose lease
-    /// ran out and was taken by another owner stays.
+    /// Releases the refresh lock if `owner` (exactly) holds it, atomically: a lock
+    /// whose lease ran out and was taken by another owner stays.
     fn unlock<'a>(&'a self, owner: &'a str) -> BoxFuture<'a, Result<(), Error>>;
 
     /// The refresh token to use next, if one was rotated and stored.
@@ -218,7 +222,14 @@ impl TokenStore for InProcessStore {
     }
 
     fn save<'a>(&'a self, token: &'a SharedToken) -> BoxFuture<'a, Result<(), Error>> {
-        self.state().token = Some(token.clone());
+        let mut state = self.state();
+        let later = state
+            .token
+            .as_ref()
+            .is_some_and(|stored| stored.expires_at > token.expires_at);
+        if !later {
+            state.token = Some(token.clone());
+        }
         Box::pin(async { Ok(()) })
     }
 
@@ -238,11 +249,14 @@ impl TokenStore for InProcessStore {
     ) -> BoxFuture<'a, Result<bool, Error>> {
         let mut state = self.state();
         let now = Instant::now();
-        let free = state.lock.as_ref().is_none_or(|(_, until)| now >= *until);
-        if free {
+        let ours = state
+            .lock
+            .as_ref()
+            .is_none_or(|(holder, until)| holder == owner || now >= *until);
+        if ours {
             state.lock = Some((owner.to_owned(), now + lease));
         }
-        Box::pin(async move { Ok(free) })
+        Box::pin(async move { Ok(ours) })
     }
 
     fn unlock<'a>(&'a self, owner: &'a str) -> BoxFuture<'a, Result<(), Error>> {

@@ -20,8 +20,9 @@ use crate::source::BoxFuture;
 const DEFAULT_PREFIX: &str = "eshopbox-auth:";
 /// Bound on connecting (the layer bounds each call as well).
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
-/// Length of the stored token's id prefix: 16 hex digits and a space.
-const ID_LEN: usize = 17;
+/// The stored token's clear prefix: its id and expiry (Unix ms), 16 hex digits each,
+/// each followed by a space.
+const HEADER_LEN: usize = 34;
 /// Marks a plain-text payload.
 const PLAIN: u8 = b'p';
 /// Marks an encrypted payload: nonce, then ciphertext.
@@ -29,11 +30,45 @@ const SEALED: u8 = b'e';
 /// XChaCha20-Poly1305 nonce length.
 const NONCE_LEN: usize = 24;
 
-/// Deletes `KEYS[1]` if its value starts with `ARGV[1]`: the token with that id, or
-/// the lock of that owner (its whole value).
-const DELETE_IF_PREFIX: &str = r"
-local value = redis.call('GET', KEYS[1])
-if value and string.sub(value, 1, string.len(ARGV[1])) == ARGV[1] then
+/// Stores the token `ARGV[1]` (with a TTL of `ARGV[3]` ms) unless the stored one
+/// expires after `ARGV[2]` (hex Unix ms, characters 18 to 33 of a stored value).
+const SAVE_UNLESS_LATER: &str = r"
+local stored = redis.call('GET', KEYS[1])
+if stored and tonumber(string.sub(stored, 18, 33), 16) > tonumber(ARGV[2], 16) then
+    return 0
+end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[3])
+return 1
+";
+
+/// Deletes the token if its id (the first 17 characters: 16 hex digits and a space)
+/// is `ARGV[1]`.
+const REMOVE_IF_ID: &str = r"
+local stored = redis.call('GET', KEYS[1])
+if stored and string.sub(stored, 1, 17) == ARGV[1] then
+    return redis.call('DEL', KEYS[1])
+end
+return 0
+";
+
+/// Takes the lock for owner `ARGV[1]` for `ARGV[2]` ms, or extends it if that owner
+/// holds it. Safe to send twice.
+const TAKE_OR_RENEW: &str = r"
+local holder = redis.call('GET', KEYS[1])
+if holder == ARGV[1] then
+    redis.call('PEXPIRE', KEYS[1], ARGV[2])
+    return 1
+end
+if holder then
+    return 0
+end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+return 1
+";
+
+/// Deletes the lock if owner `ARGV[1]` holds it.
+const RELEASE: &str = r"
+if redis.call('GET', KEYS[1]) == ARGV[1] then
     return redis.call('DEL', KEYS[1])
 end
 return 0
@@ -168,8 +203,9 @@ impl RedisStore {
         .map_err(|e| redis_error(doing, e))
     }
 
-    /// `payload`, sealed to `key` when encryption is on, behind its marker byte.
-    fn seal(&self, key: &str, payload: &[u8]) -> Result<Vec<u8>, Error> {
+    /// `payload`, sealed to `key` and `context` when encryption is on, behind its
+    /// marker byte.
+    fn seal(&self, key: &str, context: &[u8], payload: &[u8]) -> Result<Vec<u8>, Error> {
         let Some(cipher) = &self.cipher else {
             let mut out = Vec::with_capacity(payload.len() + 1);
             out.push(PLAIN);
@@ -182,7 +218,7 @@ impl RedisStore {
                 &nonce,
                 Payload {
                     msg: payload,
-                    aad: key.as_bytes(),
+                    aad: &[key.as_bytes(), context].concat(),
                 },
             )
             .map_err(|_| Error::unavailable("could not encrypt a value for the token store"))?;
@@ -194,7 +230,7 @@ impl RedisStore {
     }
 
     /// The payload of a value written by [`seal`](Self::seal).
-    fn open(&self, key: &str, value: &[u8]) -> Result<Vec<u8>, Error> {
+    fn open(&self, key: &str, context: &[u8], value: &[u8]) -> Result<Vec<u8>, Error> {
         match (value.split_first(), &self.cipher) {
             (Some((&PLAIN, payload)), None) => Ok(payload.to_vec()),
             (Some((&SEALED, rest)), Some(cipher)) if rest.len() > NONCE_LEN => {
@@ -204,7 +240,7 @@ impl RedisStore {
                         XNonce::from_slice(nonce),
                         Payload {
                             msg: sealed,
-                            aad: key.as_bytes(),
+                            aad: &[key.as_bytes(), context].concat(),
                         },
                     )
                     .map_err(|_| {
@@ -233,14 +269,15 @@ impl RedisStore {
             return Ok(None);
         };
         let malformed = || Error::invalid_response("the token in Redis is malformed");
-        if value.len() < ID_LEN || value[ID_LEN - 1] != b' ' {
+        if value.len() < HEADER_LEN || value[16] != b' ' || value[HEADER_LEN - 1] != b' ' {
             return Err(malformed());
         }
-        let id = std::str::from_utf8(&value[..ID_LEN - 1])
+        let id = std::str::from_utf8(&value[..16])
             .ok()
             .and_then(|hex| u64::from_str_radix(hex, 16).ok())
             .ok_or_else(malformed)?;
-        let payload = self.open(&self.keys.token, &value[ID_LEN..])?;
+        let (header, sealed) = value.split_at(HEADER_LEN);
+        let payload = self.open(&self.keys.token, header, sealed)?;
         let stored: Stored = serde_json::from_slice(&payload).map_err(|_| malformed())?;
         Ok(Some(SharedToken::new(
             id,
@@ -262,47 +299,39 @@ impl RedisStore {
         };
         let payload = serde_json::to_vec(&stored)
             .map_err(|_| Error::unavailable("could not encode the token for Redis"))?;
-        let mut value = id_prefix(token.id()).into_bytes();
-        value.extend(self.seal(&self.keys.token, &payload)?);
-        self.query(
-            "writing the token",
-            redis::cmd("SET")
-                .arg(&self.keys.token)
-                .arg(value)
-                .arg("PX")
-                .arg(ttl),
-        )
-        .await
-    }
-
-    async fn delete_if_prefix(&self, key: &str, prefix: &str) -> Result<bool, Error> {
-        let deleted: i64 = self
+        let expires_ms = format!("{:016x}", stored.expires_at_ms);
+        let header = format!("{}{expires_ms} ", id_prefix(token.id()));
+        let mut value = header.clone().into_bytes();
+        value.extend(self.seal(&self.keys.token, header.as_bytes(), &payload)?);
+        let _stored: i64 = self
             .query(
-                "running a compare-and-delete script",
+                "writing the token",
                 redis::cmd("EVAL")
-                    .arg(DELETE_IF_PREFIX)
+                    .arg(SAVE_UNLESS_LATER)
                     .arg(1)
-                    .arg(key)
-                    .arg(prefix),
+                    .arg(&self.keys.token)
+                    .arg(value)
+                    .arg(expires_ms)
+                    .arg(ttl),
             )
             .await?;
-        Ok(deleted > 0)
+        Ok(())
     }
 
-    async fn lock(&self, owner: &str, lease: Duration) -> Result<bool, Error> {
-        let lease_ms = (lease.as_millis() as u64).max(1);
-        let taken: Option<String> = self
-            .query(
-                "taking the refresh lock",
-                redis::cmd("SET")
-                    .arg(&self.keys.lock)
-                    .arg(owner)
-                    .arg("NX")
-                    .arg("PX")
-                    .arg(lease_ms),
-            )
-            .await?;
-        Ok(taken.is_some())
+    /// Runs one of the scripts above on `key` with `args`; returns its number.
+    async fn script(
+        &self,
+        doing: &str,
+        script: &str,
+        key: &str,
+        args: &[&str],
+    ) -> Result<i64, Error> {
+        let mut command = redis::cmd("EVAL");
+        command.arg(script).arg(1).arg(key);
+        for arg in args {
+            command.arg(*arg);
+        }
+        self.query(doing, &command).await
     }
 
     async fn load_refresh(&self) -> Result<Option<SecretString>, Error> {
@@ -315,7 +344,7 @@ impl RedisStore {
         let Some(value) = value else {
             return Ok(None);
         };
-        let payload = self.open(&self.keys.refresh_token, &value)?;
+        let payload = self.open(&self.keys.refresh_token, b"", &value)?;
         let token = String::from_utf8(payload)
             .map_err(|_| Error::invalid_response("the refresh token in Redis is malformed"))?;
         Ok(Some(SecretString::from(token)))
@@ -324,6 +353,7 @@ impl RedisStore {
     async fn save_refresh(&self, refresh_token: &SecretString) -> Result<(), Error> {
         let value = self.seal(
             &self.keys.refresh_token,
+            b"",
             refresh_token.expose_secret().as_bytes(),
         )?;
         self.query(
@@ -345,8 +375,15 @@ impl TokenStore for RedisStore {
 
     fn remove(&self, id: u64) -> BoxFuture<'_, Result<bool, Error>> {
         Box::pin(async move {
-            self.delete_if_prefix(&self.keys.token, &id_prefix(id))
-                .await
+            let removed = self
+                .script(
+                    "removing the token",
+                    REMOVE_IF_ID,
+                    &self.keys.token,
+                    &[&id_prefix(id)],
+                )
+                .await?;
+            Ok(removed > 0)
         })
     }
 
@@ -355,14 +392,29 @@ impl TokenStore for RedisStore {
         owner: &'a str,
         lease: Duration,
     ) -> BoxFuture<'a, Result<bool, Error>> {
-        Box::pin(self.lock(owner, lease))
+        Box::pin(async move {
+            let lease_ms = (lease.as_millis() as u64).max(1).to_string();
+            let held = self
+                .script(
+                    "taking the refresh lock",
+                    TAKE_OR_RENEW,
+                    &self.keys.lock,
+                    &[owner, &lease_ms],
+                )
+                .await?;
+            Ok(held > 0)
+        })
     }
 
     fn unlock<'a>(&'a self, owner: &'a str) -> BoxFuture<'a, Result<(), Error>> {
         Box::pin(async move {
-            // The owner id is the lock's whole value, and every owner id has one length,
-            // so a prefix match is an exact match.
-            self.delete_if_prefix(&self.keys.lock, owner).await?;
+            self.script(
+                "releasing the refresh lock",
+                RELEASE,
+                &self.keys.lock,
+                &[owner],
+            )
+            .await?;
             Ok(())
         })
     }

@@ -402,16 +402,24 @@ impl TokenCache {
         if let Some(shared) = self.shared.as_ref().filter(|s| s.available()) {
             match shared.refresh(self, reason, deadline).await {
                 Ok(outcome) => return outcome,
-                Err(failure) => {
-                    self.counters.store_failure();
-                    shared.failed(failure);
+                Err(failure) => shared.failed(self, failure),
+            }
+        }
+        let before = self.refresh_token();
+        let fetched = self.fetch(reason, deadline).await;
+        if let Some(shared) = &self.shared {
+            // A rotation (even from an otherwise unusable answer) reaches the store
+            // once it answers again.
+            if let Some(after) = self.refresh_token() {
+                let rotated = before
+                    .as_ref()
+                    .is_none_or(|b| b.expose_secret() != after.expose_secret());
+                if rotated {
+                    shared.keep_rotation(after);
                 }
             }
         }
-        let (response, sent_at) = self.fetch(reason, deadline).await?;
-        if let (Some(shared), Some(rotated)) = (&self.shared, &response.rotated) {
-            shared.keep_rotation(rotated.clone());
-        }
+        let (response, sent_at) = fetched?;
         Ok(self.install(response, sent_at))
     }
 
@@ -548,12 +556,25 @@ impl TokenCache {
         token
     }
 
-    /// The store id of the last token invalidated by a 401, once.
-    pub(crate) fn take_failed_shared_id(&self) -> Option<u64> {
-        match self.failed_shared_id.swap(0, Ordering::Relaxed) {
+    /// The store id of the last token a 401 invalidated, until the store has
+    /// dropped it ([`forget_failed_shared_id`](Self::forget_failed_shared_id)).
+    pub(crate) fn failed_shared_id(&self) -> Option<u64> {
+        match self.failed_shared_id.load(Ordering::Relaxed) {
             0 => None,
             id => Some(id),
         }
+    }
+
+    /// The store no longer holds the token with this id.
+    pub(crate) fn forget_failed_shared_id(&self, id: u64) {
+        let _ = self
+            .failed_shared_id
+            .compare_exchange(id, 0, Ordering::Relaxed, Ordering::Relaxed);
+    }
+
+    /// The refresh token the source sends next, if it has one.
+    pub(crate) fn refresh_token(&self) -> Option<SecretString> {
+        self.source.refresh_token()
     }
 
     /// Sends `refresh_token` with the next token requests (it came from the store).

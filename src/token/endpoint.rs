@@ -117,6 +117,18 @@ impl Source for GrantEndpoint {
             *current.lock().unwrap_or_else(PoisonError::into_inner) = refresh_token;
         }
     }
+
+    fn refresh_token(&self) -> Option<SecretString> {
+        match &self.inner.config.grant {
+            GrantKind::RefreshToken(current) => Some(
+                current
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .clone(),
+            ),
+            GrantKind::ClientCredentials { .. } => None,
+        }
+    }
 }
 
 impl Inner {

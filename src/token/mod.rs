@@ -65,6 +65,11 @@ pub(crate) trait Source: Send + Sync + 'static {
     fn use_refresh_token(&self, refresh_token: SecretString) {
         let _ = refresh_token;
     }
+
+    /// The refresh token the source sends next, if it uses one.
+    fn refresh_token(&self) -> Option<SecretString> {
+        None
+    }
 }
 
 /// [`Token::phase`]: before `refresh_at`.

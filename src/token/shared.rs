@@ -1,16 +1,25 @@
 //! A refresh coordinated through a [`TokenStore`]: adopt another replica's token, or
 //! take the store's lock and make the one token call for everybody.
 //!
-//! Every store call is bounded by a timeout. A store failure before the token call
-//! hands the refresh back to the cache, which then calls the token endpoint directly;
-//! after the token call, store failures are only logged. Either way the store is left
-//! alone for a short while, so a dead store does not slow every refresh down.
+//! - Every store call is bounded by a timeout.
+//! - A store failure before the token call hands the refresh back to the cache, which
+//!   then calls the token endpoint directly. After the token call, the first store
+//!   failure ends the store work for this refresh (the token is already in use here).
+//!   Either way the store is left alone for a short while, so a dead store does not
+//!   slow every refresh down.
+//! - The lock holder renews its lease while its token call runs, so a slow but live
+//!   holder is never taken over; a holder that stops answering loses the lock when
+//!   the lease runs out.
+//! - A replica waits for another's refresh for at most half the token timeout, then
+//!   refreshes directly with the other half.
 
 use std::future::Future;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::pin::pin;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::task::Poll;
 use std::time::Duration;
 
-use secrecy::SecretString;
+use secrecy::{ExposeSecret, SecretString};
 use tokio::time::Instant;
 
 use super::cache::{Reason, TokenCache};
@@ -80,8 +89,18 @@ impl Shared {
         }
     }
 
-    /// Keeps a refresh token rotated by a direct token call, to be stored (and used
-    /// by the other replicas) once the store answers again.
+    /// Notes a store failure: logged, and the store is left alone for a while.
+    pub(crate) fn failed(&self, cache: &TokenCache, StoreFailed(error): StoreFailed) {
+        tracing::warn!(%error, "token store unavailable; requesting tokens directly for now");
+        cache.counters.store_failure();
+        *self
+            .paused_until
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = Some(Instant::now() + STORE_PAUSE);
+    }
+
+    /// Keeps a refresh token rotated by a direct token call, to be stored (and used by
+    /// the other replicas) once the store answers again.
     pub(crate) fn keep_rotation(&self, rotated: SecretString) {
         *self.rotation() = Rotation {
             latest: Some(rotated),
@@ -89,38 +108,35 @@ impl Shared {
         };
     }
 
-    fn rotation(&self) -> std::sync::MutexGuard<'_, Rotation> {
+    fn rotation(&self) -> MutexGuard<'_, Rotation> {
         self.rotation.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Notes a store failure: logged, and the store is left alone for a while.
-    pub(crate) fn failed(&self, StoreFailed(error): StoreFailed) {
-        tracing::warn!(%error, "token store unavailable; requesting tokens directly for now");
-        *self
-            .paused_until
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner) = Some(Instant::now() + STORE_PAUSE);
-    }
-
-    /// One refresh through the store. `Err` means the store failed before any token
-    /// call was made; the caller then refreshes directly.
+    /// One refresh through the store. `Err` means the store failed (or another
+    /// replica held the lock too long) before any token call was made; the caller then
+    /// refreshes directly.
     pub(crate) async fn refresh(
         &self,
         cache: &TokenCache,
         reason: Reason,
         deadline: Instant,
     ) -> Result<Result<Arc<Token>, Error>, StoreFailed> {
-        // The token being replaced: a stored token with its id is no use.
+        self.flush_rotation().await?;
+        // The token being replaced, and one a 401 refused: stored tokens with these
+        // ids are no use.
         let replacing = cache.peek().map(|t| t.shared_id);
         let failed = match reason {
-            Reason::Invalidated => cache.take_failed_shared_id(),
+            Reason::Invalidated => cache.failed_shared_id(),
             _ => None,
         };
         if let Some(id) = failed {
             self.call(self.store.remove(id)).await?;
+            cache.forget_failed_shared_id(id);
         }
         let usable =
             |stored: &SharedToken| Some(stored.id()) != replacing && Some(stored.id()) != failed;
+        let now = Instant::now();
+        let wait_until = now + deadline.saturating_duration_since(now) / 2;
         let mut pause = POLL_MIN;
         loop {
             if let Some(token) = self.adopt(cache, reason, &usable).await? {
@@ -132,9 +148,9 @@ impl Shared {
             {
                 return self.refresh_locked(cache, reason, deadline, &usable).await;
             }
-            if Instant::now() + pause >= deadline {
-                return Ok(Err(Error::unavailable(
-                    "another process held the token store's refresh lock for the whole token timeout",
+            if Instant::now() + pause >= wait_until {
+                return Err(StoreFailed(Error::unavailable(
+                    "another process held the token store's refresh lock for half the token timeout",
                 )));
             }
             tracing::trace!(?pause, "another process is refreshing the token; waiting");
@@ -160,7 +176,8 @@ impl Shared {
         Ok(adopted)
     }
 
-    /// Holding the lock: look once more, then make the token call and share its result.
+    /// Holding the lock: look once more, then make the token call (renewing the lease
+    /// meanwhile) and share its result. Releases the lock unless the store failed.
     async fn refresh_locked(
         &self,
         cache: &TokenCache,
@@ -168,57 +185,89 @@ impl Shared {
         deadline: Instant,
         usable: &impl Fn(&SharedToken) -> bool,
     ) -> Result<Result<Arc<Token>, Error>, StoreFailed> {
-        let ready = match self.adopt(cache, reason, usable).await {
-            Ok(adopted) => adopted,
-            Err(failure) => {
-                self.release().await;
-                return Err(failure);
-            }
-        };
-        if let Some(token) = ready {
-            self.release().await;
+        if let Some(token) = self.adopt(cache, reason, usable).await? {
+            self.release(cache).await;
             return Ok(Ok(token));
         }
-        if let Err(failure) = self.sync_refresh_token(cache).await {
-            self.release().await;
-            return Err(failure);
+        self.sync_refresh_token(cache).await?;
+        let before = cache.refresh_token();
+        let fetched = self.renewing(cache.fetch(reason, deadline)).await;
+        // The source may have switched to a rotated refresh token even if the answer
+        // was otherwise unusable: share it either way.
+        let rotated = cache
+            .refresh_token()
+            .filter(|after| !same(Some(after), before.as_ref()));
+        let outcome = fetched.map(|(response, sent_at)| cache.install(response, sent_at));
+        if self.publish(cache, outcome.as_ref().ok(), rotated).await {
+            self.release(cache).await;
         }
-        let result = cache.fetch(reason, deadline).await;
-        let outcome = match result {
-            Ok((response, sent_at)) => {
-                let rotated = response.rotated.clone();
-                let token = cache.install(response, sent_at);
-                self.publish(&token, rotated).await;
-                Ok(token)
-            }
-            Err(error) => Err(error),
-        };
-        self.release().await;
         Ok(outcome)
     }
 
-    /// Before a token call: the refresh token to send is the newest one. That is ours
-    /// if the store has not taken our last rotation yet (it is written now), else the
-    /// stored one. A store that lost its copy (a restart without persistence) gets
-    /// ours back.
-    async fn sync_refresh_token(&self, cache: &TokenCache) -> Result<(), StoreFailed> {
-        let (latest, stored) = {
-            let rotation = self.rotation();
-            (rotation.latest.clone(), rotation.stored)
-        };
-        match latest {
-            Some(latest) if !stored => {
-                self.call(self.store.save_refresh_token(&latest)).await?;
-                self.rotation().stored = true;
-            }
-            latest => match self.call(self.store.load_refresh_token()).await? {
-                Some(from_store) => self.take_refresh_token(cache, from_store),
-                None => {
-                    if let Some(latest) = latest {
-                        self.call(self.store.save_refresh_token(&latest)).await?;
+    /// Runs `work` while renewing the lock's lease every third of it. If a renewal
+    /// fails or finds the lock taken, renewing stops and `work` goes on.
+    async fn renewing<F: Future>(&self, work: F) -> F::Output {
+        let renew = async {
+            loop {
+                tokio::time::sleep(self.lease / 3).await;
+                match self
+                    .call(self.store.try_lock(&self.owner, self.lease))
+                    .await
+                {
+                    Ok(true) => {}
+                    Ok(false) => {
+                        tracing::warn!("lost the token store's refresh lock during the token call");
+                        break;
+                    }
+                    Err(StoreFailed(error)) => {
+                        tracing::warn!(%error, "could not renew the token store's refresh lock");
+                        break;
                     }
                 }
-            },
+            }
+            std::future::pending::<()>().await;
+        };
+        let mut work = pin!(work);
+        let mut renew = pin!(renew);
+        std::future::poll_fn(|cx| {
+            if let Poll::Ready(output) = work.as_mut().poll(cx) {
+                return Poll::Ready(output);
+            }
+            let _ = renew.as_mut().poll(cx);
+            Poll::Pending
+        })
+        .await
+    }
+
+    /// Writes a rotation the store has not taken yet.
+    async fn flush_rotation(&self) -> Result<(), StoreFailed> {
+        let unsaved = {
+            let rotation = self.rotation();
+            rotation.latest.clone().filter(|_| !rotation.stored)
+        };
+        if let Some(latest) = unsaved {
+            self.call(self.store.save_refresh_token(&latest)).await?;
+            let mut rotation = self.rotation();
+            if same(rotation.latest.as_ref(), Some(&latest)) {
+                rotation.stored = true;
+            }
+        }
+        Ok(())
+    }
+
+    /// Before a token call: the refresh token to send is the newest one — the stored
+    /// one (ours, if ours was newer, has just been written by `flush_rotation`). A
+    /// store that lost its copy (a restart without persistence) gets ours back.
+    async fn sync_refresh_token(&self, cache: &TokenCache) -> Result<(), StoreFailed> {
+        self.flush_rotation().await?;
+        match self.call(self.store.load_refresh_token()).await? {
+            Some(from_store) => self.take_refresh_token(cache, from_store),
+            None => {
+                let latest = self.rotation().latest.clone();
+                if let Some(latest) = latest {
+                    self.call(self.store.save_refresh_token(&latest)).await?;
+                }
+            }
         }
         Ok(())
     }
@@ -226,11 +275,7 @@ impl Shared {
     /// After adopting another layer's token: also take the refresh token it may have
     /// rotated, so this layer knows the newest one even if the store later loses it.
     async fn follow_rotation(&self, cache: &TokenCache) {
-        let unsaved = {
-            let rotation = self.rotation();
-            rotation.latest.is_some() && !rotation.stored
-        };
-        if unsaved {
+        if self.flush_rotation().await.is_err() {
             return;
         }
         if let Ok(Some(from_store)) = self.call(self.store.load_refresh_token()).await {
@@ -247,40 +292,37 @@ impl Shared {
         };
     }
 
-    /// After a token call: writes the token and a rotated refresh token to the store.
-    /// Failures are logged; a rotation that could not be written is kept for later.
-    async fn publish(&self, token: &Token, rotated: Option<SecretString>) {
+    /// After a token call: writes a rotated refresh token and the new access token to
+    /// the store (a later token already stored stays). Returns `false` if the store
+    /// failed: the rest is skipped, the store paused, and an unwritten rotation kept
+    /// for later.
+    async fn publish(
+        &self,
+        cache: &TokenCache,
+        token: Option<&Arc<Token>>,
+        rotated: Option<SecretString>,
+    ) -> bool {
         if let Some(rotated) = rotated {
-            let saved = self.call(self.store.save_refresh_token(&rotated)).await;
-            if let Err(StoreFailed(error)) = &saved {
-                tracing::warn!(%error, "could not store the rotated refresh token; will retry");
-            }
-            *self.rotation() = Rotation {
-                latest: Some(rotated),
-                stored: saved.is_ok(),
-            };
-        }
-        let Some(shared) = token.to_shared() else {
-            return;
-        };
-        // A holder that stalled past its lease may finish after the replica that took
-        // over: it then leaves the later token in place.
-        if let Ok(Some(stored)) = self.call(self.store.load()).await {
-            if stored.expires_at() > shared.expires_at() {
-                tracing::debug!("the token store already holds a later token; not replacing it");
-                return;
+            self.keep_rotation(rotated);
+            if let Err(failure) = self.flush_rotation().await {
+                self.failed(cache, failure);
+                return false;
             }
         }
-        if let Err(StoreFailed(error)) = self.call(self.store.save(&shared)).await {
-            tracing::warn!(%error, "could not store the new access token");
+        if let Some(shared) = token.and_then(|t| t.to_shared()) {
+            if let Err(failure) = self.call(self.store.save(&shared)).await {
+                self.failed(cache, failure);
+                return false;
+            }
         }
+        true
     }
 
     /// Releases the lock; a failure only delays the other replicas until the lease
     /// runs out.
-    async fn release(&self) {
-        if let Err(StoreFailed(error)) = self.call(self.store.unlock(&self.owner)).await {
-            tracing::warn!(%error, "could not release the token store's refresh lock");
+    async fn release(&self, cache: &TokenCache) {
+        if let Err(failure) = self.call(self.store.unlock(&self.owner)).await {
+            self.failed(cache, failure);
         }
     }
 
@@ -296,6 +338,15 @@ impl Shared {
                 self.call_timeout
             )))),
         }
+    }
+}
+
+/// Whether two refresh tokens are the same.
+fn same(a: Option<&SecretString>, b: Option<&SecretString>) -> bool {
+    match (a, b) {
+        (Some(a), Some(b)) => a.expose_secret() == b.expose_secret(),
+        (None, None) => true,
+        _ => false,
     }
 }
 

@@ -237,6 +237,11 @@ async fn answer(
 /// [`REFRESH_TOKEN`]); it answers `tok-n` and `rt-n`, and refuses a spent refresh
 /// token with `400 invalid_grant`.
 pub async fn rotating_endpoint(expires_in: i64) -> TokenServer {
+    rotating_endpoint_slow(expires_in, std::time::Duration::ZERO).await
+}
+
+/// [`rotating_endpoint`] taking `delay` to answer each call.
+pub async fn rotating_endpoint_slow(expires_in: i64, delay: std::time::Duration) -> TokenServer {
     let mut current = REFRESH_TOKEN.to_owned();
     let mut issued = 0;
     TokenServer::start_seeing(move |_, seen| {
@@ -252,6 +257,7 @@ pub async fn rotating_endpoint(expires_in: i64) -> TokenServer {
                 r#"{{"access_token":"tok-{issued}","refresh_token":"{current}","expires_in":{expires_in},"token_type":"Bearer"}}"#
             ),
         )
+        .after(delay)
     })
     .await
 }

@@ -2,24 +2,24 @@
 //! in-process store (`tests/store.rs`) and against Redis (`tests/redis.rs`). Each
 //! replica gets a store of its own from `store()`, as separate processes would.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use eshopbox_auth::source::{source_fn, FetchedToken, TokenSource};
-use eshopbox_auth::store::TokenStore;
-use eshopbox_auth::EshopboxAuthLayer;
+use eshopbox_auth::source::{source_fn, BoxFuture, FetchedToken, TokenSource};
+use eshopbox_auth::store::{SharedToken, TokenStore};
+use eshopbox_auth::{Error, EshopboxAuthLayer};
 use http::{Request, StatusCode};
 use http_body_util::Empty;
-use secrecy::ExposeSecret;
+use secrecy::{ExposeSecret, SecretString};
 use tokio::sync::Notify;
 use tower::{Layer, ServiceExt};
 
 use super::EchoApi;
 
 /// The refresh lock's lease in these scenarios.
-pub const LEASE: Duration = Duration::from_millis(300);
+pub const LEASE: Duration = Duration::from_secs(1);
 
 /// A source handing out `tok-1`, `tok-2`, … (valid for an hour); counts its calls.
 pub fn counting(calls: Arc<AtomicUsize>) -> impl TokenSource {
@@ -106,35 +106,103 @@ pub async fn shared_401<T: TokenStore>(store: impl Fn() -> T) {
     assert_eq!(stored.access_token().expose_secret(), "tok-2");
 }
 
-/// The replica holding the refresh lock hangs in its token call: once its lease runs
-/// out another replica refreshes; no request is lost, two token calls in all.
+/// A store that can be frozen: while frozen, no call answers, as with a replica
+/// whose process stopped (a long GC pause, a suspended VM).
+pub struct Freezable<T> {
+    pub inner: T,
+    pub frozen: Arc<AtomicBool>,
+}
+
+impl<T: TokenStore> Freezable<T> {
+    fn guard<'a, R: Send + 'a>(
+        &'a self,
+        call: BoxFuture<'a, Result<R, Error>>,
+    ) -> BoxFuture<'a, Result<R, Error>> {
+        if self.frozen.load(Ordering::SeqCst) {
+            Box::pin(std::future::pending())
+        } else {
+            call
+        }
+    }
+}
+
+impl<T: TokenStore> TokenStore for Freezable<T> {
+    fn load(&self) -> BoxFuture<'_, Result<Option<SharedToken>, Error>> {
+        self.guard(self.inner.load())
+    }
+    fn save<'a>(&'a self, token: &'a SharedToken) -> BoxFuture<'a, Result<(), Error>> {
+        self.guard(self.inner.save(token))
+    }
+    fn remove(&self, id: u64) -> BoxFuture<'_, Result<bool, Error>> {
+        self.guard(self.inner.remove(id))
+    }
+    fn try_lock<'a>(
+        &'a self,
+        owner: &'a str,
+        lease: Duration,
+    ) -> BoxFuture<'a, Result<bool, Error>> {
+        self.guard(self.inner.try_lock(owner, lease))
+    }
+    fn unlock<'a>(&'a self, owner: &'a str) -> BoxFuture<'a, Result<(), Error>> {
+        self.guard(self.inner.unlock(owner))
+    }
+    fn load_refresh_token(&self) -> BoxFuture<'_, Result<Option<SecretString>, Error>> {
+        self.guard(self.inner.load_refresh_token())
+    }
+    fn save_refresh_token<'a>(
+        &'a self,
+        token: &'a SecretString,
+    ) -> BoxFuture<'a, Result<(), Error>> {
+        self.guard(self.inner.save_refresh_token(token))
+    }
+}
+
+/// The replica holding the refresh lock stalls as a whole in its token call (its
+/// store calls stop answering too, so it cannot renew its lease): once the lease runs
+/// out another replica refreshes. No request is lost; two token calls in all.
 pub async fn stalled_holder<T: TokenStore>(store: impl Fn() -> T) {
+    let lease = Duration::from_millis(300);
     let calls = Arc::new(AtomicUsize::new(0));
     let stall = Arc::new(Notify::new());
     let took_over = Arc::new(Notify::new());
-    let source = || {
-        let (calls, stall, took_over) = (calls.clone(), stall.clone(), took_over.clone());
-        source_fn(move || {
+    let layers: Vec<EshopboxAuthLayer> = (0..8)
+        .map(|_| {
+            let frozen = Arc::new(AtomicBool::new(false));
             let (calls, stall, took_over) = (calls.clone(), stall.clone(), took_over.clone());
-            async move {
-                let n = calls.fetch_add(1, Ordering::SeqCst) + 1;
-                if n == 1 {
-                    // The first token call hangs until the test lets it go.
-                    stall.notified().await;
-                } else {
-                    took_over.notify_one();
+            let freeze = frozen.clone();
+            let source = source_fn(move || {
+                let (calls, stall, took_over) = (calls.clone(), stall.clone(), took_over.clone());
+                let freeze = freeze.clone();
+                async move {
+                    let n = calls.fetch_add(1, Ordering::SeqCst) + 1;
+                    if n == 1 {
+                        // This replica stalls until the test lets it go.
+                        freeze.store(true, Ordering::SeqCst);
+                        stall.notified().await;
+                        freeze.store(false, Ordering::SeqCst);
+                    } else {
+                        took_over.notify_one();
+                    }
+                    Ok(FetchedToken::new(format!("tok-{n}")).expires_in(Duration::from_secs(3600)))
                 }
-                Ok(FetchedToken::new(format!("tok-{n}")).expires_in(Duration::from_secs(3600)))
-            }
+            });
+            EshopboxAuthLayer::with_source(source)
+                .token_store(Freezable {
+                    inner: store(),
+                    frozen,
+                })
+                .lock_lease(lease)
+                .store_timeout(lease)
+                .build()
+                .unwrap()
         })
-    };
-    let layers = replicas(8, source, store);
+        .collect();
     let all = tokio::spawn({
         let layers = layers.clone();
         async move { burst(&layers, &EchoApi::default(), 20).await }
     });
-    // Another replica takes the lock once the hung holder's lease ran out; then the
-    // hung call is let go, and its replica's requests, which waited for it, go
+    // Another replica takes the lock once the stalled holder's lease ran out; then the
+    // stalled replica resumes, and its requests, which waited for its own call, go
     // through too.
     took_over.notified().await;
     stall.notify_one();
@@ -143,11 +211,33 @@ pub async fn stalled_holder<T: TokenStore>(store: impl Fn() -> T) {
     assert_eq!(seen.len(), 160, "no request was lost");
     assert_eq!(calls.load(Ordering::SeqCst), 2);
     let count = |token: &str| seen.iter().filter(|auth| *auth == token).count();
-    // The hung holder's own requests waited for its call; the replica that took over
+    // The stalled replica's requests waited for its call; the replica that took over
     // used its token at least; no request got anything else.
     assert!(count("Bearer tok-1") >= 20);
     assert!(count("Bearer tok-2") >= 20);
     assert_eq!(count("Bearer tok-1") + count("Bearer tok-2"), 160);
+}
+
+/// The lock holder's token call takes four leases, but the holder is alive and renews
+/// its lease: nobody takes over, one token call in all, and against an endpoint that
+/// rotates refresh tokens no replica sends a spent one.
+pub async fn slow_holder<T: TokenStore>(store: impl Fn() -> T) {
+    let lease = Duration::from_millis(300);
+    let endpoint = super::rotating_endpoint_slow(3600, 4 * lease).await;
+    let layers: Vec<EshopboxAuthLayer> = (0..8)
+        .map(|_| {
+            EshopboxAuthLayer::builder(super::credentials())
+                .token_url(&endpoint.url())
+                .token_store(store())
+                .lock_lease(lease)
+                .build()
+                .unwrap()
+        })
+        .collect();
+    let seen = burst(&layers, &EchoApi::default(), 20).await;
+
+    assert!(seen.iter().all(|auth| auth == "Bearer tok-1"), "{seen:?}");
+    assert_eq!(endpoint.posts(), 1);
 }
 
 /// Against an endpoint that rotates the refresh token on every call and refuses spent
