@@ -368,14 +368,7 @@ async fn the_newest_refresh_token_survives_a_redis_restart_that_lost_the_data() 
     // Replica 1 never rotated, yet sends rt-2, and stores it again.
     let seen = burst(&layers[1..2], &api, 5).await;
     assert!(seen.iter().all(|auth| auth == "Bearer tok-3"), "{seen:?}");
-    let sent: Vec<String> = endpoint
-        .seen()
-        .iter()
-        .map(|seen| {
-            let body: serde_json::Value = serde_json::from_slice(&seen.body).unwrap();
-            body["refresh_token"].as_str().unwrap().to_owned()
-        })
-        .collect();
+    let sent = support::sent_refresh_tokens(&endpoint);
     assert_eq!(sent, [support::REFRESH_TOKEN, "rt-1", "rt-2"]);
     let stored = redis.store().load_refresh_token().await.unwrap().unwrap();
     assert_eq!(secrecy::ExposeSecret::expose_secret(&stored), "rt-3");

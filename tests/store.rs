@@ -72,15 +72,40 @@ async fn a_rotation_in_an_unusable_answer_is_shared_too() {
 
     // The other replica sends the rotated refresh token, not the spent one.
     assert!(burst_result(&second).await.is_ok());
-    let sent: Vec<String> = endpoint
-        .seen()
-        .iter()
-        .map(|seen| {
-            let body: serde_json::Value = serde_json::from_slice(&seen.body).unwrap();
-            body["refresh_token"].as_str().unwrap().to_owned()
-        })
-        .collect();
+    let sent = support::sent_refresh_tokens(&endpoint);
     assert_eq!(sent, [support::REFRESH_TOKEN, "rt-1"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_oauth2_source_shares_its_rotations_too() {
+    use eshopbox_auth::source::OAuth2Source;
+    let endpoint = support::rotating_endpoint(3600).await;
+    let store = InProcessStore::new();
+    let layer = || {
+        let source = OAuth2Source::refresh_token(
+            &endpoint.url(),
+            support::CLIENT_ID,
+            support::CLIENT_SECRET,
+            support::REFRESH_TOKEN,
+        )
+        .build()
+        .unwrap();
+        EshopboxAuthLayer::with_source(source)
+            .token_store(store.clone())
+            .build()
+            .unwrap()
+    };
+    let (first, second) = (layer(), layer());
+    assert_eq!(burst_result(&first).await.unwrap(), "Bearer tok-1");
+    assert_eq!(burst_result(&second).await.unwrap(), "Bearer tok-1");
+    first.handle().invalidate();
+    second.handle().invalidate();
+    // The second layer never rotated, yet sends the refresh token the first one got.
+    assert_eq!(burst_result(&second).await.unwrap(), "Bearer tok-2");
+    assert_eq!(
+        support::sent_refresh_tokens(&endpoint),
+        [support::REFRESH_TOKEN, "rt-1"]
+    );
 }
 
 /// One request through `layer`.
@@ -187,5 +212,25 @@ async fn a_store_that_does_not_answer_is_given_up_on_after_the_store_timeout() {
     assert!(seen.iter().all(|auth| auth == "Bearer tok-1"));
     assert_eq!(calls.load(Ordering::SeqCst), 1);
     assert_eq!(started.elapsed(), Duration::from_millis(250));
+    assert_eq!(layer.handle().stats().store_failures, 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_lock_left_by_a_dead_replica_delays_a_refresh_by_at_most_half_the_token_timeout() {
+    let store = InProcessStore::new();
+    // A replica took the lock with a long lease and died.
+    assert!(store.try_lock("dead-replica", Duration::from_secs(60)).await.unwrap());
+    let calls = Arc::new(AtomicUsize::new(0));
+    let layer = EshopboxAuthLayer::with_source(counting(calls.clone()))
+        .token_store(store.clone())
+        .token_timeout(Duration::from_secs(4))
+        .build()
+        .unwrap();
+    let started = tokio::time::Instant::now();
+    let seen = burst(std::slice::from_ref(&layer), &EchoApi::default(), 10).await;
+
+    assert!(seen.iter().all(|auth| auth == "Bearer tok-1"));
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
+    assert!(started.elapsed() <= Duration::from_secs(2), "{:?}", started.elapsed());
     assert_eq!(layer.handle().stats().store_failures, 1);
 }

@@ -245,8 +245,7 @@ pub async fn rotating_endpoint_slow(expires_in: i64, delay: std::time::Duration)
     let mut current = REFRESH_TOKEN.to_owned();
     let mut issued = 0;
     TokenServer::start_seeing(move |_, seen| {
-        let sent: serde_json::Value = serde_json::from_slice(&seen.body).unwrap_or_default();
-        if sent["refresh_token"].as_str() != Some(current.as_str()) {
+        if sent_refresh_token(seen).as_deref() != Some(current.as_str()) {
             return Reply::json(400, r#"{"error":"invalid_grant"}"#);
         }
         issued += 1;
@@ -260,6 +259,26 @@ pub async fn rotating_endpoint_slow(expires_in: i64, delay: std::time::Duration)
         .after(delay)
     })
     .await
+}
+
+/// The refresh token a token request sent, JSON or form-encoded.
+pub fn sent_refresh_token(seen: &Seen) -> Option<String> {
+    match serde_json::from_slice::<serde_json::Value>(&seen.body) {
+        Ok(json) => json["refresh_token"].as_str().map(str::to_owned),
+        Err(_) => serde_urlencoded::from_bytes::<Vec<(String, String)>>(&seen.body)
+            .ok()?
+            .into_iter()
+            .find_map(|(name, value)| (name == "refresh_token").then_some(value)),
+    }
+}
+
+/// The refresh tokens the endpoint was sent, in order.
+pub fn sent_refresh_tokens(server: &TokenServer) -> Vec<String> {
+    server
+        .seen()
+        .iter()
+        .map(|seen| sent_refresh_token(seen).unwrap_or_default())
+        .collect()
 }
 
 /// Credentials matching the constants above.

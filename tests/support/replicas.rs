@@ -268,14 +268,7 @@ pub async fn rotation<T: TokenStore>(store: impl Fn() -> T) {
         let expected = format!("Bearer tok-{}", round + 2);
         assert!(seen.iter().all(|auth| *auth == expected), "{seen:?}");
     }
-    let sent: Vec<String> = endpoint
-        .seen()
-        .iter()
-        .map(|seen| {
-            let body: serde_json::Value = serde_json::from_slice(&seen.body).unwrap();
-            body["refresh_token"].as_str().unwrap().to_owned()
-        })
-        .collect();
+    let sent = super::sent_refresh_tokens(&endpoint);
     // Five calls, each with the newest refresh token: none was refused as spent.
     assert_eq!(sent, [super::REFRESH_TOKEN, "rt-1", "rt-2", "rt-3", "rt-4"]);
     let stored = store().load_refresh_token().await.unwrap().unwrap();
