@@ -225,9 +225,9 @@ impl<P, C> EshopboxAuthBuilder<P, C> {
         self
     }
 
-    /// How long the token store's refresh lock is held at most (default 10 s): if
-    /// the replica holding it dies or stalls, another one takes over after this.
-    /// Keep it above a normal token call's duration.
+    /// The lease of the token store's refresh lock (default 10 s). The holder renews
+    /// it every third of the lease while its token call runs; if the holder dies or
+    /// stalls, another replica takes over once the lease runs out.
     pub fn lock_lease(mut self, lease: Duration) -> Self {
         self.settings.lock_lease = lease;
         self

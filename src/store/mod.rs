@@ -9,10 +9,12 @@
 //!   lock-free; the store is only used around refreshes and 401s;
 //! - a layer that needs a new token first looks in the store, and adopts a usable
 //!   token another replica put there;
-//! - otherwise it takes the store's refresh lock (an owner id and a lease), makes the
-//!   one token call, writes the token (and a rotated refresh token) back and releases
-//!   the lock. Replicas that did not get the lock poll the store for the new token
-//!   and take the lock over once its lease runs out;
+//! - otherwise it takes the store's refresh lock (an owner id and a lease, renewed
+//!   while the token call runs), makes the one token call, writes the token (and a
+//!   rotated refresh token) back and releases the lock. Replicas that did not get the
+//!   lock poll the store for the new token, take the lock over if its lease runs out
+//!   (a holder that died or stalled), and refresh directly after waiting half the
+//!   token timeout;
 //! - a 401 removes the stored token only if it is still the one that failed;
 //! - when the store fails (down, slow, refusing), the layer logs it and refreshes on
 //!   its own, as if it had no store, and uses the store again a few seconds later.
