@@ -98,10 +98,10 @@ where
         match self.token.get() {
             Some((header, generation)) => {
                 request.headers_mut().insert(AUTHORIZATION, header);
-                let future = self.inner.call(request);
+                let cache = self.shared().clone();
                 ResponseFuture::called(
-                    future,
-                    self.shared().clone(),
+                    self.inner.call(request),
+                    cache,
                     generation,
                     replay,
                     self.unauthorized.clone(),
