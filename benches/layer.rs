@@ -8,7 +8,9 @@
 //! 5. `EshopboxAuth`, 401 retry on (keeps a copy of each GET for a resend).
 //!
 //! Single-threaded, then 2 OS threads hammering one shared layer, then 4 and 8 tasks
-//! on a 2-worker multi-thread runtime.
+//! on a 2-worker multi-thread runtime. `INTERLEAVED=1` and `INSTRUCTIONS=<variant>`
+//! select the interleaved-ratio and instruction-count modes (see `main` and the
+//! README).
 
 #[path = "../tests/support/mod.rs"]
 mod support;
@@ -226,13 +228,91 @@ criterion_group! {
 /// binary instead sends `REQUESTS` (default 100 000) single-threaded requests through that variant, for an
 /// instruction count under `valgrind --tool=callgrind` (see the README).
 fn main() {
-    match std::env::var("INSTRUCTIONS") {
-        Ok(name) => count(&name),
-        Err(_) => {
-            benches();
-            Criterion::default().configure_from_args().final_summary();
+    if let Ok(name) = std::env::var("INSTRUCTIONS") {
+        count(&name);
+    } else if std::env::var_os("INTERLEAVED").is_some() {
+        interleaved();
+    } else {
+        benches();
+        Criterion::default().configure_from_args().final_summary();
+    }
+}
+
+/// `INTERLEAVED=1`: wall-clock ratios that survive a noisy machine. Criterion times
+/// one variant after another, so a slow spell of the machine lands on one variant;
+/// here every round times a batch of each variant back to back and the ratios are
+/// taken within a round. Single-threaded, then two threads sharing each variant's
+/// layer. Prints the median time per request of each variant and the median of the
+/// per-round ratios.
+fn interleaved() {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let uri = Uri::from_static("https://acme.myeshopbox.com/api/v2/inventoryListing");
+    let variants = variants(&rt);
+    println!("single thread");
+    report(&variants, rounds(&variants, 400, 2_000, 1, &uri));
+    println!("two threads, one layer");
+    report(&variants, rounds(&variants, 100, 20_000, 2, &uri));
+}
+
+/// Per variant, the time per request of each round: `batch` requests on each of
+/// `threads` threads (each with its own clone of the variant's service).
+fn rounds(
+    variants: &[Variant],
+    rounds: usize,
+    batch: u32,
+    threads: u32,
+    uri: &Uri,
+) -> Vec<Vec<f64>> {
+    let mut times: Vec<Vec<f64>> = vec![Vec::with_capacity(rounds); variants.len()];
+    for round in 0..rounds {
+        // Rotate the order, so no variant always runs first.
+        for k in 0..variants.len() {
+            let i = (round + k) % variants.len();
+            let start = Instant::now();
+            if threads == 1 {
+                let mut svc = variants[i].clone();
+                for _ in 0..batch {
+                    svc.run(uri);
+                }
+            } else {
+                std::thread::scope(|scope| {
+                    for _ in 0..threads {
+                        let mut svc = variants[i].clone();
+                        scope.spawn(move || {
+                            for _ in 0..batch {
+                                svc.run(uri);
+                            }
+                        });
+                    }
+                });
+            }
+            let requests = f64::from(batch) * f64::from(threads);
+            times[i].push(start.elapsed().as_nanos() as f64 / requests);
         }
     }
+    times
+}
+
+fn report(variants: &[Variant], times: Vec<Vec<f64>>) {
+    let median = |mut xs: Vec<f64>| {
+        xs.sort_by(f64::total_cmp);
+        xs[xs.len() / 2]
+    };
+    for (v, t) in variants.iter().zip(&times) {
+        println!(
+            "{:28} median {:7.1} ns/request",
+            v.name(),
+            median(t.clone())
+        );
+    }
+    let ratio =
+        |a: usize, b: usize| median(times[a].iter().zip(&times[b]).map(|(x, y)| x / y).collect());
+    println!("(4)/(2) = {:.3}", ratio(3, 1));
+    println!("(5)/(2) = {:.3}", ratio(4, 1));
+    println!("(4)/(3) = {:.3}", ratio(3, 2));
 }
 
 fn count(name: &str) {

@@ -219,7 +219,10 @@ async fn a_store_that_does_not_answer_is_given_up_on_after_the_store_timeout() {
 async fn a_lock_left_by_a_dead_replica_delays_a_refresh_by_at_most_half_the_token_timeout() {
     let store = InProcessStore::new();
     // A replica took the lock with a long lease and died.
-    assert!(store.try_lock("dead-replica", Duration::from_secs(60)).await.unwrap());
+    assert!(store
+        .try_lock("dead-replica", Duration::from_secs(60))
+        .await
+        .unwrap());
     let calls = Arc::new(AtomicUsize::new(0));
     let layer = EshopboxAuthLayer::with_source(counting(calls.clone()))
         .token_store(store.clone())
@@ -231,6 +234,10 @@ async fn a_lock_left_by_a_dead_replica_delays_a_refresh_by_at_most_half_the_toke
 
     assert!(seen.iter().all(|auth| auth == "Bearer tok-1"));
     assert_eq!(calls.load(Ordering::SeqCst), 1);
-    assert!(started.elapsed() <= Duration::from_secs(2), "{:?}", started.elapsed());
+    assert!(
+        started.elapsed() <= Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
     assert_eq!(layer.handle().stats().store_failures, 1);
 }
