@@ -508,6 +508,28 @@ async fn replicas_share_a_token_over_tls() {
     let _ = std::fs::remove_dir_all(certificates);
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_malformed_value_in_redis_is_replaced() {
+    let redis = RedisServer::start();
+    for garbage in ["not a token", "0123456789abcdef zzzzzzzzzzzzzzzz x"] {
+        redis.command(redis::cmd("SET").arg("test:token").arg(garbage));
+        let endpoint = TokenServer::counting(3600).await;
+        let layers = endpoint_replicas(2, &endpoint, || redis.store());
+        let seen = burst(&layers, &EchoApi::default(), 10).await;
+        assert!(seen.iter().all(|auth| auth == "Bearer tok-1"));
+        assert_eq!(
+            endpoint.posts(),
+            1,
+            "one call, then the other replica adopted it"
+        );
+        let stored = redis.store().load().await.unwrap().unwrap();
+        assert_eq!(
+            secrecy::ExposeSecret::expose_secret(stored.access_token()),
+            "tok-1"
+        );
+    }
+}
+
 #[test]
 fn a_bad_url_is_a_config_error_that_does_not_repeat_the_url() {
     let error = RedisStore::new("redis://:hunter2@127.0.0.1:notaport/").unwrap_err();

@@ -31,10 +31,12 @@ const SEALED: u8 = b'e';
 const NONCE_LEN: usize = 24;
 
 /// Stores the token `ARGV[1]` (with a TTL of `ARGV[3]` ms) unless the stored one
-/// expires after `ARGV[2]` (hex Unix ms, characters 18 to 33 of a stored value).
+/// expires after `ARGV[2]` (hex Unix ms, characters 18 to 33 of a stored value). A
+/// stored value that is not in that format is replaced.
 const SAVE_UNLESS_LATER: &str = r"
 local stored = redis.call('GET', KEYS[1])
-if stored and tonumber(string.sub(stored, 18, 33), 16) > tonumber(ARGV[2], 16) then
+local expires = stored and tonumber(string.sub(stored, 18, 33), 16)
+if expires and expires > tonumber(ARGV[2], 16) then
     return 0
 end
 redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[3])
@@ -268,17 +270,30 @@ impl RedisStore {
         let Some(value) = value else {
             return Ok(None);
         };
-        let malformed = || Error::invalid_response("the token in Redis is malformed");
+        // A value in another format (not written by this crate, or by an older
+        // version) counts as no token: the next token call replaces it. A value this
+        // store cannot decrypt is an error: it belongs to replicas with another key.
+        let malformed = || {
+            tracing::warn!(key = %self.keys.token, "ignoring a malformed token in Redis");
+            Ok(None)
+        };
         if value.len() < HEADER_LEN || value[16] != b' ' || value[HEADER_LEN - 1] != b' ' {
-            return Err(malformed());
+            return malformed();
         }
-        let id = std::str::from_utf8(&value[..16])
+        let Some(id) = std::str::from_utf8(&value[..16])
             .ok()
             .and_then(|hex| u64::from_str_radix(hex, 16).ok())
-            .ok_or_else(malformed)?;
+        else {
+            return malformed();
+        };
         let (header, sealed) = value.split_at(HEADER_LEN);
+        if !matches!(sealed.first(), Some(&PLAIN | &SEALED)) {
+            return malformed();
+        }
         let payload = self.open(&self.keys.token, header, sealed)?;
-        let stored: Stored = serde_json::from_slice(&payload).map_err(|_| malformed())?;
+        let Ok(stored) = serde_json::from_slice::<Stored>(&payload) else {
+            return malformed();
+        };
         Ok(Some(SharedToken::new(
             id,
             SecretString::from(stored.access_token),
