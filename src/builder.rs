@@ -225,9 +225,10 @@ impl<P, C> EshopboxAuthBuilder<P, C> {
         self
     }
 
-    /// The lease of the token store's refresh lock (default 10 s). The holder renews
-    /// it every third of the lease while its token call runs; if the holder dies or
-    /// stalls, another replica takes over once the lease runs out.
+    /// The lease of the token store's refresh lock (default 10 s; must be shorter
+    /// than the token timeout). The holder renews it every third of the lease while
+    /// its token call runs; if the holder dies or stalls, another replica takes over
+    /// once the lease runs out.
     pub fn lock_lease(mut self, lease: Duration) -> Self {
         self.settings.lock_lease = lease;
         self
@@ -279,6 +280,14 @@ impl<P, C> EshopboxAuthBuilder<P, C> {
         }
         if self.settings.lock_lease < Duration::from_millis(1) {
             return Err(Error::config("lock_lease must be at least a millisecond"));
+        }
+        if self.settings.store.is_some() && self.settings.lock_lease >= self.settings.token_timeout
+        {
+            // Replicas wait for a lock holder at most the token timeout; a dead
+            // holder's lease must run out before that.
+            return Err(Error::config(
+                "lock_lease must be shorter than token_timeout",
+            ));
         }
         if self.settings.store_timeout.is_zero() {
             return Err(Error::config("store_timeout must be more than zero"));
@@ -476,5 +485,23 @@ mod tests {
         let err = EshopboxAuthLayer::new(Credentials::new("id", "", "rt")).unwrap_err();
         assert!(err.to_string().contains("client_secret is empty"));
         assert!(EshopboxAuthLayer::new(creds()).is_ok());
+        let store = crate::store::InProcessStore::new;
+        let err = EshopboxAuthLayer::builder(creds())
+            .token_store(store())
+            .lock_lease(Duration::from_secs(30))
+            .build()
+            .unwrap_err();
+        assert!(err.to_string().contains("lock_lease"));
+        let err = EshopboxAuthLayer::builder(creds())
+            .token_store(store())
+            .store_timeout(Duration::ZERO)
+            .build()
+            .unwrap_err();
+        assert!(err.to_string().contains("store_timeout"));
+        // Without a store, the lease does not matter.
+        assert!(EshopboxAuthLayer::builder(creds())
+            .lock_lease(Duration::from_secs(60))
+            .build()
+            .is_ok());
     }
 }

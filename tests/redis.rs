@@ -371,7 +371,10 @@ async fn the_newest_refresh_token_survives_a_redis_restart_that_lost_the_data() 
     let sent = support::sent_refresh_tokens(&endpoint);
     assert_eq!(sent, [support::REFRESH_TOKEN, "rt-1", "rt-2"]);
     let stored = redis.store().load_refresh_token().await.unwrap().unwrap();
-    assert_eq!(secrecy::ExposeSecret::expose_secret(&stored), "rt-3");
+    assert_eq!(
+        secrecy::ExposeSecret::expose_secret(stored.refresh_token()),
+        "rt-3"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

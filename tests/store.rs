@@ -8,9 +8,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use eshopbox_auth::source::BoxFuture;
-use eshopbox_auth::store::{InProcessStore, SharedToken, TokenStore};
+use eshopbox_auth::store::{InProcessStore, SharedRefreshToken, SharedToken, TokenStore};
 use eshopbox_auth::{Error, EshopboxAuthLayer};
-use secrecy::SecretString;
 use support::replicas::{self, burst, counting};
 use support::EchoApi;
 
@@ -68,7 +67,10 @@ async fn a_rotation_in_an_unusable_answer_is_shared_too() {
         eshopbox_auth::ErrorKind::InvalidResponse
     );
     let stored = store.load_refresh_token().await.unwrap().unwrap();
-    assert_eq!(secrecy::ExposeSecret::expose_secret(&stored), "rt-1");
+    assert_eq!(
+        secrecy::ExposeSecret::expose_secret(stored.refresh_token()),
+        "rt-1"
+    );
 
     // The other replica sends the rotated refresh token, not the spent one.
     assert!(burst_result(&second).await.is_ok());
@@ -169,10 +171,14 @@ impl TokenStore for Broken {
     fn unlock<'a>(&'a self, _: &'a str) -> BoxFuture<'a, Result<(), Error>> {
         self.answer()
     }
-    fn load_refresh_token(&self) -> BoxFuture<'_, Result<Option<SecretString>, Error>> {
+    fn load_refresh_token(&self) -> BoxFuture<'_, Result<Option<SharedRefreshToken>, Error>> {
         self.answer()
     }
-    fn save_refresh_token<'a>(&'a self, _: &'a SecretString) -> BoxFuture<'a, Result<(), Error>> {
+    fn save_refresh_token<'a>(
+        &'a self,
+        _: &'a SharedRefreshToken,
+        _: Option<u64>,
+    ) -> BoxFuture<'a, Result<bool, Error>> {
         self.answer()
     }
 }
@@ -216,17 +222,18 @@ async fn a_store_that_does_not_answer_is_given_up_on_after_the_store_timeout() {
 }
 
 #[tokio::test(start_paused = true)]
-async fn a_lock_left_by_a_dead_replica_delays_a_refresh_by_at_most_half_the_token_timeout() {
+async fn a_lock_left_by_a_dead_replica_is_taken_over_when_its_lease_runs_out() {
     let store = InProcessStore::new();
-    // A replica took the lock with a long lease and died.
+    // A replica took the lock with a 2 s lease and died.
     assert!(store
-        .try_lock("dead-replica", Duration::from_secs(60))
+        .try_lock("dead-replica", Duration::from_secs(2))
         .await
         .unwrap());
     let calls = Arc::new(AtomicUsize::new(0));
     let layer = EshopboxAuthLayer::with_source(counting(calls.clone()))
         .token_store(store.clone())
-        .token_timeout(Duration::from_secs(4))
+        .token_timeout(Duration::from_secs(5))
+        .lock_lease(Duration::from_secs(1))
         .build()
         .unwrap();
     let started = tokio::time::Instant::now();
@@ -234,10 +241,104 @@ async fn a_lock_left_by_a_dead_replica_delays_a_refresh_by_at_most_half_the_toke
 
     assert!(seen.iter().all(|auth| auth == "Bearer tok-1"));
     assert_eq!(calls.load(Ordering::SeqCst), 1);
+    // Taken over once the lease ran out (polled at most 200 ms apart).
+    let waited = started.elapsed();
     assert!(
-        started.elapsed() <= Duration::from_secs(2),
-        "{:?}",
-        started.elapsed()
+        waited >= Duration::from_secs(2) && waited <= Duration::from_millis(2200),
+        "{waited:?}"
     );
-    assert_eq!(layer.handle().stats().store_failures, 1);
+    assert_eq!(layer.handle().stats().store_failures, 0);
+    assert!(store.load().await.unwrap().is_some());
+}
+
+/// An in-process store that loses the answer to the first refresh-token write: the
+/// write happens, the writer is told it failed (a timeout, a dropped connection).
+#[derive(Clone)]
+struct LosesAnswer {
+    inner: InProcessStore,
+    lost: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl TokenStore for LosesAnswer {
+    fn load(&self) -> BoxFuture<'_, Result<Option<SharedToken>, Error>> {
+        self.inner.load()
+    }
+    fn save<'a>(&'a self, token: &'a SharedToken) -> BoxFuture<'a, Result<(), Error>> {
+        self.inner.save(token)
+    }
+    fn remove(&self, id: u64) -> BoxFuture<'_, Result<bool, Error>> {
+        self.inner.remove(id)
+    }
+    fn try_lock<'a>(
+        &'a self,
+        owner: &'a str,
+        lease: Duration,
+    ) -> BoxFuture<'a, Result<bool, Error>> {
+        self.inner.try_lock(owner, lease)
+    }
+    fn unlock<'a>(&'a self, owner: &'a str) -> BoxFuture<'a, Result<(), Error>> {
+        self.inner.unlock(owner)
+    }
+    fn load_refresh_token(&self) -> BoxFuture<'_, Result<Option<SharedRefreshToken>, Error>> {
+        self.inner.load_refresh_token()
+    }
+    fn save_refresh_token<'a>(
+        &'a self,
+        token: &'a SharedRefreshToken,
+        replaces: Option<u64>,
+    ) -> BoxFuture<'a, Result<bool, Error>> {
+        Box::pin(async move {
+            let saved = self.inner.save_refresh_token(token, replaces).await?;
+            if self.lost.swap(false, Ordering::SeqCst) {
+                return Err(Error::unavailable("the answer was lost"));
+            }
+            Ok(saved)
+        })
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_late_refresh_token_write_never_puts_back_a_spent_one() {
+    let provider = replicas::RotatingProvider::default();
+    let store = LosesAnswer {
+        inner: InProcessStore::new(),
+        lost: Arc::new(std::sync::atomic::AtomicBool::new(true)),
+    };
+    let layer = || {
+        EshopboxAuthLayer::with_source(provider.client())
+            .token_store(store.clone())
+            .lock_lease(Duration::from_millis(300))
+            .build()
+            .unwrap()
+    };
+    let (a, b) = (layer(), layer());
+    let api = EchoApi::default();
+
+    // A rotates to rt-1; the store takes it but A is told it failed.
+    assert_eq!(
+        burst(std::slice::from_ref(&a), &api, 1).await,
+        ["Bearer tok-1"]
+    );
+    // B takes over A's lock when its lease runs out, sends rt-1, rotates to rt-2.
+    assert_eq!(
+        burst(std::slice::from_ref(&b), &api, 1).await,
+        ["Bearer tok-2"]
+    );
+    // Once A uses the store again, its old rt-1 must not replace rt-2. (The stored
+    // token is removed so that A has to make a token call.)
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let shared = store.load().await.unwrap().unwrap();
+    assert!(store.remove(shared.id()).await.unwrap());
+    a.handle().invalidate();
+    assert_eq!(
+        burst(std::slice::from_ref(&a), &api, 1).await,
+        ["Bearer tok-3"]
+    );
+
+    assert_eq!(provider.sent(), [support::REFRESH_TOKEN, "rt-1", "rt-2"]);
+    let stored = store.load_refresh_token().await.unwrap().unwrap();
+    assert_eq!(
+        secrecy::ExposeSecret::expose_secret(stored.refresh_token()),
+        "rt-3"
+    );
 }

@@ -12,9 +12,9 @@
 //! - otherwise it takes the store's refresh lock (an owner id and a lease, renewed
 //!   while the token call runs), makes the one token call, writes the token (and a
 //!   rotated refresh token) back and releases the lock. Replicas that did not get the
-//!   lock poll the store for the new token, take the lock over if its lease runs out
-//!   (a holder that died or stalled), and refresh directly after waiting half the
-//!   token timeout;
+//!   lock poll the store for the new token and take the lock over if its lease runs
+//!   out (a holder that died or stalled); they never call the token endpoint while
+//!   the lock is held;
 //! - a 401 removes the stored token only if it is still the one that failed;
 //! - when the store fails (down, slow, refusing), the layer logs it and refreshes on
 //!   its own, as if it had no store, and uses the store again a few seconds later.
@@ -131,6 +131,40 @@ impl fmt::Debug for SharedToken {
     }
 }
 
+/// A rotated refresh token as it is kept in a [`TokenStore`], with an id (random,
+/// chosen by the layer that stored it) that identifies this version.
+#[derive(Clone)]
+pub struct SharedRefreshToken {
+    id: u64,
+    refresh_token: SecretString,
+}
+
+impl SharedRefreshToken {
+    /// A version `id` of the refresh token.
+    pub fn new(id: u64, refresh_token: SecretString) -> Self {
+        SharedRefreshToken { id, refresh_token }
+    }
+
+    /// Identifies this version, for [`TokenStore::save_refresh_token`].
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
+    /// The refresh token.
+    pub fn refresh_token(&self) -> &SecretString {
+        &self.refresh_token
+    }
+}
+
+impl fmt::Debug for SharedRefreshToken {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SharedRefreshToken")
+            .field("id", &self.id)
+            .field("refresh_token", &"[redacted]")
+            .finish()
+    }
+}
+
 /// Where several layers share their token, its refresh lock and the current refresh
 /// token.
 ///
@@ -164,13 +198,17 @@ pub trait TokenStore: Send + Sync + 'static {
     fn unlock<'a>(&'a self, owner: &'a str) -> BoxFuture<'a, Result<(), Error>>;
 
     /// The refresh token to use next, if one was rotated and stored.
-    fn load_refresh_token(&self) -> BoxFuture<'_, Result<Option<SecretString>, Error>>;
+    fn load_refresh_token(&self) -> BoxFuture<'_, Result<Option<SharedRefreshToken>, Error>>;
 
-    /// Stores a rotated refresh token for the other layers.
+    /// Stores a rotated refresh token for the other layers — only if the stored
+    /// version is the one it `replaces` (`None`: nothing stored) or `refresh_token`
+    /// itself, atomically. Returns whether the store holds `refresh_token` now. A
+    /// `false` means another layer rotated since: the stored version is newer.
     fn save_refresh_token<'a>(
         &'a self,
-        refresh_token: &'a SecretString,
-    ) -> BoxFuture<'a, Result<(), Error>>;
+        refresh_token: &'a SharedRefreshToken,
+        replaces: Option<u64>,
+    ) -> BoxFuture<'a, Result<bool, Error>>;
 }
 
 /// A [`TokenStore`] in this process's memory: layers built with clones of one
@@ -185,7 +223,7 @@ pub struct InProcessStore {
 struct State {
     token: Option<SharedToken>,
     lock: Option<(String, Instant)>,
-    refresh_token: Option<SecretString>,
+    refresh_token: Option<SharedRefreshToken>,
 }
 
 impl InProcessStore {
@@ -256,7 +294,10 @@ impl TokenStore for InProcessStore {
             .as_ref()
             .is_none_or(|(holder, until)| holder == owner || now >= *until);
         if ours {
-            state.lock = Some((owner.to_owned(), now + lease));
+            let until = now
+                .checked_add(lease)
+                .unwrap_or_else(|| now + Duration::from_secs(365 * 24 * 3600));
+            state.lock = Some((owner.to_owned(), until));
         }
         Box::pin(async move { Ok(ours) })
     }
@@ -269,16 +310,22 @@ impl TokenStore for InProcessStore {
         Box::pin(async { Ok(()) })
     }
 
-    fn load_refresh_token(&self) -> BoxFuture<'_, Result<Option<SecretString>, Error>> {
+    fn load_refresh_token(&self) -> BoxFuture<'_, Result<Option<SharedRefreshToken>, Error>> {
         let token = self.state().refresh_token.clone();
         Box::pin(async move { Ok(token) })
     }
 
     fn save_refresh_token<'a>(
         &'a self,
-        refresh_token: &'a SecretString,
-    ) -> BoxFuture<'a, Result<(), Error>> {
-        self.state().refresh_token = Some(refresh_token.clone());
-        Box::pin(async { Ok(()) })
+        refresh_token: &'a SharedRefreshToken,
+        replaces: Option<u64>,
+    ) -> BoxFuture<'a, Result<bool, Error>> {
+        let mut state = self.state();
+        let stored = state.refresh_token.as_ref().map(|t| t.id);
+        let saved = stored.is_none() || stored == replaces || stored == Some(refresh_token.id);
+        if saved {
+            state.refresh_token = Some(refresh_token.clone());
+        }
+        Box::pin(async move { Ok(saved) })
     }
 }

@@ -12,7 +12,7 @@ use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Serialize};
 use tokio::sync::OnceCell;
 
-use super::{SharedToken, TokenStore};
+use super::{SharedRefreshToken, SharedToken, TokenStore};
 use crate::error::Error;
 use crate::source::BoxFuture;
 
@@ -40,6 +40,24 @@ if expires and expires > tonumber(ARGV[2], 16) then
     return 0
 end
 redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[3])
+return 1
+";
+
+/// The stored refresh token's clear prefix: its id, 16 hex digits, and a space.
+const REFRESH_HEADER_LEN: usize = 17;
+
+/// Stores the refresh token `ARGV[1]` unless the stored one (in this crate's format)
+/// has an id other than `ARGV[2]` (the version it replaces; empty: none) and
+/// `ARGV[3]` (its own).
+const SAVE_REFRESH: &str = r"
+local stored = redis.call('GET', KEYS[1])
+if stored and string.sub(stored, 17, 17) == ' ' then
+    local id = string.sub(stored, 1, 16)
+    if id ~= ARGV[2] and id ~= ARGV[3] then
+        return 0
+    end
+end
+redis.call('SET', KEYS[1], ARGV[1])
 return 1
 ";
 
@@ -349,33 +367,63 @@ impl RedisStore {
         self.query(doing, &command).await
     }
 
-    async fn load_refresh(&self) -> Result<Option<SecretString>, Error> {
+    async fn load_refresh(&self) -> Result<Option<SharedRefreshToken>, Error> {
+        let key = &self.keys.refresh_token;
         let value: Option<Vec<u8>> = self
-            .query(
-                "reading the refresh token",
-                redis::cmd("GET").arg(&self.keys.refresh_token),
-            )
+            .query("reading the refresh token", redis::cmd("GET").arg(key))
             .await?;
         let Some(value) = value else {
             return Ok(None);
         };
-        let payload = self.open(&self.keys.refresh_token, b"", &value)?;
-        let token = String::from_utf8(payload)
-            .map_err(|_| Error::invalid_response("the refresh token in Redis is malformed"))?;
-        Ok(Some(SecretString::from(token)))
+        // As for the token: another format counts as nothing stored (the next
+        // rotation replaces it); a value sealed with another key is an error.
+        let malformed = || {
+            tracing::warn!(%key, "ignoring a malformed refresh token in Redis");
+            Ok(None)
+        };
+        if value.len() <= REFRESH_HEADER_LEN || value[REFRESH_HEADER_LEN - 1] != b' ' {
+            return malformed();
+        }
+        let Some(id) = std::str::from_utf8(&value[..16])
+            .ok()
+            .and_then(|hex| u64::from_str_radix(hex, 16).ok())
+        else {
+            return malformed();
+        };
+        let (header, sealed) = value.split_at(REFRESH_HEADER_LEN);
+        if !matches!(sealed.first(), Some(&PLAIN | &SEALED)) {
+            return malformed();
+        }
+        let payload = self.open(key, header, sealed)?;
+        let Ok(token) = String::from_utf8(payload) else {
+            return malformed();
+        };
+        Ok(Some(SharedRefreshToken::new(id, SecretString::from(token))))
     }
 
-    async fn save_refresh(&self, refresh_token: &SecretString) -> Result<(), Error> {
-        let value = self.seal(
+    async fn save_refresh(
+        &self,
+        refresh_token: &SharedRefreshToken,
+        replaces: Option<u64>,
+    ) -> Result<bool, Error> {
+        let header = id_prefix(refresh_token.id());
+        let mut value = header.clone().into_bytes();
+        value.extend(self.seal(
             &self.keys.refresh_token,
-            b"",
-            refresh_token.expose_secret().as_bytes(),
-        )?;
-        self.query(
-            "writing the refresh token",
-            redis::cmd("SET").arg(&self.keys.refresh_token).arg(value),
-        )
-        .await
+            header.as_bytes(),
+            refresh_token.refresh_token().expose_secret().as_bytes(),
+        )?);
+        let replaces = replaces.map_or_else(String::new, |id| format!("{id:016x}"));
+        let mut command = redis::cmd("EVAL");
+        command
+            .arg(SAVE_REFRESH)
+            .arg(1)
+            .arg(&self.keys.refresh_token)
+            .arg(value)
+            .arg(replaces)
+            .arg(format!("{:016x}", refresh_token.id()));
+        let saved: i64 = self.query("writing the refresh token", &command).await?;
+        Ok(saved > 0)
     }
 }
 
@@ -408,7 +456,10 @@ impl TokenStore for RedisStore {
         lease: Duration,
     ) -> BoxFuture<'a, Result<bool, Error>> {
         Box::pin(async move {
-            let lease_ms = (lease.as_millis() as u64).max(1).to_string();
+            let lease_ms = u64::try_from(lease.as_millis())
+                .unwrap_or(u64::MAX)
+                .max(1)
+                .to_string();
             let held = self
                 .script(
                     "taking the refresh lock",
@@ -434,15 +485,16 @@ impl TokenStore for RedisStore {
         })
     }
 
-    fn load_refresh_token(&self) -> BoxFuture<'_, Result<Option<SecretString>, Error>> {
+    fn load_refresh_token(&self) -> BoxFuture<'_, Result<Option<SharedRefreshToken>, Error>> {
         Box::pin(self.load_refresh())
     }
 
     fn save_refresh_token<'a>(
         &'a self,
-        refresh_token: &'a SecretString,
-    ) -> BoxFuture<'a, Result<(), Error>> {
-        Box::pin(self.save_refresh(refresh_token))
+        refresh_token: &'a SharedRefreshToken,
+        replaces: Option<u64>,
+    ) -> BoxFuture<'a, Result<bool, Error>> {
+        Box::pin(self.save_refresh(refresh_token, replaces))
     }
 }
 

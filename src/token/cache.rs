@@ -87,7 +87,7 @@ pub(crate) struct TokenCache {
     failed_shared_id: AtomicU64,
     source: Box<dyn Source>,
     /// The token store shared with other layers, if any.
-    shared: Option<Shared>,
+    shared: Option<Arc<Shared>>,
     timing: Timing,
 }
 
@@ -103,6 +103,7 @@ struct Slow {
 
 impl TokenCache {
     pub(crate) fn new(source: Box<dyn Source>, shared: Option<Shared>, timing: Timing) -> Self {
+        let shared = shared.map(Arc::new);
         TokenCache {
             current: ArcSwapOption::empty(),
             counters: Counters::default(),
@@ -398,29 +399,32 @@ impl TokenCache {
     /// replica's token, or making the token call under the store's lock), else — or
     /// when the store fails — straight from the source.
     async fn refresh(&self, reason: Reason) -> Result<Arc<Token>, Error> {
-        let deadline = Instant::now() + self.timing.timeout;
         if let Some(shared) = self.shared.as_ref().filter(|s| s.available()) {
+            let deadline = Instant::now() + self.timing.timeout;
             match shared.refresh(self, reason, deadline).await {
                 Ok(outcome) => return outcome,
                 Err(failure) => shared.failed(self, failure),
             }
         }
+        // Straight to the source, with the whole token timeout.
         let before = self.refresh_token();
-        let fetched = self.fetch(reason, deadline).await;
-        if let Some(shared) = &self.shared {
+        let fetched = self
+            .fetch(reason, Instant::now() + self.timing.timeout)
+            .await;
+        if let (Some(shared), Some(after)) = (&self.shared, self.refresh_token()) {
             // A rotation (even from an otherwise unusable answer) reaches the store
             // once it answers again.
-            if let Some(after) = self.refresh_token() {
-                let rotated = before
-                    .as_ref()
-                    .is_none_or(|b| b.expose_secret() != after.expose_secret());
-                if rotated {
-                    shared.keep_rotation(after);
-                }
+            if before.as_ref().map(ExposeSecret::expose_secret) != Some(after.expose_secret()) {
+                shared.rotated_directly(after);
             }
         }
         let (response, sent_at) = fetched?;
         Ok(self.install(response, sent_at))
+    }
+
+    /// The bound on one refresh's token requests.
+    pub(crate) fn token_timeout(&self) -> Duration {
+        self.timing.timeout
     }
 
     /// Token requests until one succeeds: up to [`MAX_ATTEMPTS`], retrying transient

@@ -1,20 +1,22 @@
 //! A refresh coordinated through a [`TokenStore`]: adopt another replica's token, or
 //! take the store's lock and make the one token call for everybody.
 //!
-//! - Every store call is bounded by a timeout.
-//! - A store failure before the token call hands the refresh back to the cache, which
-//!   then calls the token endpoint directly. After the token call, the first store
-//!   failure ends the store work for this refresh (the token is already in use here).
-//!   Either way the store is left alone for a short while, so a dead store does not
-//!   slow every refresh down.
+//! - Every store call is bounded by a timeout. A store failure before the token call
+//!   hands the refresh back to the cache, which then calls the token endpoint directly.
+//!   After the token call, the first store failure ends the store work for this
+//!   refresh (the token is already in use here). Either way the store is left alone
+//!   for a short while, so a dead store does not slow every refresh down.
 //! - The lock holder renews its lease while its token call runs, so a slow but live
 //!   holder is never taken over; a holder that stops answering loses the lock when
-//!   the lease runs out.
-//! - A replica waits for another's refresh for at most half the token timeout, then
-//!   refreshes directly with the other half.
+//!   the lease runs out, and a waiting replica takes over.
+//! - Waiting replicas never call the token endpoint while the lock is held: with a
+//!   provider that rotates refresh tokens, that would spend the holder's token.
+//! - Rotated refresh tokens are versioned, and a version is only stored over the one
+//!   it replaced, so a late write never puts back a spent refresh token.
 
 use std::future::Future;
 use std::pin::pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::task::Poll;
 use std::time::Duration;
@@ -25,7 +27,7 @@ use tokio::time::Instant;
 use super::cache::{Reason, TokenCache};
 use super::Token;
 use crate::error::Error;
-use crate::store::{SharedToken, TokenStore};
+use crate::store::{SharedRefreshToken, SharedToken, TokenStore};
 
 /// First pause between two looks at the store while another replica refreshes.
 const POLL_MIN: Duration = Duration::from_millis(10);
@@ -33,6 +35,8 @@ const POLL_MIN: Duration = Duration::from_millis(10);
 const POLL_MAX: Duration = Duration::from_millis(200);
 /// How long the store is left alone after it failed.
 const STORE_PAUSE: Duration = Duration::from_secs(3);
+/// How often a rotation the store missed is offered to it again, a pause apart.
+const FLUSH_ATTEMPTS: u32 = 20;
 
 /// The store side of a layer's token cache.
 pub(crate) struct Shared {
@@ -44,21 +48,32 @@ pub(crate) struct Shared {
     call_timeout: Duration,
     /// Set after a store failure: refresh directly until then.
     paused_until: Mutex<Option<Instant>>,
-    /// The newest rotated refresh token this layer knows of.
+    /// The refresh token version this layer sends.
     rotation: Mutex<Rotation>,
+    /// True while a task offers an unsaved rotation to the store again.
+    flushing: AtomicBool,
 }
 
-/// The newest rotated refresh token a layer knows of, and whether the store has it.
+/// The refresh token version a layer sends, and whether the store still lacks it.
 #[derive(Default)]
 struct Rotation {
-    latest: Option<SecretString>,
-    /// False for a rotation the store has not taken yet (it failed): that one is newer
-    /// than the stored one, so it is used, and written at the next chance.
-    stored: bool,
+    /// `None`: the configured refresh token (or none at all).
+    current: Option<SharedRefreshToken>,
+    /// `current` is a rotation of this layer's that the store has not taken yet.
+    unsaved: bool,
+    /// The id of the version `current` replaced (`None`: the configured one).
+    replaces: Option<u64>,
 }
 
 /// The store failed; the refresh goes on without it.
 pub(crate) struct StoreFailed(Error);
+
+/// A refresh made holding the lock.
+struct Locked {
+    outcome: Result<Arc<Token>, Error>,
+    /// False if the store failed after the token call (the lock is left to its lease).
+    store_ok: bool,
+}
 
 impl Shared {
     pub(crate) fn new(store: Arc<dyn TokenStore>, lease: Duration, call_timeout: Duration) -> Self {
@@ -69,6 +84,7 @@ impl Shared {
             call_timeout,
             paused_until: Mutex::new(None),
             rotation: Mutex::default(),
+            flushing: AtomicBool::new(false),
         }
     }
 
@@ -89,7 +105,8 @@ impl Shared {
         }
     }
 
-    /// Notes a store failure: logged, and the store is left alone for a while.
+    /// Notes a store failure: logged, counted, and the store is left alone for a
+    /// while.
     pub(crate) fn failed(&self, cache: &TokenCache, StoreFailed(error): StoreFailed) {
         tracing::warn!(%error, "token store unavailable; requesting tokens directly for now");
         cache.counters.store_failure();
@@ -99,24 +116,56 @@ impl Shared {
             .unwrap_or_else(PoisonError::into_inner) = Some(Instant::now() + STORE_PAUSE);
     }
 
-    /// Keeps a refresh token rotated by a direct token call, to be stored (and used by
-    /// the other replicas) once the store answers again.
-    pub(crate) fn keep_rotation(&self, rotated: SecretString) {
-        *self.rotation() = Rotation {
-            latest: Some(rotated),
-            stored: false,
-        };
-    }
-
     fn rotation(&self) -> MutexGuard<'_, Rotation> {
         self.rotation.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// One refresh through the store. `Err` means the store failed (or another
-    /// replica held the lock too long) before any token call was made; the caller then
-    /// refreshes directly.
+    /// A token call made without the store rotated the refresh token: remember the new
+    /// version and offer it to the store until it takes it (or has a newer one).
+    pub(crate) fn rotated_directly(self: &Arc<Self>, refresh_token: SecretString) {
+        self.rotated(refresh_token);
+        self.offer_later();
+    }
+
+    /// Offers an unsaved rotation to the store again, a pause apart, until it takes it
+    /// (or holds a newer one), from a task of its own.
+    fn offer_later(self: &Arc<Self>) {
+        if self.flushing.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            self.flushing.store(false, Ordering::Release);
+            return;
+        };
+        let shared = Arc::downgrade(self);
+        runtime.spawn(async move {
+            for _ in 0..FLUSH_ATTEMPTS {
+                tokio::time::sleep(STORE_PAUSE).await;
+                let Some(shared) = shared.upgrade() else {
+                    return;
+                };
+                if !shared.rotation().unsaved || shared.flush_rotation().await.is_ok() {
+                    break;
+                }
+            }
+            if let Some(shared) = shared.upgrade() {
+                shared.flushing.store(false, Ordering::Release);
+            }
+        });
+    }
+
+    /// Records a new version of the refresh token, not stored yet.
+    fn rotated(&self, refresh_token: SecretString) {
+        let mut rotation = self.rotation();
+        rotation.replaces = rotation.current.as_ref().map(SharedRefreshToken::id);
+        rotation.current = Some(SharedRefreshToken::new(fastrand::u64(..), refresh_token));
+        rotation.unsaved = true;
+    }
+
+    /// One refresh through the store. `Err` means the store failed before any token
+    /// call was made; the caller then refreshes directly.
     pub(crate) async fn refresh(
-        &self,
+        self: &Arc<Self>,
         cache: &TokenCache,
         reason: Reason,
         deadline: Instant,
@@ -135,8 +184,6 @@ impl Shared {
         }
         let usable =
             |stored: &SharedToken| Some(stored.id()) != replacing && Some(stored.id()) != failed;
-        let now = Instant::now();
-        let wait_until = now + deadline.saturating_duration_since(now) / 2;
         let mut pause = POLL_MIN;
         loop {
             if let Some(token) = self.adopt(cache, reason, &usable).await? {
@@ -146,11 +193,18 @@ impl Shared {
                 .call(self.store.try_lock(&self.owner, self.lease))
                 .await?
             {
-                return self.refresh_locked(cache, reason, deadline, &usable).await;
+                let result = self.refresh_locked(cache, reason, &usable).await;
+                // After a store failure the lock is left to its lease.
+                if matches!(result, Ok(Locked { store_ok: true, .. })) {
+                    self.release().await;
+                }
+                return result.map(|locked| locked.outcome);
             }
-            if Instant::now() + pause >= wait_until {
-                return Err(StoreFailed(Error::unavailable(
-                    "another process held the token store's refresh lock for half the token timeout",
+            if Instant::now() + pause >= deadline {
+                // The holder is alive (it renews its lease) but slow. Calling the
+                // endpoint now could spend the refresh token it is using.
+                return Ok(Err(Error::unavailable(
+                    "another process's token call took the whole token timeout",
                 )));
             }
             tracing::trace!(?pause, "another process is refreshing the token; waiting");
@@ -171,37 +225,52 @@ impl Shared {
             .filter(usable)
             .and_then(|stored| cache.adopt(&stored, reason));
         if adopted.is_some() {
-            self.follow_rotation(cache).await;
+            // Also take the refresh token it may have rotated, so this layer knows the
+            // newest one even if the store later loses it.
+            let _ = self.sync_refresh_token(cache).await;
         }
         Ok(adopted)
     }
 
     /// Holding the lock: look once more, then make the token call (renewing the lease
-    /// meanwhile) and share its result. Releases the lock unless the store failed.
+    /// meanwhile) and share its result. `Err` is a store failure before the token
+    /// call.
     async fn refresh_locked(
-        &self,
+        self: &Arc<Self>,
         cache: &TokenCache,
         reason: Reason,
-        deadline: Instant,
         usable: &impl Fn(&SharedToken) -> bool,
-    ) -> Result<Result<Arc<Token>, Error>, StoreFailed> {
+    ) -> Result<Locked, StoreFailed> {
         if let Some(token) = self.adopt(cache, reason, usable).await? {
-            self.release(cache).await;
-            return Ok(Ok(token));
+            return Ok(Locked {
+                outcome: Ok(token),
+                store_ok: true,
+            });
         }
         self.sync_refresh_token(cache).await?;
         let before = cache.refresh_token();
+        // The store calls above must not eat into the token call's time.
+        let deadline = Instant::now() + cache.token_timeout();
         let fetched = self.renewing(cache.fetch(reason, deadline)).await;
         // The source may have switched to a rotated refresh token even if the answer
         // was otherwise unusable: share it either way.
-        let rotated = cache
-            .refresh_token()
-            .filter(|after| !same(Some(after), before.as_ref()));
-        let outcome = fetched.map(|(response, sent_at)| cache.install(response, sent_at));
-        if self.publish(cache, outcome.as_ref().ok(), rotated).await {
-            self.release(cache).await;
+        if let Some(after) = cache.refresh_token() {
+            if before.as_ref().map(ExposeSecret::expose_secret) != Some(after.expose_secret()) {
+                self.rotated(after);
+            }
         }
-        Ok(outcome)
+        let outcome = fetched.map(|(response, sent_at)| cache.install(response, sent_at));
+        let store_ok = match self.publish(outcome.as_ref().ok()).await {
+            Ok(()) => true,
+            Err(failure) => {
+                self.failed(cache, failure);
+                if self.rotation().unsaved {
+                    self.offer_later();
+                }
+                false
+            }
+        };
+        Ok(Locked { outcome, store_ok })
     }
 
     /// Runs `work` while renewing the lock's lease every third of it. If a renewal
@@ -239,90 +308,74 @@ impl Shared {
         .await
     }
 
-    /// Writes a rotation the store has not taken yet.
+    /// Offers a rotation the store has not taken yet. If the store holds a newer
+    /// version (another layer rotated since), this one is dropped: the next
+    /// `sync_refresh_token` takes the stored one.
     async fn flush_rotation(&self) -> Result<(), StoreFailed> {
-        let unsaved = {
+        let pending = {
             let rotation = self.rotation();
-            rotation.latest.clone().filter(|_| !rotation.stored)
-        };
-        if let Some(latest) = unsaved {
-            self.call(self.store.save_refresh_token(&latest)).await?;
-            let mut rotation = self.rotation();
-            if same(rotation.latest.as_ref(), Some(&latest)) {
-                rotation.stored = true;
+            match (&rotation.current, rotation.unsaved) {
+                (Some(current), true) => Some((current.clone(), rotation.replaces)),
+                _ => None,
             }
+        };
+        let Some((version, replaces)) = pending else {
+            return Ok(());
+        };
+        let taken = self
+            .call(self.store.save_refresh_token(&version, replaces))
+            .await?;
+        if !taken {
+            tracing::warn!("the token store holds a newer refresh token than ours; using it");
+        }
+        let mut rotation = self.rotation();
+        if rotation.current.as_ref().map(SharedRefreshToken::id) == Some(version.id()) {
+            rotation.unsaved = false;
         }
         Ok(())
     }
 
-    /// Before a token call: the refresh token to send is the newest one — the stored
-    /// one (ours, if ours was newer, has just been written by `flush_rotation`). A
-    /// store that lost its copy (a restart without persistence) gets ours back.
+    /// Before a token call: the refresh token to send is the newest one. Ours, if the
+    /// store had not taken it yet, is offered first; then the stored version is used.
+    /// A store that lost its copy (a restart without persistence) gets ours back.
     async fn sync_refresh_token(&self, cache: &TokenCache) -> Result<(), StoreFailed> {
         self.flush_rotation().await?;
         match self.call(self.store.load_refresh_token()).await? {
-            Some(from_store) => self.take_refresh_token(cache, from_store),
+            Some(stored) => {
+                let mut rotation = self.rotation();
+                let known = rotation.current.as_ref().map(SharedRefreshToken::id);
+                if known != Some(stored.id()) {
+                    cache.use_refresh_token(stored.refresh_token().clone());
+                    rotation.current = Some(stored);
+                    rotation.unsaved = false;
+                }
+            }
             None => {
-                let latest = self.rotation().latest.clone();
-                if let Some(latest) = latest {
-                    self.call(self.store.save_refresh_token(&latest)).await?;
+                let current = self.rotation().current.clone();
+                if let Some(current) = current {
+                    self.call(self.store.save_refresh_token(&current, None))
+                        .await?;
                 }
             }
         }
         Ok(())
     }
 
-    /// After adopting another layer's token: also take the refresh token it may have
-    /// rotated, so this layer knows the newest one even if the store later loses it.
-    async fn follow_rotation(&self, cache: &TokenCache) {
-        if self.flush_rotation().await.is_err() {
-            return;
-        }
-        if let Ok(Some(from_store)) = self.call(self.store.load_refresh_token()).await {
-            self.take_refresh_token(cache, from_store);
-        }
-    }
-
-    /// Uses a refresh token from the store from now on.
-    fn take_refresh_token(&self, cache: &TokenCache, from_store: SecretString) {
-        cache.use_refresh_token(from_store.clone());
-        *self.rotation() = Rotation {
-            latest: Some(from_store),
-            stored: true,
-        };
-    }
-
     /// After a token call: writes a rotated refresh token and the new access token to
-    /// the store (a later token already stored stays). Returns `false` if the store
-    /// failed: the rest is skipped, the store paused, and an unwritten rotation kept
-    /// for later.
-    async fn publish(
-        &self,
-        cache: &TokenCache,
-        token: Option<&Arc<Token>>,
-        rotated: Option<SecretString>,
-    ) -> bool {
-        if let Some(rotated) = rotated {
-            self.keep_rotation(rotated);
-            if let Err(failure) = self.flush_rotation().await {
-                self.failed(cache, failure);
-                return false;
-            }
-        }
+    /// the store (a later token already stored stays).
+    async fn publish(&self, token: Option<&Arc<Token>>) -> Result<(), StoreFailed> {
+        self.flush_rotation().await?;
         if let Some(shared) = token.and_then(|t| t.to_shared()) {
-            if let Err(failure) = self.call(self.store.save(&shared)).await {
-                self.failed(cache, failure);
-                return false;
-            }
+            self.call(self.store.save(&shared)).await?;
         }
-        true
+        Ok(())
     }
 
     /// Releases the lock; a failure only delays the other replicas until the lease
     /// runs out.
-    async fn release(&self, cache: &TokenCache) {
-        if let Err(failure) = self.call(self.store.unlock(&self.owner)).await {
-            self.failed(cache, failure);
+    async fn release(&self) {
+        if let Err(StoreFailed(error)) = self.call(self.store.unlock(&self.owner)).await {
+            tracing::warn!(%error, "could not release the token store's refresh lock");
         }
     }
 
@@ -338,15 +391,6 @@ impl Shared {
                 self.call_timeout
             )))),
         }
-    }
-}
-
-/// Whether two refresh tokens are the same.
-fn same(a: Option<&SecretString>, b: Option<&SecretString>) -> bool {
-    match (a, b) {
-        (Some(a), Some(b)) => a.expose_secret() == b.expose_secret(),
-        (None, None) => true,
-        _ => false,
     }
 }
 

@@ -8,11 +8,11 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use eshopbox_auth::source::{source_fn, BoxFuture, FetchedToken, TokenSource};
-use eshopbox_auth::store::{SharedToken, TokenStore};
+use eshopbox_auth::store::{SharedRefreshToken, SharedToken, TokenStore};
 use eshopbox_auth::{Error, EshopboxAuthLayer};
 use http::{Request, StatusCode};
 use http_body_util::Empty;
-use secrecy::{ExposeSecret, SecretString};
+use secrecy::ExposeSecret;
 use tokio::sync::Notify;
 use tower::{Layer, ServiceExt};
 
@@ -146,14 +146,15 @@ impl<T: TokenStore> TokenStore for Freezable<T> {
     fn unlock<'a>(&'a self, owner: &'a str) -> BoxFuture<'a, Result<(), Error>> {
         self.guard(self.inner.unlock(owner))
     }
-    fn load_refresh_token(&self) -> BoxFuture<'_, Result<Option<SecretString>, Error>> {
+    fn load_refresh_token(&self) -> BoxFuture<'_, Result<Option<SharedRefreshToken>, Error>> {
         self.guard(self.inner.load_refresh_token())
     }
     fn save_refresh_token<'a>(
         &'a self,
-        token: &'a SecretString,
-    ) -> BoxFuture<'a, Result<(), Error>> {
-        self.guard(self.inner.save_refresh_token(token))
+        token: &'a SharedRefreshToken,
+        replaces: Option<u64>,
+    ) -> BoxFuture<'a, Result<bool, Error>> {
+        self.guard(self.inner.save_refresh_token(token, replaces))
     }
 }
 
@@ -218,18 +219,21 @@ pub async fn stalled_holder<T: TokenStore>(store: impl Fn() -> T) {
     assert_eq!(count("Bearer tok-1") + count("Bearer tok-2"), 160);
 }
 
-/// The lock holder's token call takes four leases, but the holder is alive and renews
-/// its lease: nobody takes over, one token call in all, and against an endpoint that
-/// rotates refresh tokens no replica sends a spent one.
+/// The lock holder's token call takes five leases and most of the token timeout, but
+/// the holder is alive and renews its lease: nobody takes over or calls on their own,
+/// one token call in all, and against an endpoint that rotates refresh tokens no
+/// replica sends a spent one.
 pub async fn slow_holder<T: TokenStore>(store: impl Fn() -> T) {
     let lease = Duration::from_millis(300);
-    let endpoint = super::rotating_endpoint_slow(3600, 4 * lease).await;
+    // The call takes five leases and three quarters of the token timeout.
+    let endpoint = super::rotating_endpoint_slow(3600, Duration::from_millis(1500)).await;
     let layers: Vec<EshopboxAuthLayer> = (0..8)
         .map(|_| {
             EshopboxAuthLayer::builder(super::credentials())
                 .token_url(&endpoint.url())
                 .token_store(store())
                 .lock_lease(lease)
+                .token_timeout(Duration::from_secs(2))
                 .build()
                 .unwrap()
         })
@@ -272,5 +276,73 @@ pub async fn rotation<T: TokenStore>(store: impl Fn() -> T) {
     // Five calls, each with the newest refresh token: none was refused as spent.
     assert_eq!(sent, [super::REFRESH_TOKEN, "rt-1", "rt-2", "rt-3", "rt-4"]);
     let stored = store().load_refresh_token().await.unwrap().unwrap();
-    assert_eq!(stored.expose_secret(), "rt-5");
+    assert_eq!(stored.refresh_token().expose_secret(), "rt-5");
+}
+
+/// An in-process provider that rotates the refresh token on every call and refuses
+/// spent ones, for tests on paused time. Each layer gets a [`RotatingClient`].
+#[derive(Clone, Default)]
+pub struct RotatingProvider {
+    state: Arc<std::sync::Mutex<ProviderState>>,
+}
+
+#[derive(Default)]
+struct ProviderState {
+    issued: usize,
+    /// The refresh tokens sent, in order.
+    sent: Vec<String>,
+}
+
+impl RotatingProvider {
+    /// A client starting from the configured refresh token.
+    pub fn client(&self) -> RotatingClient {
+        RotatingClient {
+            provider: self.clone(),
+            mine: std::sync::Mutex::new(super::REFRESH_TOKEN.to_owned()),
+        }
+    }
+
+    /// The refresh tokens sent so far.
+    pub fn sent(&self) -> Vec<String> {
+        self.state.lock().unwrap().sent.clone()
+    }
+}
+
+/// One layer's view of a [`RotatingProvider`].
+pub struct RotatingClient {
+    provider: RotatingProvider,
+    mine: std::sync::Mutex<String>,
+}
+
+impl TokenSource for RotatingClient {
+    fn fetch(&self) -> BoxFuture<'_, Result<FetchedToken, Error>> {
+        Box::pin(async move {
+            let sent = self.mine.lock().unwrap().clone();
+            let mut state = self.provider.state.lock().unwrap();
+            state.sent.push(sent.clone());
+            let valid = match state.issued {
+                0 => super::REFRESH_TOKEN.to_owned(),
+                n => format!("rt-{n}"),
+            };
+            if sent != valid {
+                return Err(Error::rejected(
+                    "invalid_grant: the refresh token was spent",
+                ));
+            }
+            state.issued += 1;
+            let n = state.issued;
+            *self.mine.lock().unwrap() = format!("rt-{n}");
+            Ok(FetchedToken::new(format!("tok-{n}"))
+                .expires_in(Duration::from_secs(3600))
+                .rotated_refresh_token(format!("rt-{n}")))
+        })
+    }
+
+    fn refresh_token(&self) -> Option<secrecy::SecretString> {
+        Some(self.mine.lock().unwrap().clone().into())
+    }
+
+    fn use_refresh_token(&self, refresh_token: secrecy::SecretString) {
+        *self.mine.lock().unwrap() = refresh_token.expose_secret().to_owned();
+    }
 }
