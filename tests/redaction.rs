@@ -26,8 +26,8 @@ impl Write for Captured {
     }
 }
 
-#[tokio::test(flavor = "current_thread")]
-async fn trace_output_carries_no_secret() {
+/// Captures everything logged at TRACE on this thread until the guard is dropped.
+fn capture() -> (Captured, tracing::subscriber::DefaultGuard) {
     let captured = Captured::default();
     let writer = captured.clone();
     let subscriber = tracing_subscriber::fmt()
@@ -35,7 +35,12 @@ async fn trace_output_carries_no_secret() {
         .with_ansi(false)
         .with_writer(move || writer.clone())
         .finish();
-    let _guard = tracing::subscriber::set_default(subscriber);
+    (captured, tracing::subscriber::set_default(subscriber))
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn trace_output_carries_no_secret() {
+    let (captured, _guard) = capture();
 
     // 1: a token that the API refuses, with a rotated refresh token;
     // 2: a transient failure; 3: the working token; 4: the refresh token is revoked.
@@ -117,14 +122,7 @@ async fn trace_output_carries_no_secret() {
 async fn token_store_paths_log_no_secret() {
     use eshopbox_auth::store::{InProcessStore, RedisStore, TokenStore};
 
-    let captured = Captured::default();
-    let writer = captured.clone();
-    let subscriber = tracing_subscriber::fmt()
-        .with_max_level(tracing::Level::TRACE)
-        .with_ansi(false)
-        .with_writer(move || writer.clone())
-        .finish();
-    let _guard = tracing::subscriber::set_default(subscriber);
+    let (captured, _guard) = capture();
 
     // Two layers share an in-process store against an endpoint that rotates the
     // refresh token; a third has a Redis store on a port where nothing listens.

@@ -281,6 +281,33 @@ impl RedisStore {
         }
     }
 
+    /// The id and payload of a stored value: `header_len` bytes of clear header (the
+    /// id in 16 hex digits first, a space last), then the sealed payload. A value in
+    /// another format (not written by this crate, or by another version) counts as
+    /// nothing stored, so the next write replaces it; a value this store cannot
+    /// decrypt is an error: it belongs to replicas with another key.
+    fn unseal(
+        &self,
+        key: &str,
+        value: &[u8],
+        header_len: usize,
+    ) -> Result<Option<(u64, Vec<u8>)>, Error> {
+        let id = (value.len() > header_len && value[16] == b' ' && value[header_len - 1] == b' ')
+            .then(|| std::str::from_utf8(&value[..16]).ok())
+            .flatten()
+            .and_then(|hex| u64::from_str_radix(hex, 16).ok());
+        let (header, sealed) = value.split_at(header_len.min(value.len()));
+        match id {
+            Some(id) if matches!(sealed.first(), Some(&PLAIN | &SEALED)) => {
+                Ok(Some((id, self.open(key, header, sealed)?)))
+            }
+            _ => {
+                tracing::warn!(%key, "ignoring a value in Redis in another format");
+                Ok(None)
+            }
+        }
+    }
+
     async fn load_token(&self) -> Result<Option<SharedToken>, Error> {
         let value: Option<Vec<u8>> = self
             .query("reading the token", redis::cmd("GET").arg(&self.keys.token))
@@ -288,29 +315,12 @@ impl RedisStore {
         let Some(value) = value else {
             return Ok(None);
         };
-        // A value in another format (not written by this crate, or by an older
-        // version) counts as no token: the next token call replaces it. A value this
-        // store cannot decrypt is an error: it belongs to replicas with another key.
-        let malformed = || {
-            tracing::warn!(key = %self.keys.token, "ignoring a malformed token in Redis");
-            Ok(None)
+        let Some((id, payload)) = self.unseal(&self.keys.token, &value, HEADER_LEN)? else {
+            return Ok(None);
         };
-        if value.len() < HEADER_LEN || value[16] != b' ' || value[HEADER_LEN - 1] != b' ' {
-            return malformed();
-        }
-        let Some(id) = std::str::from_utf8(&value[..16])
-            .ok()
-            .and_then(|hex| u64::from_str_radix(hex, 16).ok())
-        else {
-            return malformed();
-        };
-        let (header, sealed) = value.split_at(HEADER_LEN);
-        if !matches!(sealed.first(), Some(&PLAIN | &SEALED)) {
-            return malformed();
-        }
-        let payload = self.open(&self.keys.token, header, sealed)?;
         let Ok(stored) = serde_json::from_slice::<Stored>(&payload) else {
-            return malformed();
+            tracing::warn!(key = %self.keys.token, "ignoring a malformed token in Redis");
+            return Ok(None);
         };
         Ok(Some(SharedToken::new(
             id,
@@ -375,28 +385,12 @@ impl RedisStore {
         let Some(value) = value else {
             return Ok(None);
         };
-        // As for the token: another format counts as nothing stored (the next
-        // rotation replaces it); a value sealed with another key is an error.
-        let malformed = || {
-            tracing::warn!(%key, "ignoring a malformed refresh token in Redis");
-            Ok(None)
+        let Some((id, payload)) = self.unseal(key, &value, REFRESH_HEADER_LEN)? else {
+            return Ok(None);
         };
-        if value.len() <= REFRESH_HEADER_LEN || value[REFRESH_HEADER_LEN - 1] != b' ' {
-            return malformed();
-        }
-        let Some(id) = std::str::from_utf8(&value[..16])
-            .ok()
-            .and_then(|hex| u64::from_str_radix(hex, 16).ok())
-        else {
-            return malformed();
-        };
-        let (header, sealed) = value.split_at(REFRESH_HEADER_LEN);
-        if !matches!(sealed.first(), Some(&PLAIN | &SEALED)) {
-            return malformed();
-        }
-        let payload = self.open(key, header, sealed)?;
         let Ok(token) = String::from_utf8(payload) else {
-            return malformed();
+            tracing::warn!(%key, "ignoring a malformed refresh token in Redis");
+            return Ok(None);
         };
         Ok(Some(SharedRefreshToken::new(id, SecretString::from(token))))
     }
