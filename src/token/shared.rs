@@ -157,7 +157,10 @@ impl Shared {
     /// Records a new version of the refresh token, not stored yet.
     fn rotated(&self, refresh_token: SecretString) {
         let mut rotation = self.rotation();
-        rotation.replaces = rotation.current.as_ref().map(SharedRefreshToken::id);
+        // Several rotations without the store still replace the version it holds.
+        if !rotation.unsaved {
+            rotation.replaces = rotation.current.as_ref().map(SharedRefreshToken::id);
+        }
         rotation.current = Some(SharedRefreshToken::new(fastrand::u64(..), refresh_token));
         rotation.unsaved = true;
     }
