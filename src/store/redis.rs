@@ -344,21 +344,25 @@ impl RedisStore {
             .map_err(|_| Error::unavailable("could not encode the token for Redis"))?;
         let expires_ms = format!("{:016x}", stored.expires_at_ms);
         let header = format!("{}{expires_ms} ", id_prefix(token.id()));
-        let mut value = header.clone().into_bytes();
-        value.extend(self.seal(&self.keys.token, header.as_bytes(), &payload)?);
-        let _stored: i64 = self
-            .query(
-                "writing the token",
-                redis::cmd("EVAL")
-                    .arg(SAVE_UNLESS_LATER)
-                    .arg(1)
-                    .arg(&self.keys.token)
-                    .arg(value)
-                    .arg(expires_ms)
-                    .arg(ttl),
-            )
-            .await?;
+        let value = self.seal_value(&self.keys.token, header, &payload)?;
+        let ttl = ttl.to_string();
+        self.script(
+            "writing the token",
+            SAVE_UNLESS_LATER,
+            &self.keys.token,
+            &[&value, expires_ms.as_bytes(), ttl.as_bytes()],
+        )
+        .await?;
         Ok(())
+    }
+
+    /// A value as stored: the clear `header`, then the payload sealed to the key and
+    /// the header ([`unseal`](Self::unseal) reads it back).
+    fn seal_value(&self, key: &str, header: String, payload: &[u8]) -> Result<Vec<u8>, Error> {
+        let sealed = self.seal(key, header.as_bytes(), payload)?;
+        let mut value = header.into_bytes();
+        value.extend(sealed);
+        Ok(value)
     }
 
     /// Runs one of the scripts above on `key` with `args`; returns its number.
@@ -367,7 +371,7 @@ impl RedisStore {
         doing: &str,
         script: &str,
         key: &str,
-        args: &[&str],
+        args: &[&[u8]],
     ) -> Result<i64, Error> {
         let mut command = redis::cmd("EVAL");
         command.arg(script).arg(1).arg(key);
@@ -400,23 +404,21 @@ impl RedisStore {
         refresh_token: &SharedRefreshToken,
         replaces: Option<u64>,
     ) -> Result<bool, Error> {
-        let header = id_prefix(refresh_token.id());
-        let mut value = header.clone().into_bytes();
-        value.extend(self.seal(
+        let value = self.seal_value(
             &self.keys.refresh_token,
-            header.as_bytes(),
+            id_prefix(refresh_token.id()),
             refresh_token.refresh_token().expose_secret().as_bytes(),
-        )?);
+        )?;
         let replaces = replaces.map_or_else(String::new, |id| format!("{id:016x}"));
-        let mut command = redis::cmd("EVAL");
-        command
-            .arg(SAVE_REFRESH)
-            .arg(1)
-            .arg(&self.keys.refresh_token)
-            .arg(value)
-            .arg(replaces)
-            .arg(format!("{:016x}", refresh_token.id()));
-        let saved: i64 = self.query("writing the refresh token", &command).await?;
+        let own = format!("{:016x}", refresh_token.id());
+        let saved = self
+            .script(
+                "writing the refresh token",
+                SAVE_REFRESH,
+                &self.keys.refresh_token,
+                &[&value, replaces.as_bytes(), own.as_bytes()],
+            )
+            .await?;
         Ok(saved > 0)
     }
 }
@@ -437,7 +439,7 @@ impl TokenStore for RedisStore {
                     "removing the token",
                     REMOVE_IF_ID,
                     &self.keys.token,
-                    &[&id_prefix(id)],
+                    &[id_prefix(id).as_bytes()],
                 )
                 .await?;
             Ok(removed > 0)
@@ -459,7 +461,7 @@ impl TokenStore for RedisStore {
                     "taking the refresh lock",
                     TAKE_OR_RENEW,
                     &self.keys.lock,
-                    &[owner, &lease_ms],
+                    &[owner.as_bytes(), lease_ms.as_bytes()],
                 )
                 .await?;
             Ok(held > 0)
@@ -472,7 +474,7 @@ impl TokenStore for RedisStore {
                 "releasing the refresh lock",
                 RELEASE,
                 &self.keys.lock,
-                &[owner],
+                &[owner.as_bytes()],
             )
             .await?;
             Ok(())

@@ -411,12 +411,10 @@ impl TokenCache {
         let fetched = self
             .fetch(reason, Instant::now() + self.timing.timeout)
             .await;
-        if let (Some(shared), Some(after)) = (&self.shared, self.refresh_token()) {
+        if let (Some(shared), Some(rotated)) = (&self.shared, self.rotated_since(before)) {
             // A rotation (even from an otherwise unusable answer) reaches the store
             // once it answers again.
-            if before.as_ref().map(ExposeSecret::expose_secret) != Some(after.expose_secret()) {
-                shared.rotated_directly(after);
-            }
+            shared.rotated_directly(rotated);
         }
         let (response, sent_at) = fetched?;
         Ok(self.install(response, sent_at))
@@ -574,6 +572,13 @@ impl TokenCache {
         let _ = self
             .failed_shared_id
             .compare_exchange(id, 0, Ordering::Relaxed, Ordering::Relaxed);
+    }
+
+    /// The source's refresh token, if it changed from `before` (it was rotated).
+    pub(crate) fn rotated_since(&self, before: Option<SecretString>) -> Option<SecretString> {
+        let after = self.refresh_token()?;
+        let same = before.is_some_and(|b| b.expose_secret() == after.expose_secret());
+        (!same).then_some(after)
     }
 
     /// The refresh token the source sends next, if it has one.

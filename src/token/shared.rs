@@ -21,7 +21,7 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::task::Poll;
 use std::time::Duration;
 
-use secrecy::{ExposeSecret, SecretString};
+use secrecy::SecretString;
 use tokio::time::Instant;
 
 use super::cache::{Reason, TokenCache};
@@ -257,10 +257,8 @@ impl Shared {
         let fetched = self.renewing(cache.fetch(reason, deadline)).await;
         // The source may have switched to a rotated refresh token even if the answer
         // was otherwise unusable: share it either way.
-        if let Some(after) = cache.refresh_token() {
-            if before.as_ref().map(ExposeSecret::expose_secret) != Some(after.expose_secret()) {
-                self.rotated(after);
-            }
+        if let Some(rotated) = cache.rotated_since(before) {
+            self.rotated(rotated);
         }
         let outcome = fetched.map(|(response, sent_at)| cache.install(response, sent_at));
         let store_ok = match self.publish(outcome.as_ref().ok()).await {
