@@ -1,24 +1,28 @@
 //! The [`EshopboxAuthBuilder`]: every setting of the layer, checked once in `build`.
 
 use std::fmt;
-use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
+
+use http::HeaderValue;
+use secrecy::SecretString;
 
 use crate::classify::Http401;
 use crate::credentials::Credentials;
 use crate::error::Error;
 use crate::layer::{EshopboxAuthLayer, Shape};
 use crate::replay::{CloneBodies, EmptyBodies};
-use http::HeaderValue;
-use secrecy::SecretString;
-
-use crate::source::{Custom, TokenSource};
 use crate::store::{TokenStore, DEFAULT_LOCK_LEASE};
-use crate::token::cache::{spawn_background, Timing, TokenCache};
-use crate::token::endpoint::{GrantEndpoint, RequestFormat, RotationHook};
-use crate::token::shared::Shared;
-use crate::token::Source;
+use crate::store_sync::StoreSync;
+use crate::token::background::spawn_background;
+use crate::token::cell::{Timing, TokenCell};
+use crate::token::endpoint::{
+    check_token_url, default_client, GrantEndpoint, RequestFormat, RotationHook,
+};
+use crate::token::refresh::Coordinator;
+use crate::token::source::TokenSource;
+
+pub use crate::token::fetch::DEFAULT_TOKEN_TIMEOUT;
 
 /// Eshopbox's token endpoint.
 pub const DEFAULT_TOKEN_URL: &str = "https://auth.myeshopbox.com/api/v1/generateToken";
@@ -26,17 +30,12 @@ pub const DEFAULT_TOKEN_URL: &str = "https://auth.myeshopbox.com/api/v1/generate
 /// Default [`refresh_margin`](EshopboxAuthBuilder::refresh_margin): 5 minutes.
 pub const DEFAULT_REFRESH_MARGIN: Duration = Duration::from_secs(5 * 60);
 
-/// Default [`token_timeout`](EshopboxAuthBuilder::token_timeout): 30 seconds.
-pub const DEFAULT_TOKEN_TIMEOUT: Duration = Duration::from_secs(30);
-
 /// Default [`failure_cooldown`](EshopboxAuthBuilder::failure_cooldown): 2 seconds
 /// (drawn between 1 and 5 s each time).
 pub const DEFAULT_FAILURE_COOLDOWN: Duration = Duration::from_secs(2);
 
 /// Default [`store_timeout`](EshopboxAuthBuilder::store_timeout): 1 second.
 pub const DEFAULT_STORE_TIMEOUT: Duration = Duration::from_secs(1);
-
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Builder for [`EshopboxAuthLayer`], from [`EshopboxAuthLayer::builder`].
 ///
@@ -74,8 +73,8 @@ struct Settings {
 enum Origin {
     /// Eshopbox's refresh grant with these credentials.
     Eshopbox(Credentials),
-    /// A caller-supplied source, wrapped once its rotation hook is known.
-    Custom(Box<dyn FnOnce(Option<RotationHook>) -> Box<dyn Source> + Send>),
+    /// A caller-supplied source.
+    Custom(Box<dyn TokenSource>),
 }
 
 impl EshopboxAuthBuilder {
@@ -84,9 +83,7 @@ impl EshopboxAuthBuilder {
     }
 
     pub(crate) fn with_source<T: TokenSource>(source: T) -> Self {
-        Self::from_origin(Origin::Custom(Box::new(move |on_rotated| {
-            Box::new(Custom { source, on_rotated }) as Box<dyn Source>
-        })))
+        Self::from_origin(Origin::Custom(Box::new(source)))
     }
 
     fn from_origin(origin: Origin) -> Self {
@@ -298,8 +295,10 @@ impl<P, C> EshopboxAuthBuilder<P, C> {
             .as_deref()
             .map(proxy_host)
             .transpose()?;
-        let source: Box<dyn Source> = match self.settings.origin {
-            Origin::Custom(wrap) => wrap(self.settings.on_rotated),
+        // The Eshopbox grant tells the rotation hook itself (even for an answer that is
+        // otherwise unusable); for other sources the fetcher does, from what they report.
+        let (source, on_rotated): (Box<dyn TokenSource>, _) = match self.settings.origin {
+            Origin::Custom(source) => (source, self.settings.on_rotated),
             Origin::Eshopbox(credentials) => {
                 credentials.validate()?;
                 let url = check_token_url(&self.settings.token_url)?;
@@ -307,34 +306,38 @@ impl<P, C> EshopboxAuthBuilder<P, C> {
                     Some(client) => client,
                     None => default_client(self.settings.token_timeout)?,
                 };
-                Box::new(GrantEndpoint::eshopbox(
+                let endpoint = GrantEndpoint::eshopbox(
                     client,
                     url,
                     self.settings.request_format,
                     credentials,
                     self.settings.on_rotated,
-                ))
+                );
+                (Box::new(endpoint), None)
             }
         };
-        let shared = self
-            .settings
-            .store
-            .map(|store| Shared::new(store, self.settings.lock_lease, self.settings.store_timeout));
-        let cache = TokenCache::new(
+        let coordinator = self.settings.store.map(|store| {
+            Box::new(StoreSync::new(
+                store,
+                self.settings.lock_lease,
+                self.settings.store_timeout,
+            )) as Box<dyn Coordinator>
+        });
+        let cell = Arc::new(TokenCell::new(
             source,
-            shared,
+            on_rotated,
+            coordinator,
             Timing {
                 margin: self.settings.refresh_margin,
                 timeout: self.settings.token_timeout,
                 failure_cooldown: self.settings.failure_cooldown,
             },
-        );
-        let cache = Arc::new(cache);
+        ));
         if self.settings.background_refresh {
-            spawn_background(&cache)?;
+            spawn_background(&cell)?;
         }
         Ok(EshopboxAuthLayer::from_parts(
-            cache,
+            cell,
             Shape {
                 retry_on_unauthorized: self.settings.retry_on_unauthorized,
                 proxy_host,
@@ -343,18 +346,6 @@ impl<P, C> EshopboxAuthBuilder<P, C> {
             self.unauthorized,
         ))
     }
-}
-
-/// The default client for token requests: a connect timeout, and no redirects (a
-/// redirect would carry the client secret to another URL).
-pub(crate) fn default_client(token_timeout: Duration) -> Result<reqwest::Client, Error> {
-    reqwest::Client::builder()
-        .connect_timeout(CONNECT_TIMEOUT.min(token_timeout))
-        .redirect(reqwest::redirect::Policy::none())
-        .build()
-        .map_err(|e| {
-            Error::config("could not build the HTTP client for token requests").with_source(e)
-        })
 }
 
 /// The `ProxyHost` value for a workspace name: non-empty, a valid header value.
@@ -367,31 +358,6 @@ fn proxy_host(workspace: &str) -> Result<HeaderValue, Error> {
     }
     HeaderValue::from_str(workspace)
         .map_err(|_| Error::config("workspace is not a valid header value"))
-}
-
-/// Parses the token URL and refuses plain http except on loopback.
-pub(crate) fn check_token_url(raw: &str) -> Result<reqwest::Url, Error> {
-    let url = reqwest::Url::parse(raw)
-        .map_err(|e| Error::config(format!("token_url is not a valid URL: {e}")))?;
-    match url.scheme() {
-        "https" => Ok(url),
-        "http" if is_loopback(&url) => Ok(url),
-        "http" => Err(Error::config(
-            "token_url must use https (plain http is only allowed on a loopback host)",
-        )),
-        other => Err(Error::config(format!(
-            "token_url must use https, not {other:?}"
-        ))),
-    }
-}
-
-fn is_loopback(url: &reqwest::Url) -> bool {
-    match url.host() {
-        Some(url::Host::Domain(name)) => name.eq_ignore_ascii_case("localhost"),
-        Some(url::Host::Ipv4(ip)) => IpAddr::V4(ip).is_loopback(),
-        Some(url::Host::Ipv6(ip)) => IpAddr::V6(ip).is_loopback(),
-        None => false,
-    }
 }
 
 impl<P: fmt::Debug, C: fmt::Debug> fmt::Debug for EshopboxAuthBuilder<P, C> {
@@ -432,37 +398,6 @@ impl<P: fmt::Debug, C: fmt::Debug> fmt::Debug for EshopboxAuthBuilder<P, C> {
 mod tests {
     use super::*;
     use crate::ErrorKind;
-
-    #[test]
-    fn https_and_loopback_http_are_accepted() {
-        for ok in [
-            DEFAULT_TOKEN_URL,
-            "http://127.0.0.1:8080/api/v1/generateToken",
-            "http://127.9.9.9/t",
-            "http://localhost:1/t",
-            "http://[::1]:9/t",
-        ] {
-            assert!(check_token_url(ok).is_ok(), "{ok}");
-        }
-    }
-
-    #[test]
-    fn plain_http_elsewhere_and_junk_are_refused() {
-        for (bad, says) in [
-            (
-                "http://auth.myeshopbox.com/api/v1/generateToken",
-                "must use https",
-            ),
-            ("http://10.0.0.1/t", "must use https"),
-            ("http://localhost.evil.com/t", "must use https"),
-            ("ftp://127.0.0.1/t", "not \"ftp\""),
-            ("not a url", "not a valid URL"),
-        ] {
-            let err = check_token_url(bad).unwrap_err();
-            assert_eq!(err.kind(), ErrorKind::Config, "{bad}");
-            assert!(err.to_string().contains(says), "{bad}: {err}");
-        }
-    }
 
     #[test]
     fn build_reports_bad_settings() {

@@ -3,15 +3,17 @@
 //! A request goes through at most these states:
 //!
 //! ```text
-//! Token ──► Ready ──► Called ──► done
+//! Token ──► Ready ──► Called ──► Done
 //!   ▲                   │ 401, first attempt, body replayable
 //!   └───────────────────┘ (at most once)
 //! ```
 //!
-//! - `Token`: no usable token was cached; wait for the shared refresh.
+//! - `Token`: no usable token was cached; wait for the shared refresh. Owns the
+//!   request that waits.
 //! - `Ready`: drive the inner service to readiness (skipped for the first attempt,
-//!   whose service the caller already polled ready).
+//!   whose service the caller already polled ready). Owns the request to send.
 //! - `Called`: the inner service's future.
+//! - `Done`: the answer was handed out (or a transition is under way).
 
 use std::future::Future;
 use std::pin::Pin;
@@ -23,10 +25,11 @@ use http::{Request, Response};
 use pin_project_lite::pin_project;
 use tower::{BoxError, Service};
 
+use crate::boxed::BoxFuture;
 use crate::classify::{Http401, UnauthorizedPolicy};
 use crate::error::Error;
-use crate::token::cache::TokenCache;
-use crate::token::{BoxFuture, Token};
+use crate::token::cell::TokenCell;
+use crate::token::value::Token;
 
 /// A request not sent yet, with the service to send it: the first attempt while it
 /// waits for a token, or the copy kept for one resend after a 401. Boxed, so that the
@@ -34,6 +37,17 @@ use crate::token::{BoxFuture, Token};
 pub(crate) struct Unsent<S, B> {
     pub(crate) service: S,
     pub(crate) request: Request<B>,
+}
+
+/// Which attempt the future is on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Attempt {
+    /// The first: its service was polled ready by the caller, and a 401 may be
+    /// answered by one resend.
+    First,
+    /// The resend after a 401: its service must be polled ready, and its answer is
+    /// final.
+    Resend,
 }
 
 pin_project! {
@@ -44,34 +58,35 @@ pin_project! {
     {
         #[pin]
         state: State<S, B>,
-        cache: Arc<TokenCache>,
+        cell: Arc<TokenCell>,
         unauthorized: C,
         // The generation of the token the first attempt carried.
         generation: u64,
+        // The copy kept for the resend, while the first attempt runs.
         replay: Option<Box<Unsent<S, B>>>,
-        resent: bool,
+        attempt: Attempt,
     }
 }
 
 pin_project! {
     #[project = StateProj]
+    #[project_replace = StateTaken]
     enum State<S, B>
     where
         S: Service<Request<B>>,
     {
         Token {
-            token: BoxFuture<Result<Arc<Token>, Error>>,
-            unsent: Option<Box<Unsent<S, B>>>,
-            // Whether the service was already polled ready.
-            ready: bool,
+            token: BoxFuture<'static, Result<Arc<Token>, Error>>,
+            unsent: Box<Unsent<S, B>>,
         },
         Ready {
-            unsent: Option<Box<Unsent<S, B>>>,
+            unsent: Box<Unsent<S, B>>,
         },
         Called {
             #[pin]
             future: S::Future,
         },
+        Done,
     }
 }
 
@@ -82,18 +97,18 @@ where
     /// The first attempt was sent at once with the token of this generation.
     pub(crate) fn called(
         future: S::Future,
-        cache: Arc<TokenCache>,
+        cell: Arc<TokenCell>,
         generation: u64,
         replay: Option<Box<Unsent<S, B>>>,
         unauthorized: C,
     ) -> Self {
         ResponseFuture {
             state: State::Called { future },
-            cache,
+            cell,
             unauthorized,
             generation,
             replay,
-            resent: false,
+            attempt: Attempt::First,
         }
     }
 
@@ -101,21 +116,20 @@ where
     pub(crate) fn waiting(
         service: S,
         request: Request<B>,
-        cache: Arc<TokenCache>,
+        cell: Arc<TokenCell>,
         replay: Option<Box<Unsent<S, B>>>,
         unauthorized: C,
     ) -> Self {
         ResponseFuture {
             unauthorized,
             state: State::Token {
-                token: cache.wait(),
-                unsent: Some(Box::new(Unsent { service, request })),
-                ready: true,
+                token: cell.wait(),
+                unsent: Box::new(Unsent { service, request }),
             },
-            cache,
+            cell,
             generation: 0,
             replay,
-            resent: false,
+            attempt: Attempt::First,
         }
     }
 }
@@ -133,41 +147,51 @@ where
         let mut this = self.project();
         loop {
             match this.state.as_mut().project() {
-                StateProj::Token {
-                    token,
-                    unsent,
-                    ready,
-                } => {
-                    let token = ready!(token.as_mut().poll(cx))?;
-                    let (unsent, ready) = (unsent.take(), *ready);
-                    if ready {
+                StateProj::Token { token, .. } => {
+                    let token = ready!(token.as_mut().poll(cx));
+                    let token = match token {
+                        Ok(token) => token,
+                        Err(error) => {
+                            this.state.set(State::Done);
+                            return Poll::Ready(Err(error.into()));
+                        }
+                    };
+                    if *this.attempt == Attempt::First {
                         *this.generation = token.generation;
                     }
-                    with_token(this.state.as_mut(), &token, unsent, ready)?;
+                    with_token(this.state.as_mut(), &token, *this.attempt);
                 }
                 StateProj::Ready { unsent } => {
-                    let Some(pending) = unsent.as_mut() else {
-                        return Poll::Ready(Err(polled_after_completion()));
-                    };
-                    ready!(pending.service.poll_ready(cx)).map_err(Into::into)?;
-                    let unsent = unsent.take();
-                    send(this.state.as_mut(), unsent)?;
+                    if let Err(error) = ready!(unsent.service.poll_ready(cx)) {
+                        this.state.set(State::Done);
+                        return Poll::Ready(Err(error.into()));
+                    }
+                    send(this.state.as_mut());
                 }
                 StateProj::Called { future } => {
-                    let response = ready!(future.poll(cx)).map_err(Into::into)?;
-                    if *this.resent || !this.unauthorized.is_unauthorized(&response) {
+                    let response = ready!(future.poll(cx));
+                    this.state.set(State::Done);
+                    let response = response.map_err(Into::into)?;
+                    if *this.attempt == Attempt::Resend
+                        || !this.unauthorized.is_unauthorized(&response)
+                    {
                         return Poll::Ready(Ok(response));
                     }
                     // The first attempt was refused: resend it once, if there is a copy.
                     if !refused(
                         this.state.as_mut(),
-                        this.cache,
+                        this.cell,
                         *this.generation,
-                        this.replay,
+                        this.replay.take(),
                     ) {
                         return Poll::Ready(Ok(response));
                     }
-                    *this.resent = true;
+                    *this.attempt = Attempt::Resend;
+                }
+                StateProj::Done => {
+                    return Poll::Ready(Err(
+                        "eshopbox auth: response future polled after completion".into(),
+                    ));
                 }
             }
         }
@@ -177,56 +201,50 @@ where
 // The rare transitions live in functions of their own, so that `poll` stays small for
 // the common case: one poll of the `Called` state.
 
-/// A token arrived for a request that waited: puts it on the request, then sends it
-/// (its service is ready) or waits for its service to be ready.
+/// A token arrived for a request that waited (in the `Token` state): puts it on the
+/// request, then sends it (the first attempt: its service is ready) or waits for its
+/// service to be ready (the resend).
 #[cold]
 #[inline(never)]
-fn with_token<S, B>(
-    mut state: Pin<&mut State<S, B>>,
-    token: &Token,
-    unsent: Option<Box<Unsent<S, B>>>,
-    ready: bool,
-) -> Result<(), BoxError>
+fn with_token<S, B>(mut state: Pin<&mut State<S, B>>, token: &Token, attempt: Attempt)
 where
     S: Service<Request<B>>,
 {
-    let Some(mut unsent) = unsent else {
-        return Err(polled_after_completion());
+    let StateTaken::Token { mut unsent, .. } = state.as_mut().project_replace(State::Done) else {
+        return;
     };
     unsent
         .request
         .headers_mut()
-        .insert(AUTHORIZATION, token.header.clone());
-    if ready {
-        send(state, Some(unsent))
-    } else {
-        state.set(State::Ready {
-            unsent: Some(unsent),
-        });
-        Ok(())
+        .insert(AUTHORIZATION, token.header().clone());
+    match attempt {
+        Attempt::First => call(state, *unsent),
+        Attempt::Resend => state.set(State::Ready { unsent }),
     }
 }
 
-/// Sends a request on its service, which has been polled ready.
+/// Sends the request of the `Ready` state, whose service has been polled ready.
 #[cold]
 #[inline(never)]
-fn send<S, B>(
-    mut state: Pin<&mut State<S, B>>,
-    unsent: Option<Box<Unsent<S, B>>>,
-) -> Result<(), BoxError>
+fn send<S, B>(mut state: Pin<&mut State<S, B>>)
 where
     S: Service<Request<B>>,
 {
-    let Some(unsent) = unsent else {
-        return Err(polled_after_completion());
-    };
+    if let StateTaken::Ready { unsent } = state.as_mut().project_replace(State::Done) {
+        call(state, *unsent);
+    }
+}
+
+fn call<S, B>(mut state: Pin<&mut State<S, B>>, unsent: Unsent<S, B>)
+where
+    S: Service<Request<B>>,
+{
     let Unsent {
         mut service,
         request,
-    } = *unsent;
+    } = unsent;
     let future = service.call(request);
     state.set(State::Called { future });
-    Ok(())
 }
 
 /// After a 401 for the first attempt: drops its token (only if it is still the
@@ -236,38 +254,31 @@ where
 #[inline(never)]
 fn refused<S, B>(
     mut state: Pin<&mut State<S, B>>,
-    cache: &Arc<TokenCache>,
+    cell: &Arc<TokenCell>,
     generation: u64,
-    replay: &mut Option<Box<Unsent<S, B>>>,
+    replay: Option<Box<Unsent<S, B>>>,
 ) -> bool
 where
     S: Service<Request<B>>,
 {
-    cache.invalidate(generation);
-    let Some(mut unsent) = replay.take() else {
+    cell.invalidate(generation);
+    let Some(mut unsent) = replay else {
         return false;
     };
-    cache.counters.resend();
+    cell.counters.resend();
     tracing::debug!("request answered 401; resending it once with a new token");
-    match cache.get() {
+    match cell.get() {
         Some((header, _)) => {
             unsent.request.headers_mut().insert(AUTHORIZATION, header);
-            state.set(State::Ready {
-                unsent: Some(unsent),
-            });
+            state.set(State::Ready { unsent });
         }
         None => {
-            cache.counters.waited();
+            cell.counters.waited();
             state.set(State::Token {
-                token: cache.wait(),
-                unsent: Some(unsent),
-                ready: false,
+                token: cell.wait(),
+                unsent,
             });
         }
     }
     true
-}
-
-fn polled_after_completion() -> BoxError {
-    "eshopbox auth: response future polled after completion".into()
 }

@@ -14,12 +14,12 @@ use crate::handle::TokenHandle;
 use crate::replay::EmptyBodies;
 use crate::service::EshopboxAuth;
 use crate::source::TokenSource;
-use crate::token::cache::TokenCache;
+use crate::token::cell::TokenCell;
 
 /// Layer that applies [`EshopboxAuth`] to a service.
 ///
 /// Every service made from one layer, or from any of its clones, shares one token
-/// cache: one token, one refresh at a time.
+/// cell: one token, one refresh at a time.
 ///
 /// ```
 /// use eshopbox_auth::{Credentials, EshopboxAuthLayer};
@@ -34,7 +34,7 @@ use crate::token::cache::TokenCache;
 /// # }
 /// ```
 pub struct EshopboxAuthLayer<P = EmptyBodies, C = Http401> {
-    cache: Arc<TokenCache>,
+    cell: Arc<TokenCell>,
     shape: Shape,
     replay: P,
     unauthorized: C,
@@ -76,13 +76,13 @@ impl EshopboxAuthLayer {
 
 impl<P, C> EshopboxAuthLayer<P, C> {
     pub(crate) fn from_parts(
-        cache: Arc<TokenCache>,
+        cell: Arc<TokenCell>,
         shape: Shape,
         replay: P,
         unauthorized: C,
     ) -> Self {
         EshopboxAuthLayer {
-            cache,
+            cell,
             shape,
             replay,
             unauthorized,
@@ -94,12 +94,7 @@ impl<P, C> EshopboxAuthLayer<P, C> {
     /// A handle to see and steer the token shared by this layer's services: read
     /// it, force a refresh, invalidate it, subscribe to changes, read counters.
     pub fn handle(&self) -> TokenHandle {
-        TokenHandle::new(self.cache.clone())
-    }
-
-    #[cfg(test)]
-    pub(crate) fn shared(&self) -> &Arc<TokenCache> {
-        &self.cache
+        TokenHandle::new(self.cell.clone())
     }
 }
 
@@ -109,7 +104,7 @@ impl<S, P: Clone, C: Clone> Layer<S> for EshopboxAuthLayer<P, C> {
     fn layer(&self, inner: S) -> Self::Service {
         EshopboxAuth::new(
             inner,
-            self.cache.clone(),
+            self.cell.clone(),
             self.shape.clone(),
             self.replay.clone(),
             self.unauthorized.clone(),
@@ -120,7 +115,7 @@ impl<S, P: Clone, C: Clone> Layer<S> for EshopboxAuthLayer<P, C> {
 impl<P: Clone, C: Clone> Clone for EshopboxAuthLayer<P, C> {
     fn clone(&self) -> Self {
         EshopboxAuthLayer {
-            cache: self.cache.clone(),
+            cell: self.cell.clone(),
             shape: self.shape.clone(),
             replay: self.replay.clone(),
             unauthorized: self.unauthorized.clone(),
@@ -131,7 +126,7 @@ impl<P: Clone, C: Clone> Clone for EshopboxAuthLayer<P, C> {
 impl<P: fmt::Debug, C: fmt::Debug> fmt::Debug for EshopboxAuthLayer<P, C> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("EshopboxAuthLayer")
-            .field("cache", &self.cache)
+            .field("cell", &self.cell)
             .field("shape", &self.shape)
             .field("replay", &self.replay)
             .field("unauthorized", &self.unauthorized)

@@ -112,9 +112,14 @@
 //! `refresh_token` is kept even from an answer that is otherwise unusable, because
 //! the old one may already be spent.
 //!
-//! A request goes through three files: [`EshopboxAuth::call`](tower::Service::call)
-//! in `service.rs`, the state machine in `future.rs`, and the token cache in
-//! `token/cache.rs`.
+//! A request goes through [`EshopboxAuth::call`](tower::Service::call) in
+//! `service.rs`, which reads the token through this service clone's view in
+//! `token/local.rs` (admission: fresh, soft window or expired, in `token/cell.rs`),
+//! and the response future's state machine in `future.rs`. A request that must wait
+//! joins the single refresh of `token/flight.rs`, which runs `token/refresh.rs`:
+//! through the token store (`store_sync.rs`) when there is one, else straight to the
+//! fetcher's attempt loop in `token/fetch.rs`, which calls the
+//! [`TokenSource`](source::TokenSource). `ARCHITECTURE.md` maps the layers.
 //!
 //! [Eshopbox]: https://www.eshopbox.com
 
@@ -123,6 +128,7 @@
 #![deny(rustdoc::broken_intra_doc_links)]
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
+mod boxed;
 mod builder;
 pub mod classify;
 mod credentials;
@@ -141,10 +147,8 @@ mod service;
 pub mod source;
 mod stats;
 pub mod store;
+mod store_sync;
 mod token;
-
-#[cfg(test)]
-mod tests;
 
 /// The README's code blocks, compiled and run as doc tests.
 #[cfg(all(
@@ -163,7 +167,7 @@ pub use builder::{
 };
 pub use credentials::Credentials;
 pub use error::{Error, ErrorKind};
-pub use handle::{AccessToken, TokenHandle, TokenInfo};
+pub use handle::{AccessToken, TokenHandle};
 pub use layer::EshopboxAuthLayer;
 #[cfg(feature = "tonic")]
 pub use replay::GrpcBodies;
@@ -174,6 +178,7 @@ pub use secrecy;
 pub use service::EshopboxAuth;
 pub use stats::Stats;
 pub use token::endpoint::RequestFormat;
+pub use token::value::TokenInfo;
 
 /// Runs the token-response parser on arbitrary bytes, for the fuzz target in `fuzz/`.
 /// Not part of the API.
@@ -183,7 +188,10 @@ pub fn __fuzz_token_response(body: &[u8]) {
     let _ = token::response::rotated_refresh_token(body);
     let _ = token::response::oauth_error_code(body);
     if let Ok(response) = token::response::parse(body) {
-        assert!(response.header.is_sensitive());
-        assert!(response.lifetime <= token::response::MAX_LIFETIME);
+        let lifetime = response.expires_in.unwrap_or_default();
+        assert!(lifetime <= token::response::MAX_LIFETIME);
+        let bearer = token::value::Bearer::new(response.access_token)
+            .expect("a parsed token is always sendable");
+        assert!(bearer.header().is_sensitive());
     }
 }

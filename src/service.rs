@@ -12,7 +12,7 @@ use crate::classify::{Http401, UnauthorizedPolicy};
 use crate::future::{ResponseFuture, Unsent};
 use crate::layer::Shape;
 use crate::replay::{EmptyBodies, ReplayPolicy};
-use crate::token::cache::TokenCache;
+use crate::token::cell::TokenCell;
 use crate::token::local::LocalToken;
 
 /// The header Eshopbox reads the workspace from on workspace calls.
@@ -33,23 +33,23 @@ pub struct EshopboxAuth<S, P = EmptyBodies, C = Http401> {
 impl<S, P, C> EshopboxAuth<S, P, C> {
     pub(crate) fn new(
         inner: S,
-        cache: Arc<TokenCache>,
+        cell: Arc<TokenCell>,
         shape: Shape,
         replay: P,
         unauthorized: C,
     ) -> Self {
         EshopboxAuth {
             inner,
-            token: LocalToken::new(cache),
+            token: LocalToken::new(cell),
             shape,
             replay,
             unauthorized,
         }
     }
 
-    /// The token cache shared by every service of the layer.
-    pub(crate) fn shared(&self) -> &Arc<TokenCache> {
-        self.token.cache()
+    /// The token cell shared by every service of the layer.
+    fn cell(&self) -> &Arc<TokenCell> {
+        self.token.cell()
     }
 
     /// The wrapped service.
@@ -98,10 +98,10 @@ where
         match self.token.get() {
             Some((header, generation)) => {
                 request.headers_mut().insert(AUTHORIZATION, header);
-                let cache = self.shared().clone();
+                let cell = self.cell().clone();
                 ResponseFuture::called(
                     self.inner.call(request),
-                    cache,
+                    cell,
                     generation,
                     replay,
                     self.unauthorized.clone(),
@@ -131,11 +131,11 @@ where
     {
         let clone = self.inner.clone();
         let ready = std::mem::replace(&mut self.inner, clone);
-        self.shared().counters.waited();
+        self.cell().counters.waited();
         ResponseFuture::waiting(
             ready,
             request,
-            self.shared().clone(),
+            self.cell().clone(),
             replay,
             self.unauthorized.clone(),
         )
@@ -181,7 +181,7 @@ impl<S: fmt::Debug, P: fmt::Debug, C: fmt::Debug> fmt::Debug for EshopboxAuth<S,
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("EshopboxAuth")
             .field("inner", &self.inner)
-            .field("cache", self.shared())
+            .field("cell", self.cell())
             .field("shape", &self.shape)
             .field("replay", &self.replay)
             .field("unauthorized", &self.unauthorized)

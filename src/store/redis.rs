@@ -13,8 +13,8 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::OnceCell;
 
 use super::{SharedRefreshToken, SharedToken, TokenStore};
+use crate::boxed::BoxFuture;
 use crate::error::Error;
-use crate::source::BoxFuture;
 
 /// Default [`key_prefix`](RedisStore::key_prefix).
 const DEFAULT_PREFIX: &str = "eshopbox-auth:";

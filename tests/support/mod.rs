@@ -281,6 +281,24 @@ pub fn sent_refresh_tokens(server: &TokenServer) -> Vec<String> {
         .collect()
 }
 
+/// The bound on any wait in a test that should end: a regression fails the test
+/// instead of hanging it.
+pub const WAIT_LIMIT: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// `future`'s output, or a panic if it takes longer than [`WAIT_LIMIT`].
+pub async fn within<F: std::future::Future>(future: F) -> F::Output {
+    tokio::time::timeout(WAIT_LIMIT, future)
+        .await
+        .expect("a wait that should end did not end within the limit")
+}
+
+/// A GET of the inventory listing, with an empty body.
+pub fn get() -> Request<http_body_util::Empty<Bytes>> {
+    Request::get("https://acme.myeshopbox.com/api/v2/inventoryListing")
+        .body(http_body_util::Empty::new())
+        .unwrap()
+}
+
 /// Credentials matching the constants above.
 pub fn credentials() -> eshopbox_auth::Credentials {
     eshopbox_auth::Credentials::new(CLIENT_ID, CLIENT_SECRET, REFRESH_TOKEN)
