@@ -158,8 +158,12 @@ async fn token_store_paths_log_no_secret() {
     assert_eq!(call(&second).await.unwrap().body(), "Bearer tok-2");
     // The third layer sends the refresh token the store never gave it: refused, but
     // logged and reported without the token.
-    let _ = call(&third).await;
+    let refused = call(&third).await.unwrap_err();
+    let kind = refused.downcast_ref::<eshopbox_auth::Error>().map(|e| e.kind());
+    assert_eq!(kind, Some(eshopbox_auth::ErrorKind::Rejected), "{refused}");
     assert_eq!(third.handle().stats().store_failures, 1);
+    let report = support::full_report(&refused);
+    assert!(report.contains("invalid_grant"), "{report}");
 
     let text = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
     for event in [
@@ -170,6 +174,6 @@ async fn token_store_paths_log_no_secret() {
     }
     let shared = store.load().await.unwrap().unwrap();
     let debug = format!("{shared:?} {store:?} {down:?} {first:?}");
-    let all = format!("{text}\n{debug}");
+    let all = format!("{text}\n{debug}\n{report}");
     assert_no_secret(&all, &["tok-1", "tok-2", "rt-1", "rt-2"]);
 }

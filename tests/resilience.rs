@@ -7,11 +7,11 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
 use eshopbox_auth::{Error, ErrorKind, EshopboxAuthLayer};
-use http::{Request, Response};
-use http_body_util::Empty;
-use support::{assert_no_secret, credentials, full_report, EchoApi, Reply, TokenServer};
+use http::Response;
+use support::{
+    assert_no_secret, credentials, full_report, get, Action, EchoApi, Reply, TokenServer,
+};
 use tower::{BoxError, ServiceBuilder, ServiceExt};
 
 /// What one scripted answer must turn into.
@@ -78,8 +78,8 @@ fn cases() -> Vec<Case> {
             name: "503 with Retry-After: 1",
             reply: Reply::raw(503, "text/plain", "maintenance").with_header("retry-after", "1"),
             expect: Err((ErrorKind::Unavailable, "(HTTP 503)")),
-            // At 0 s and after 1 s; a third would end past the 2 s budget.
-            posts: 2,
+            // At 0, 1, 2 and 3 s: each wait is the Retry-After.
+            posts: 4,
         },
         Case {
             name: "429",
@@ -159,17 +159,22 @@ fn cases() -> Vec<Case> {
     ]
 }
 
+/// The token timeout of these tests: 10 s, so that retries with back-off (at most
+/// 1.4 s for four attempts) fit with room to spare on a busy machine.
+const TIMEOUT: Duration = Duration::from_secs(10);
+
 async fn one_request(url: &str) -> Result<Response<String>, BoxError> {
+    one_request_within(url, TIMEOUT).await
+}
+
+async fn one_request_within(url: &str, timeout: Duration) -> Result<Response<String>, BoxError> {
     let layer = EshopboxAuthLayer::builder(credentials())
         .token_url(url)
-        .token_timeout(Duration::from_secs(2))
+        .token_timeout(timeout)
         .build()?;
     let api = EchoApi::default();
     let svc = ServiceBuilder::new().layer(layer).service(api);
-    let req = Request::get("https://acme.myeshopbox.com/api/v2/inventoryListing")
-        .body(Empty::<Bytes>::new())
-        .unwrap();
-    svc.oneshot(req).await
+    svc.oneshot(get()).await
 }
 
 #[tokio::test]
@@ -177,9 +182,14 @@ async fn every_kind_of_answer_maps_to_a_result_or_a_typed_error() {
     let mut runs = Vec::new();
     for case in cases() {
         let reply = case.reply.clone();
+        // Only the hanging endpoint is waited out: with a short timeout.
+        let timeout = match reply.action {
+            Action::Hang => Duration::from_secs(2),
+            _ => TIMEOUT,
+        };
         let server = TokenServer::start(move |_| reply.clone()).await;
         runs.push(tokio::spawn(async move {
-            let result = one_request(&server.url()).await;
+            let result = one_request_within(&server.url(), timeout).await;
             (case, server.posts(), result)
         }));
     }
@@ -203,9 +213,16 @@ async fn every_kind_of_answer_maps_to_a_result_or_a_typed_error() {
     }
 }
 
+/// The gap between the first two token requests `server` received.
+fn gap(server: &TokenServer) -> Duration {
+    let seen = server.seen();
+    seen[1].at - seen[0].at
+}
+
 #[tokio::test]
 async fn retry_after_as_an_http_date_is_honoured() {
-    let date = httpdate::fmt_http_date(std::time::SystemTime::now() + Duration::from_secs(1));
+    // An HTTP-date has whole seconds: 4 s ahead is at least 3 s from now.
+    let date = httpdate::fmt_http_date(std::time::SystemTime::now() + Duration::from_secs(4));
     let server = TokenServer::start(move |n| match n {
         1 => Reply::raw(429, "text/plain", "slow down").with_header("retry-after", date.clone()),
         _ => Reply::token("tok-after-wait", 86400),
@@ -214,6 +231,31 @@ async fn retry_after_as_an_http_date_is_honoured() {
     let res = one_request(&server.url()).await.unwrap();
     assert_eq!(res.body(), "Bearer tok-after-wait");
     assert_eq!(server.posts(), 2);
+    // The back-off alone would have been 100–200 ms.
+    assert!(gap(&server) >= Duration::from_secs(3), "{:?}", gap(&server));
+}
+
+#[tokio::test]
+async fn retry_after_applies_to_429_and_503_only() {
+    // 503 with Retry-After: 3 waits 3 s.
+    let server = TokenServer::start(|n| match n {
+        1 => Reply::raw(503, "text/plain", "down").with_header("retry-after", "3"),
+        _ => Reply::token("tok-503", 86400),
+    })
+    .await;
+    let res = one_request(&server.url()).await.unwrap();
+    assert_eq!(res.body(), "Bearer tok-503");
+    assert!(gap(&server) >= Duration::from_secs(3), "{:?}", gap(&server));
+
+    // 500 with Retry-After: 5 is retried after the usual back-off (100–200 ms).
+    let server = TokenServer::start(|n| match n {
+        1 => Reply::raw(500, "text/plain", "oops").with_header("retry-after", "5"),
+        _ => Reply::token("tok-500", 86400),
+    })
+    .await;
+    let res = one_request(&server.url()).await.unwrap();
+    assert_eq!(res.body(), "Bearer tok-500");
+    assert!(gap(&server) < Duration::from_secs(4), "{:?}", gap(&server));
 }
 
 #[tokio::test]
@@ -230,16 +272,11 @@ async fn an_endpoint_that_comes_back_serves_the_next_request() {
     .await;
     let layer = EshopboxAuthLayer::builder(credentials())
         .token_url(&server.url())
-        .token_timeout(Duration::from_secs(2))
+        .token_timeout(TIMEOUT)
         .build()
         .unwrap();
     let api = EchoApi::default();
     let svc = ServiceBuilder::new().layer(layer).service(api);
-    let get = || {
-        Request::get("/api/v2/inventoryListing")
-            .body(Empty::<Bytes>::new())
-            .unwrap()
-    };
 
     for _ in 0..3 {
         let err = svc.clone().oneshot(get()).await.unwrap_err();
