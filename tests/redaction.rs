@@ -159,7 +159,9 @@ async fn token_store_paths_log_no_secret() {
     // The third layer sends the refresh token the store never gave it: refused, but
     // logged and reported without the token.
     let refused = call(&third).await.unwrap_err();
-    let kind = refused.downcast_ref::<eshopbox_auth::Error>().map(|e| e.kind());
+    let kind = refused
+        .downcast_ref::<eshopbox_auth::Error>()
+        .map(|e| e.kind());
     assert_eq!(kind, Some(eshopbox_auth::ErrorKind::Rejected), "{refused}");
     assert_eq!(third.handle().stats().store_failures, 1);
     let report = support::full_report(&refused);
