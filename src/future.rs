@@ -3,17 +3,21 @@
 //! A request goes through at most these states:
 //!
 //! ```text
-//! Token ──► Ready ──► Called ──► Done
-//!   ▲                   │ 401, first attempt, body replayable
-//!   └───────────────────┘ (at most once)
+//! Token ──► Ready ──► Called ──► answer
+//!   │ ▲       │           │ 401, first attempt, body replayable
+//!   │ └───────┼───────────┘ (at most once)
+//!   └─────────┴──► Done (no token, or the service failed to get ready)
 //! ```
 //!
 //! - `Token`: no usable token was cached; wait for the shared refresh. Owns the
 //!   request that waits.
 //! - `Ready`: drive the inner service to readiness (skipped for the first attempt,
 //!   whose service the caller already polled ready). Owns the request to send.
-//! - `Called`: the inner service's future.
-//! - `Done`: the answer was handed out (or a transition is under way).
+//! - `Called`: the inner service's future. Its answer is handed out from here, so the
+//!   common case never writes the state again (a poll after that goes to the inner
+//!   future, as with tower-http's futures).
+//! - `Done`: the wait for a token or for readiness failed, or a transition is under
+//!   way; a poll here is answered with an error.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -149,29 +153,14 @@ where
             match this.state.as_mut().project() {
                 StateProj::Token { token, .. } => {
                     let token = ready!(token.as_mut().poll(cx));
-                    let token = match token {
-                        Ok(token) => token,
-                        Err(error) => {
-                            this.state.set(State::Done);
-                            return Poll::Ready(Err(error.into()));
-                        }
-                    };
-                    if *this.attempt == Attempt::First {
-                        *this.generation = token.generation;
-                    }
-                    with_token(this.state.as_mut(), &token, *this.attempt);
+                    with_token(this.state.as_mut(), token, *this.attempt, this.generation)?;
                 }
                 StateProj::Ready { unsent } => {
-                    if let Err(error) = ready!(unsent.service.poll_ready(cx)) {
-                        this.state.set(State::Done);
-                        return Poll::Ready(Err(error.into()));
-                    }
-                    send(this.state.as_mut());
+                    let ready = ready!(unsent.service.poll_ready(cx));
+                    send(this.state.as_mut(), ready.map_err(Into::into))?;
                 }
                 StateProj::Called { future } => {
-                    let response = ready!(future.poll(cx));
-                    this.state.set(State::Done);
-                    let response = response.map_err(Into::into)?;
+                    let response = ready!(future.poll(cx)).map_err(Into::into)?;
                     if *this.attempt == Attempt::Resend
                         || !this.unauthorized.is_unauthorized(&response)
                     {
@@ -188,11 +177,7 @@ where
                     }
                     *this.attempt = Attempt::Resend;
                 }
-                StateProj::Done => {
-                    return Poll::Ready(Err(
-                        "eshopbox auth: response future polled after completion".into(),
-                    ));
-                }
+                StateProj::Done => return Poll::Ready(Err(polled_after_completion())),
             }
         }
     }
@@ -201,38 +186,56 @@ where
 // The rare transitions live in functions of their own, so that `poll` stays small for
 // the common case: one poll of the `Called` state.
 
-/// A token arrived for a request that waited (in the `Token` state): puts it on the
-/// request, then sends it (the first attempt: its service is ready) or waits for its
-/// service to be ready (the resend).
+/// A refresh answered a request that waited (in the `Token` state). With a token,
+/// puts it on the request, then sends it (the first attempt: its service is ready)
+/// or waits for its service to be ready (the resend). With an error, ends.
 #[cold]
 #[inline(never)]
-fn with_token<S, B>(mut state: Pin<&mut State<S, B>>, token: &Token, attempt: Attempt)
+fn with_token<S, B>(
+    mut state: Pin<&mut State<S, B>>,
+    token: Result<Arc<Token>, Error>,
+    attempt: Attempt,
+    generation: &mut u64,
+) -> Result<(), BoxError>
 where
     S: Service<Request<B>>,
 {
     let StateTaken::Token { mut unsent, .. } = state.as_mut().project_replace(State::Done) else {
-        return;
+        return Err(polled_after_completion());
     };
+    let token = token?;
     unsent
         .request
         .headers_mut()
         .insert(AUTHORIZATION, token.header().clone());
     match attempt {
-        Attempt::First => call(state, *unsent),
+        Attempt::First => {
+            *generation = token.generation;
+            call(state, *unsent);
+        }
         Attempt::Resend => state.set(State::Ready { unsent }),
     }
+    Ok(())
 }
 
-/// Sends the request of the `Ready` state, whose service has been polled ready.
+/// The service of the `Ready` state was polled ready (or failed): sends the request.
 #[cold]
 #[inline(never)]
-fn send<S, B>(mut state: Pin<&mut State<S, B>>)
+fn send<S, B>(mut state: Pin<&mut State<S, B>>, ready: Result<(), BoxError>) -> Result<(), BoxError>
 where
     S: Service<Request<B>>,
 {
-    if let StateTaken::Ready { unsent } = state.as_mut().project_replace(State::Done) {
-        call(state, *unsent);
-    }
+    let StateTaken::Ready { unsent } = state.as_mut().project_replace(State::Done) else {
+        return Err(polled_after_completion());
+    };
+    ready?;
+    call(state, *unsent);
+    Ok(())
+}
+
+#[cold]
+fn polled_after_completion() -> BoxError {
+    "eshopbox auth: response future polled after completion".into()
 }
 
 fn call<S, B>(mut state: Pin<&mut State<S, B>>, unsent: Unsent<S, B>)

@@ -66,13 +66,7 @@ async fn trace_output_carries_no_secret() {
         .unwrap();
     let api = EchoApi::refusing("Bearer acc-secret-one");
     let svc = ServiceBuilder::new().layer(layer.clone()).service(api);
-    let get = || {
-        Request::get("/api/v2/inventoryListing")
-            .body(Empty::new())
-            .unwrap()
-    };
-
-    let res = svc.clone().oneshot(get()).await.unwrap();
+    let res = svc.clone().oneshot(support::get()).await.unwrap();
     assert_eq!(res.body(), "Bearer acc-secret-two");
     assert_eq!(*rotated.lock().unwrap(), "rt-rotated-secret");
     assert_eq!(server.posts(), 3);
@@ -88,7 +82,7 @@ async fn trace_output_carries_no_secret() {
     let err = ServiceBuilder::new()
         .layer(failing)
         .service(api)
-        .oneshot(get())
+        .oneshot(support::get())
         .await
         .unwrap_err();
     let err = err.downcast_ref::<eshopbox_auth::Error>().unwrap();
@@ -143,12 +137,11 @@ async fn token_store_paths_log_no_secret() {
         .token_store(down.clone())
         .build()
         .unwrap();
-    let get = || Request::get("/").body(Empty::<Bytes>::new()).unwrap();
     let call = |layer: &EshopboxAuthLayer| {
         ServiceBuilder::new()
             .layer(layer.clone())
             .service(EchoApi::default())
-            .oneshot(get())
+            .oneshot(support::get())
     };
 
     assert_eq!(call(&first).await.unwrap().body(), "Bearer tok-1");
