@@ -1,6 +1,5 @@
 //! The [`EshopboxAuthLayer`]: wraps services in [`EshopboxAuth`].
 
-use std::fmt;
 use std::sync::Arc;
 
 use http::HeaderValue;
@@ -33,6 +32,7 @@ use crate::token::cell::TokenCell;
 /// # Ok(())
 /// # }
 /// ```
+#[derive(Clone, Debug)]
 pub struct EshopboxAuthLayer<P = EmptyBodies, C = Http401> {
     cell: Arc<TokenCell>,
     shape: Shape,
@@ -109,27 +109,5 @@ impl<S, P: Clone, C: Clone> Layer<S> for EshopboxAuthLayer<P, C> {
             self.replay.clone(),
             self.unauthorized.clone(),
         )
-    }
-}
-
-impl<P: Clone, C: Clone> Clone for EshopboxAuthLayer<P, C> {
-    fn clone(&self) -> Self {
-        EshopboxAuthLayer {
-            cell: self.cell.clone(),
-            shape: self.shape.clone(),
-            replay: self.replay.clone(),
-            unauthorized: self.unauthorized.clone(),
-        }
-    }
-}
-
-impl<P: fmt::Debug, C: fmt::Debug> fmt::Debug for EshopboxAuthLayer<P, C> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("EshopboxAuthLayer")
-            .field("cell", &self.cell)
-            .field("shape", &self.shape)
-            .field("replay", &self.replay)
-            .field("unauthorized", &self.unauthorized)
-            .finish()
     }
 }

@@ -101,8 +101,8 @@
 //! | answers a Bearer token | the token, until `expires_in` (from when the request was sent; missing → 24 h, ≤ 0 → used for a 1 s floor, > 30 days → 30 days) | 1 per refresh |
 //! | answers 4xx but 408/429 (`invalid_grant`, `invalid_client`, …) | [`ErrorKind::Rejected`] at once, then the same error for 1–5 s ([`failure_cooldown`](EshopboxAuthBuilder::failure_cooldown)) | 1, none during the cooldown |
 //! | answers something unusable (not JSON, no `access_token`, not Bearer, CR/LF in the token, > 64 KiB) | [`ErrorKind::InvalidResponse`], remembered like a rejection | 1, none during the cooldown |
-//! | answers 5xx, 408 or 429, drops the connection, cannot be reached | retried inside one refresh with back-off 200 ms × 2ⁿ (jitter ½–1, ≤ 5 s) or its `Retry-After` (seconds or date, ≤ 60 s); [`ErrorKind::Unavailable`] if every attempt fails | ≤ 4 per refresh |
-//! | asks to `Retry-After` longer than the rest of the token timeout | [`ErrorKind::Unavailable`] at once, then the same error until that time | 1 |
+//! | answers 5xx, 408 or 429, drops the connection, cannot be reached | retried inside one refresh with back-off 200 ms × 2ⁿ (jitter ½–1, ≤ 5 s) — or, for 429 and 503 only, its `Retry-After` (seconds or date, ≤ 60 s); [`ErrorKind::Unavailable`] if every attempt fails | ≤ 4 per refresh |
+//! | answers 429 or 503 with a `Retry-After` longer than the rest of the token timeout | [`ErrorKind::Unavailable`] at once, then the same error until that time | 1 |
 //! | hangs | [`ErrorKind::Unavailable`] when the [`token_timeout`](EshopboxAuthBuilder::token_timeout) (default 30 s, retries included) runs out | 1 |
 //! | fails in any way while the current token is still valid (early refresh) | nothing: requests keep the valid token; the next attempt comes after a back-off of half the remaining life (1–30 s, at least `Retry-After`) | per attempt |
 //! | recovers after an outage | the next request (after any cooldown or `Retry-After`) gets a token | 1 |

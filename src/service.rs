@@ -22,6 +22,7 @@ const PROXY_HOST: HeaderName = HeaderName::from_static("proxyhost");
 ///
 /// Made by [`EshopboxAuthLayer`](crate::EshopboxAuthLayer); see the
 /// [crate documentation](crate) for what it does to a request.
+#[derive(Clone)]
 pub struct EshopboxAuth<S, P = EmptyBodies, C = Http401> {
     inner: S,
     token: LocalToken,
@@ -162,18 +163,6 @@ where
             })
         });
         (Request::from_parts(parts, body), replay)
-    }
-}
-
-impl<S: Clone, P: Clone, C: Clone> Clone for EshopboxAuth<S, P, C> {
-    fn clone(&self) -> Self {
-        EshopboxAuth {
-            inner: self.inner.clone(),
-            token: self.token.clone(),
-            shape: self.shape.clone(),
-            replay: self.replay.clone(),
-            unauthorized: self.unauthorized.clone(),
-        }
     }
 }
 
