@@ -871,6 +871,37 @@ async fn token_failure_fails_every_waiter_with_the_typed_error() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn the_cooldown_is_drawn_between_half_and_two_and_a_half_times_the_setting() {
+    // 200 layers fail at the same instant, each drawing its own cooldown from the
+    // default 2 s: every one still refuses just under 1 s, every one tries again by 5 s.
+    let scripts: Vec<Script> = (0..200).map(|_| Script::new(DAY)).collect();
+    let mut services: Vec<_> = scripts
+        .iter()
+        .map(|script| {
+            script.fail_next(Error::rejected("refused"));
+            script.layer().layer(Api::new().service())
+        })
+        .collect();
+    for svc in &mut services {
+        send(svc, get()).await.unwrap_err();
+    }
+    pass(Duration::from_millis(999)).await;
+    for svc in &mut services {
+        let err = send(svc, get()).await.unwrap_err();
+        assert_eq!(error_kind(&err), ErrorKind::Rejected);
+    }
+    assert!(
+        scripts.iter().all(|s| s.calls() == 1),
+        "a call inside the 1 s floor"
+    );
+    pass(Duration::from_millis(4_001)).await;
+    for svc in &mut services {
+        let res = send(svc, get()).await.unwrap();
+        assert_eq!(res.body(), "Bearer tok-2");
+    }
+}
+
+#[tokio::test(start_paused = true)]
 async fn an_unusable_answer_is_remembered_like_a_rejection() {
     let calls = Arc::new(AtomicUsize::new(0));
     let counted = calls.clone();
