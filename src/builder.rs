@@ -57,6 +57,7 @@ struct Settings {
     token_url: String,
     refresh_margin: Duration,
     token_timeout: Duration,
+    attempt_timeout: Option<Duration>,
     retry_on_unauthorized: bool,
     request_format: RequestFormat,
     http_client: Option<reqwest::Client>,
@@ -93,6 +94,7 @@ impl EshopboxAuthBuilder {
                 token_url: DEFAULT_TOKEN_URL.to_owned(),
                 refresh_margin: DEFAULT_REFRESH_MARGIN,
                 token_timeout: DEFAULT_TOKEN_TIMEOUT,
+                attempt_timeout: None,
                 retry_on_unauthorized: true,
                 request_format: RequestFormat::Json,
                 http_client: None,
@@ -127,11 +129,22 @@ impl<P, C> EshopboxAuthBuilder<P, C> {
         self
     }
 
-    /// The longest one token request may take, connecting included (default 30 s).
-    /// Requests waiting on that refresh fail with
-    /// [`Unavailable`](crate::ErrorKind::Unavailable) when it runs out.
+    /// How long requests waiting for a token may wait for one refresh, retries
+    /// included (default 30 s). Within it, transient failures (5xx, 408, 429,
+    /// connection errors, an attempt that hangs) are retried with back-off; when the
+    /// next attempt would start past it, the waiting requests fail with
+    /// [`Unavailable`](crate::ErrorKind::Unavailable).
     pub fn token_timeout(mut self, timeout: Duration) -> Self {
         self.settings.token_timeout = timeout;
+        self
+    }
+
+    /// The longest one token request may take before it is abandoned and retried on a
+    /// new connection (default: a third of what is left of the
+    /// [`token_timeout`](Self::token_timeout), at least 5 s — 10 s for the first of a
+    /// 30 s budget). Never more than what is left of the budget.
+    pub fn attempt_timeout(mut self, timeout: Duration) -> Self {
+        self.settings.attempt_timeout = Some(timeout);
         self
     }
 
@@ -275,6 +288,9 @@ impl<P, C> EshopboxAuthBuilder<P, C> {
         if self.settings.token_timeout.is_zero() {
             return Err(Error::config("token_timeout must be more than zero"));
         }
+        if self.settings.attempt_timeout.is_some_and(|t| t.is_zero()) {
+            return Err(Error::config("attempt_timeout must be more than zero"));
+        }
         if self.settings.lock_lease < Duration::from_millis(1) {
             return Err(Error::config("lock_lease must be at least a millisecond"));
         }
@@ -330,6 +346,7 @@ impl<P, C> EshopboxAuthBuilder<P, C> {
             Timing {
                 margin: self.settings.refresh_margin,
                 timeout: self.settings.token_timeout,
+                attempt_timeout: self.settings.attempt_timeout,
                 failure_cooldown: self.settings.failure_cooldown,
             },
         ));
@@ -373,6 +390,7 @@ impl<P: fmt::Debug, C: fmt::Debug> fmt::Debug for EshopboxAuthBuilder<P, C> {
             .field("token_url", &self.settings.token_url)
             .field("refresh_margin", &self.settings.refresh_margin)
             .field("token_timeout", &self.settings.token_timeout)
+            .field("attempt_timeout", &self.settings.attempt_timeout)
             .field(
                 "retry_on_unauthorized",
                 &self.settings.retry_on_unauthorized,
@@ -412,6 +430,11 @@ mod tests {
             .build()
             .unwrap_err();
         assert!(err.to_string().contains("token_timeout"));
+        let err = EshopboxAuthLayer::builder(creds())
+            .attempt_timeout(Duration::ZERO)
+            .build()
+            .unwrap_err();
+        assert!(err.to_string().contains("attempt_timeout"));
         let err = EshopboxAuthLayer::builder(creds())
             .workspace(" ")
             .build()

@@ -101,10 +101,10 @@
 //! | answers a Bearer token | the token, until `expires_in` (from when the request was sent; missing → 24 h, ≤ 0 → used for a 1 s floor, > 30 days → 30 days) | 1 per refresh |
 //! | answers 4xx but 408/429 (`invalid_grant`, `invalid_client`, …) | [`ErrorKind::Rejected`] at once, then the same error for 1–5 s ([`failure_cooldown`](EshopboxAuthBuilder::failure_cooldown)) | 1, none during the cooldown |
 //! | answers something unusable (not JSON, no `access_token`, not Bearer, CR/LF in the token, > 64 KiB) | [`ErrorKind::InvalidResponse`], remembered like a rejection | 1, none during the cooldown |
-//! | answers 5xx, 408 or 429, drops the connection, cannot be reached | retried inside one refresh with back-off 200 ms × 2ⁿ (jitter ½–1, ≤ 5 s) — or, for 429 and 503 only, its `Retry-After` (seconds or date, ≤ 60 s); [`ErrorKind::Unavailable`] if every attempt fails | ≤ 4 per refresh |
+//! | answers 5xx, 408 or 429, drops the connection, cannot be reached | retried with back-off 200 ms × 2ⁿ (jitter ½–1, ≤ 5 s) — or, for 429 and 503 only, its `Retry-After` (seconds or date, ≤ 60 s) — while the next attempt would start before the refresh's deadline ([`token_timeout`](EshopboxAuthBuilder::token_timeout), default 30 s); then [`ErrorKind::Unavailable`] for every request that waited | one at a time; without `Retry-After` ≤ 16 per 30 s (10–16 by the back-off's draws) |
 //! | answers 429 or 503 with a `Retry-After` longer than the rest of the token timeout | [`ErrorKind::Unavailable`] at once, then the same error until that time | 1 |
-//! | hangs | [`ErrorKind::Unavailable`] when the [`token_timeout`](EshopboxAuthBuilder::token_timeout) (default 30 s, retries included) runs out | 1 |
-//! | fails in any way while the current token is still valid (early refresh) | nothing: requests keep the valid token; the next attempt comes after a back-off of half the remaining life (1–30 s, at least `Retry-After`) | per attempt |
+//! | hangs | each attempt abandoned after a third of what is left of the token timeout (at least 5 s, or [`attempt_timeout`](EshopboxAuthBuilder::attempt_timeout)) and retried on a new connection; [`ErrorKind::Unavailable`] when the [`token_timeout`](EshopboxAuthBuilder::token_timeout) runs out | 5 per 30 s |
+//! | fails in any way while the current token is still valid (early refresh) | nothing: requests keep the valid token; at most 4 attempts, and the next refresh comes after a back-off of half the remaining life (1–30 s, at least `Retry-After`) | ≤ 4 per early refresh |
 //! | recovers after an outage | the next request (after any cooldown or `Retry-After`) gets a token | 1 |
 //!
 //! A refresh that is cancelled (its runtime shut down) or panics fails its waiters

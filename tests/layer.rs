@@ -970,12 +970,15 @@ async fn a_hanging_endpoint_fails_waiters_at_the_timeout() {
     let script = Script::gated(DAY);
     let api = Api::new();
     let mut svc = script.layer().layer(api.service());
-    // The gate is never opened: the token request hangs until the 30 s timeout.
+    // The gate is never opened: every token request hangs. Each attempt is abandoned
+    // after a third of what is left of the 30 s (at least 5 s), then retried after a
+    // back-off: at about 0, 10, 16.8, 22, 27.5 s; the last runs into the deadline.
     let start = Instant::now();
     let err = send(&mut svc, get()).await.unwrap_err();
     assert_eq!(error_kind(&err), ErrorKind::Unavailable);
+    assert!(err.to_string().contains("token timeout of 30s"), "{err}");
     assert_eq!(start.elapsed(), Duration::from_secs(30));
-    assert_eq!(script.calls(), 1, "a hung attempt is not retried");
+    assert_eq!(script.calls(), 5);
     assert_eq!(api.calls(), 0);
 }
 
@@ -1010,20 +1013,156 @@ async fn transient_failures_are_retried_with_backoff_inside_one_refresh() {
     assert!(gaps[1] >= Duration::from_millis(200) && gaps[1] <= Duration::from_millis(400));
 }
 
+/// The back-off after the `n`-th failed attempt: 200 ms doubled per attempt, at most
+/// 5 s, scaled by ½ to 1.
+fn backoff_range(n: u32) -> (Duration, Duration) {
+    let exp = (Duration::from_millis(200) * 2u32.pow((n - 1).min(16))).min(Duration::from_secs(5));
+    (exp / 2, exp)
+}
+
+/// Asserts that each gap between token calls is the back-off of the attempt before.
+fn assert_backoff_gaps(gaps: &[Duration]) {
+    for (i, gap) in gaps.iter().enumerate() {
+        let (low, high) = backoff_range(i as u32 + 1);
+        assert!(
+            *gap >= low && *gap <= high,
+            "gap {} was {gap:?}, not within the back-off {low:?}..={high:?}",
+            i + 1
+        );
+    }
+}
+
 #[tokio::test(start_paused = true)]
-async fn transient_failures_stop_after_max_attempts_and_recover_later() {
+async fn waiting_requests_succeed_when_the_endpoint_recovers_within_the_budget() {
     let script = Script::new(DAY);
     let api = Api::new();
-    let mut svc = script.layer().layer(api.service());
-    for _ in 0..4 {
+    let svc = script.layer().layer(api.service());
+    // Seven transient failures: more than the four attempts an early refresh makes.
+    for _ in 0..7 {
         script.fail_next(down());
     }
+    let start = Instant::now();
+    let waiters: Vec<_> = (0..20)
+        .map(|_| tokio::spawn(send_owned(svc.clone(), get())))
+        .collect();
+    for waiter in waiters {
+        let res = waiter.await.unwrap().unwrap();
+        assert_eq!(res.body(), "Bearer tok-8");
+    }
+    assert_eq!(script.calls(), 8, "N failures, then the one that succeeds");
+    assert_backoff_gaps(&script.gaps());
+    assert!(start.elapsed() < Duration::from_secs(30));
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_endpoint_that_never_recovers_fails_waiters_when_the_deadline_passes() {
+    let script = Script::new(DAY);
+    let api = Api::new();
+    let layer = script.layer();
+    let handle = layer.handle();
+    let svc = layer.layer(api.service());
+    for _ in 0..1000 {
+        script.fail_next(down());
+    }
+    let start = Instant::now();
+    let waiters: Vec<_> = (0..20)
+        .map(|_| tokio::spawn(send_owned(svc.clone(), get())))
+        .collect();
+    for waiter in waiters {
+        let err = waiter.await.unwrap().unwrap_err();
+        assert_eq!(error_kind(&err), ErrorKind::Unavailable);
+    }
+    // They all waited on one refresh, which tried until the next back-off would have
+    // ended past the 30 s deadline.
+    let gaps = script.gaps();
+    assert_backoff_gaps(&gaps);
+    let last = *script.times().last().unwrap() - start;
+    let (_, longest_next) = backoff_range(script.calls() as u32);
+    assert!(
+        last + longest_next / 2 >= Duration::from_secs(30) - Duration::from_millis(1)
+            || last + longest_next >= Duration::from_secs(30)
+    );
+    assert!(
+        start.elapsed() <= Duration::from_secs(30),
+        "{:?}",
+        start.elapsed()
+    );
+    // Back-offs of 0.1–0.2, 0.2–0.4, 0.4–0.8, 0.8–1.6, 1.6–3.2 s, then 2.5–5 s: between
+    // 10 calls (the longest draws) and 16 (the shortest) fit in 30 s.
+    assert!(
+        (10..=16).contains(&script.calls()),
+        "{} calls",
+        script.calls()
+    );
+    assert_eq!(handle.stats().failures_unavailable, script.calls() as u64);
+    // The failure is not remembered (no Retry-After): the next request tries again.
+    script.state.failures.lock().unwrap().clear();
+    let mut svc = svc;
+    let res = send(&mut svc, get()).await.unwrap();
+    assert!(res.body().starts_with("Bearer tok-"));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_hanging_first_attempt_is_abandoned_and_retried_within_the_budget() {
+    let calls = Arc::new(AtomicUsize::new(0));
+    let counted = calls.clone();
+    let source = source_fn(move || {
+        let n = counted.fetch_add(1, Ordering::SeqCst) + 1;
+        async move {
+            if n == 1 {
+                std::future::pending::<()>().await;
+            }
+            Ok(FetchedToken::new(format!("tok-{n}")))
+        }
+    });
+    let layer = EshopboxAuthLayer::with_source(source).build().unwrap();
+    let mut svc = layer.layer(Api::new().service());
+    let start = Instant::now();
+    let res = send(&mut svc, get()).await.unwrap();
+    assert_eq!(res.body(), "Bearer tok-2");
+    assert_eq!(calls.load(Ordering::SeqCst), 2);
+    // The first attempt was given a third of the 30 s budget, then one back-off.
+    let (low, high) = backoff_range(1);
+    let elapsed = start.elapsed();
+    assert!(
+        elapsed >= Duration::from_secs(10) + low && elapsed <= Duration::from_secs(10) + high,
+        "{elapsed:?}"
+    );
+    assert_eq!(layer.handle().stats().failures_unavailable, 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_attempt_timeout_setter_bounds_each_attempt() {
+    let script = Script::gated(DAY);
+    let layer = script
+        .builder()
+        .attempt_timeout(Duration::from_secs(2))
+        .token_timeout(Duration::from_secs(10))
+        .build()
+        .unwrap();
+    let mut svc = layer.layer(Api::new().service());
+    let start = Instant::now();
     let err = send(&mut svc, get()).await.unwrap_err();
     assert_eq!(error_kind(&err), ErrorKind::Unavailable);
-    assert_eq!(script.calls(), 4);
-    // The endpoint is back: the very next request succeeds (no "failed forever").
-    let res = send(&mut svc, get()).await.unwrap();
-    assert_eq!(res.body(), "Bearer tok-5");
+    // Attempts of 2 s each (the last one cut at the 10 s deadline), separated by
+    // back-offs: 4 or 5 fit.
+    let times = script.times();
+    assert!((4..=5).contains(&times.len()), "{} attempts", times.len());
+    let last = *times.last().unwrap() - start;
+    let deadline = Duration::from_secs(10);
+    assert_eq!(
+        start.elapsed(),
+        (last + Duration::from_secs(2)).min(deadline)
+    );
+    for (i, gap) in script.gaps().iter().enumerate() {
+        let (low, high) = backoff_range(i as u32 + 1);
+        let took = *gap - Duration::from_secs(2);
+        assert!(
+            took >= low && took <= high,
+            "attempt {} then {took:?}",
+            i + 1
+        );
+    }
 }
 
 #[tokio::test(start_paused = true)]

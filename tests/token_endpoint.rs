@@ -139,12 +139,15 @@ async fn an_unreachable_endpoint_is_unavailable() {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap();
     drop(listener);
+    // The refused connections are retried until the (short) token timeout.
     let layer = EshopboxAuthLayer::builder(credentials())
         .token_url(&format!("http://{addr}/api/v1/generateToken"))
+        .token_timeout(std::time::Duration::from_secs(2))
         .build()
         .unwrap();
     let mut svc = layer.layer(EchoApi::refusing(""));
     let err = svc.ready().await.unwrap().call(get()).await.unwrap_err();
+    assert!(layer.handle().stats().token_requests >= 4);
     let eshopbox = err.downcast_ref::<Error>().unwrap();
     assert_eq!(eshopbox.kind(), ErrorKind::Unavailable);
     assert!(eshopbox.is_transient());

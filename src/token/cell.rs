@@ -38,6 +38,8 @@ pub(crate) struct Timing {
     pub(crate) margin: Duration,
     /// Bound on one whole refresh, retries included.
     pub(crate) timeout: Duration,
+    /// Bound on one attempt (`None`: a third of what is left, at least 5 s).
+    pub(crate) attempt_timeout: Option<Duration>,
     /// How long a permanent failure is remembered (jittered ×0.5 to ×2.5).
     pub(crate) failure_cooldown: Duration,
 }
@@ -79,7 +81,7 @@ impl TokenCell {
             next_generation: AtomicU64::new(1),
             failed_store_id: AtomicU64::new(0),
             flight: Flight::default(),
-            fetcher: Fetcher::new(source, on_rotated, timing.timeout),
+            fetcher: Fetcher::new(source, on_rotated, timing.timeout, timing.attempt_timeout),
             coordinator,
             timing,
         }
@@ -199,10 +201,15 @@ impl TokenCell {
         self.timing.margin
     }
 
-    /// The fetcher's attempts; a failure pushes a still-valid token's next refresh
-    /// back.
+    /// The fetcher's attempts: a few while a valid token is still served (an early
+    /// refresh), until the deadline when requests wait. A failure pushes a still-valid
+    /// token's next refresh back.
     pub(super) async fn fetch(&self, reason: Reason, deadline: Instant) -> Result<Fetched, Error> {
-        let fetched = self.fetcher.fetch(&self.counters, reason, deadline).await;
+        let early = self.need(Instant::now()).is_ok();
+        let fetched = self
+            .fetcher
+            .fetch(&self.counters, reason, deadline, early)
+            .await;
         if let Err(error) = &fetched {
             self.back_off(error);
         }

@@ -1,6 +1,11 @@
 //! The fetcher: owns the token source and makes one refresh's attempts — retrying
 //! transient failures with capped, jittered exponential back-off or the endpoint's
-//! `Retry-After`, all within the refresh's deadline.
+//! `Retry-After` until the refresh's deadline would pass. Each attempt has a bound of
+//! its own, so one hung connection cannot eat the whole budget.
+//!
+//! A refresh that requests wait for (no valid token left) keeps trying until its
+//! deadline; an early refresh (a valid token is still served) makes at most
+//! [`EARLY_ATTEMPTS`], since its failure costs nothing.
 
 use std::time::{Duration, SystemTime};
 
@@ -18,8 +23,11 @@ use crate::stats::Counters;
 /// Default [`token_timeout`](crate::EshopboxAuthBuilder::token_timeout): 30 seconds.
 pub const DEFAULT_TOKEN_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// Attempts one refresh makes at most when the endpoint fails transiently.
-pub(crate) const MAX_ATTEMPTS: u32 = 4;
+/// Attempts an early refresh (made while the current token is still valid) makes at
+/// most when the endpoint fails transiently.
+pub(crate) const EARLY_ATTEMPTS: u32 = 4;
+/// The shortest bound on one attempt (unless less of the budget is left).
+pub(crate) const MIN_ATTEMPT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Shortest time a token is used before the next refresh, whatever `expires_in` says
 /// and however slow the endpoint was: at most one refresh a second.
 pub(crate) const MIN_LIFETIME: Duration = Duration::from_secs(1);
@@ -49,6 +57,9 @@ pub(crate) struct Fetcher {
     on_rotated: Option<RotationHook>,
     /// Bound on one refresh's token requests, retries included.
     timeout: Duration,
+    /// Bound on one attempt; `None`: a third of what is left of the budget, at least
+    /// [`MIN_ATTEMPT_TIMEOUT`].
+    attempt_timeout: Option<Duration>,
 }
 
 impl Fetcher {
@@ -56,11 +67,13 @@ impl Fetcher {
         source: Box<dyn TokenSource>,
         on_rotated: Option<RotationHook>,
         timeout: Duration,
+        attempt_timeout: Option<Duration>,
     ) -> Self {
         Fetcher {
             source,
             on_rotated,
             timeout,
+            attempt_timeout,
         }
     }
 
@@ -69,22 +82,30 @@ impl Fetcher {
         self.timeout
     }
 
-    /// Token requests until one succeeds: up to [`MAX_ATTEMPTS`], retrying transient
-    /// failures with jittered exponential back-off (or the endpoint's `Retry-After`),
-    /// all before `deadline`.
+    /// Token requests until one succeeds, all before `deadline`: transient failures
+    /// are retried with jittered exponential back-off (or the endpoint's
+    /// `Retry-After`) as long as the next attempt would start before the deadline —
+    /// at most [`EARLY_ATTEMPTS`] when `early`. Each attempt is abandoned after its
+    /// own bound ([`Fetcher::attempt_bound`]).
     pub(crate) async fn fetch(
         &self,
         counters: &Counters,
         reason: Reason,
         deadline: Instant,
+        early: bool,
     ) -> Result<Fetched, Error> {
         let mut attempt = 1;
         loop {
             tracing::debug!(?reason, attempt, "requesting an access token");
             counters.token_request();
             let sent_at = Instant::now();
-            let result = match tokio::time::timeout_at(deadline, self.source.fetch()).await {
+            let bound = self.attempt_bound(sent_at, deadline);
+            let result = match tokio::time::timeout_at(bound, self.source.fetch()).await {
                 Ok(result) => result.and_then(|fetched| self.accept(fetched, sent_at)),
+                Err(_) if bound < deadline => Err(Error::unavailable(format!(
+                    "no answer to one token request within {:?}; trying again",
+                    bound - sent_at
+                ))),
                 Err(_) => Err(Error::unavailable(format!(
                     "no token within the token timeout of {:?}",
                     self.timeout
@@ -95,7 +116,8 @@ impl Fetcher {
                 Err(error) => error,
             };
             counters.failure(error.kind());
-            let retry_in = (error.is_transient() && attempt < MAX_ATTEMPTS).then(|| {
+            let more = error.is_transient() && !(early && attempt >= EARLY_ATTEMPTS);
+            let retry_in = more.then(|| {
                 error
                     .retry_after()
                     .unwrap_or_else(|| backoff(attempt, fastrand::f64()))
@@ -112,6 +134,17 @@ impl Fetcher {
                 }
             }
         }
+    }
+
+    /// When an attempt started at `now` is abandoned: after the configured attempt
+    /// timeout, or else a third of what is left of the budget (at least
+    /// [`MIN_ATTEMPT_TIMEOUT`]); never after the refresh's deadline.
+    fn attempt_bound(&self, now: Instant, deadline: Instant) -> Instant {
+        let left = deadline.saturating_duration_since(now);
+        let bound = self
+            .attempt_timeout
+            .unwrap_or_else(|| (left / 3).max(MIN_ATTEMPT_TIMEOUT));
+        now + bound.min(left)
     }
 
     /// Checks one answer of the source and makes it installable.

@@ -269,6 +269,7 @@ mod tests {
         let timing = Timing {
             margin: Duration::from_secs(300),
             timeout: Duration::from_secs(30),
+            attempt_timeout: None,
             failure_cooldown: Duration::from_secs(2),
         };
         let cell = Arc::new(TokenCell::new(Box::new(source), None, None, timing));

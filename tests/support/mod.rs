@@ -116,6 +116,9 @@ type Script = Box<dyn FnMut(usize, &Seen) -> Reply + Send>;
 
 struct State {
     posts: AtomicUsize,
+    /// Token requests being answered now, and the most ever at once.
+    in_flight: AtomicUsize,
+    max_in_flight: AtomicUsize,
     seen: Mutex<Vec<Seen>>,
     script: Mutex<Script>,
 }
@@ -139,6 +142,8 @@ impl TokenServer {
         let addr = listener.local_addr().unwrap();
         let state = Arc::new(State {
             posts: AtomicUsize::new(0),
+            in_flight: AtomicUsize::new(0),
+            max_in_flight: AtomicUsize::new(0),
             seen: Mutex::new(Vec::new()),
             script: Mutex::new(Box::new(script)),
         });
@@ -176,12 +181,36 @@ impl TokenServer {
     pub fn seen(&self) -> Vec<Seen> {
         self.state.seen.lock().unwrap().clone()
     }
+
+    /// The most token requests this endpoint was answering at one moment.
+    pub fn max_in_flight(&self) -> usize {
+        self.state.max_in_flight.load(Ordering::SeqCst)
+    }
+}
+
+/// Counts a token request as in flight from its arrival until its answer is ready
+/// (or its connection is closed without one).
+struct InFlight(Arc<State>);
+
+impl InFlight {
+    fn enter(state: &Arc<State>) -> Self {
+        let now = state.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+        state.max_in_flight.fetch_max(now, Ordering::SeqCst);
+        InFlight(state.clone())
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 async fn answer(
     state: Arc<State>,
     req: Request<Incoming>,
 ) -> Result<Response<Full<Bytes>>, std::io::Error> {
+    let _in_flight = InFlight::enter(&state);
     let (parts, body) = req.into_parts();
     let body = body
         .collect()
