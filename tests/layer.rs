@@ -1095,11 +1095,16 @@ async fn an_endpoint_that_never_recovers_fails_waiters_when_the_deadline_passes(
         script.calls()
     );
     assert_eq!(handle.stats().failures_unavailable, script.calls() as u64);
-    // The failure is not remembered (no Retry-After): the next request tries again.
+    // The failure is not remembered (no Retry-After): the next request tries again,
+    // once the back-off the last refresh stopped in has passed.
     script.state.failures.lock().unwrap().clear();
+    let failed_at = Instant::now();
     let mut svc = svc;
     let res = send(&mut svc, get()).await.unwrap();
     assert!(res.body().starts_with("Bearer tok-"));
+    let paused = *script.times().last().unwrap() - failed_at;
+    let (low, high) = backoff_range(script.calls() as u32 - 1);
+    assert!(paused >= low && paused <= high, "{paused:?}");
 }
 
 #[tokio::test(start_paused = true)]

@@ -5,8 +5,11 @@
 //!
 //! A refresh that requests wait for (no valid token left) keeps trying until its
 //! deadline; an early refresh (a valid token is still served) makes at most
-//! [`EARLY_ATTEMPTS`], since its failure costs nothing.
+//! [`EARLY_ATTEMPTS`], since its failure costs nothing. When a refresh runs out of
+//! time, the next one resumes its back-off where it stopped, so refreshes that follow
+//! each other through a long outage call no more often than one refresh would.
 
+use std::sync::{Mutex, PoisonError};
 use std::time::{Duration, SystemTime};
 
 use secrecy::{ExposeSecret, SecretString};
@@ -60,6 +63,9 @@ pub(crate) struct Fetcher {
     /// Bound on one attempt; `None`: a third of what is left of the budget, at least
     /// [`MIN_ATTEMPT_TIMEOUT`].
     attempt_timeout: Option<Duration>,
+    /// After a refresh that ran out of time on transient failures: when the next
+    /// token call may be made, and the attempt whose back-off comes after it.
+    resume: Mutex<Option<(Instant, u32)>>,
 }
 
 impl Fetcher {
@@ -74,6 +80,7 @@ impl Fetcher {
             on_rotated,
             timeout,
             attempt_timeout,
+            resume: Mutex::new(None),
         }
     }
 
@@ -95,6 +102,23 @@ impl Fetcher {
         early: bool,
     ) -> Result<Fetched, Error> {
         let mut attempt = 1;
+        let resume = self
+            .resume
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        let now = Instant::now();
+        // The last refresh ran out of time moments ago: its back-off goes on. (Long
+        // after, a refresh starts afresh.)
+        if let Some((at, next)) = resume.filter(|(at, _)| !early && now < *at + BACKOFF_MAX) {
+            if at >= deadline {
+                return Err(Error::unavailable(
+                    "the token endpoint's back-off runs past the token timeout",
+                ));
+            }
+            tokio::time::sleep_until(at).await;
+            attempt = next;
+        }
         loop {
             tracing::debug!(?reason, attempt, "requesting an access token");
             counters.token_request();
@@ -128,7 +152,15 @@ impl Fetcher {
                     tokio::time::sleep(wait).await;
                     attempt += 1;
                 }
-                _ => {
+                Some(wait) => {
+                    tracing::warn!(?reason, attempt, %error, "token refresh ran out of time");
+                    if !early {
+                        *self.resume.lock().unwrap_or_else(PoisonError::into_inner) =
+                            Some((Instant::now() + wait, attempt + 1));
+                    }
+                    return Err(error);
+                }
+                None => {
                     tracing::warn!(?reason, attempt, %error, "token refresh failed");
                     return Err(error);
                 }
