@@ -9,6 +9,7 @@ use tower::Layer;
 use crate::builder::EshopboxAuthBuilder;
 use crate::classify::Http401;
 use crate::credentials::Credentials;
+use crate::destination::Destinations;
 use crate::error::Error;
 use crate::handle::TokenHandle;
 use crate::replay::EmptyBodies;
@@ -47,6 +48,8 @@ pub(crate) struct Shape {
     pub(crate) retry_on_unauthorized: bool,
     /// `ProxyHost: <workspace>`, when configured.
     pub(crate) proxy_host: Option<HeaderValue>,
+    /// Which requests may carry the token.
+    pub(crate) destinations: Destinations,
 }
 
 impl EshopboxAuthLayer {
