@@ -71,15 +71,14 @@ impl Destinations {
     /// nothing unless it refuses.
     #[inline]
     pub(crate) fn check(&self, uri: &Uri) -> Result<(), Error> {
-        let Some(host) = uri.host() else {
+        let Some(authority) = uri.authority() else {
             // Path-only: the inner service (a tonic `Channel`) sets the destination.
             return Ok(());
         };
-        let scheme = uri.scheme_str();
-        if scheme == Some("https") && self.trusts(host) {
+        if uri.scheme_str() == Some("https") && is_eshopbox_authority(authority.as_str()) {
             return Ok(());
         }
-        self.check_rest(scheme, host)
+        self.check_rest(uri.scheme_str(), uri.host().unwrap_or(""))
     }
 
     /// Like [`check`](Self::check), for a `url::Url` (a `reqwest::Request`'s URL). A
@@ -172,6 +171,45 @@ impl HostPattern {
             HostPattern::Subdomains(domain) => is_subdomain(host, domain),
         }
     }
+}
+
+/// The request path's shortcut for the common case: whether `authority` (user info,
+/// host and port, as `http::Uri` holds it) ends with `eshopbox.com` or
+/// `myeshopbox.com` right after a `.`, an `@` or nothing. Then there is no port, the
+/// host is everything after the last `@`, and it is one of those domains or a
+/// subdomain of one. Anything else (a port, a trailing dot, another host) goes the
+/// general way, which reads the host `http::Uri` finds.
+///
+/// Letters are compared by setting their case bit: a byte that becomes `.` that way
+/// would be a control character, which `http::Uri` does not accept in an authority.
+#[inline]
+fn is_eshopbox_authority(authority: &str) -> bool {
+    let Some((rest, tail)) = authority.as_bytes().split_last_chunk::<12>() else {
+        return false;
+    };
+    if !folded_eq(tail, b"eshopbox.com") {
+        return false;
+    }
+    let rest = match rest.split_last_chunk::<2>() {
+        Some((before, [m, y])) if m | 0x20 == b'm' && y | 0x20 == b'y' => before,
+        _ => rest,
+    };
+    matches!(rest.last(), None | Some(b'.' | b'@'))
+}
+
+/// `host` equals `lower` (lower-case letters and `.`) ignoring ASCII case.
+#[inline]
+fn folded_eq(host: &[u8; 12], lower: &[u8; 12]) -> bool {
+    let words = |b: &[u8; 12]| {
+        let [a0, a1, a2, a3, a4, a5, a6, a7, b0, b1, b2, b3] = *b;
+        (
+            u64::from_le_bytes([a0, a1, a2, a3, a4, a5, a6, a7]),
+            u32::from_le_bytes([b0, b1, b2, b3]),
+        )
+    };
+    let (host8, host4) = words(host);
+    let (lower8, lower4) = words(lower);
+    host8 | 0x2020_2020_2020_2020 == lower8 && host4 | 0x2020_2020 == lower4
 }
 
 /// Whether `host` is a strict subdomain of `domain`: it ends with `.` + `domain`
@@ -309,6 +347,36 @@ mod tests {
             .unwrap_err();
         assert!(err.to_string().contains("https://attacker.net:"), "{err}");
         assert!(!err.to_string().contains("acme"), "{err}");
+    }
+
+    #[test]
+    fn the_shortcut_agrees_with_the_general_rule() {
+        for (authority, trusted) in [
+            ("eshopbox.com", true),
+            ("myeshopbox.com", true),
+            ("acme.myeshopbox.com", true),
+            ("ACME.MYESHOPBOX.COM", true),
+            ("wms.EshopBox.Com", true),
+            ("my.eshopbox.com", true),
+            ("evil.com@acme.myeshopbox.com", true),
+            ("user.@eshopbox.com", true),
+            ("my@eshopbox.com", true),
+            ("xmyeshopbox.com", false),
+            ("amyeshopbox.com", false),
+            ("x.mymyeshopbox.com", false),
+            ("evileshopbox.com", false),
+            ("myeshopbox.co", false),
+            ("shopbox.com", false),
+            ("acme.myeshopbox.com:443", false), // not the shortcut; the general way
+            ("acme.myeshopbox.com.", false),
+        ] {
+            assert_eq!(is_eshopbox_authority(authority), trusted, "{authority}");
+            let uri: Uri = format!("https://{authority}/").parse().unwrap();
+            let general = default_guard().check_rest(uri.scheme_str(), uri.host().unwrap());
+            if trusted {
+                assert!(general.is_ok(), "{authority}");
+            }
+        }
     }
 
     #[test]
