@@ -83,7 +83,7 @@ impl Destinations {
 
     /// Like [`check`](Self::check), for a `url::Url` (a `reqwest::Request`'s URL). A
     /// URL without a host is refused.
-    #[cfg(test)]
+    #[cfg(any(test, feature = "reqwest-middleware"))]
     pub(crate) fn check_url(&self, url: &url::Url) -> Result<(), Error> {
         let host = url.host_str().unwrap_or("");
         let scheme = url.scheme();

@@ -100,6 +100,16 @@ impl<P, C> EshopboxAuthLayer<P, C> {
         TokenHandle::new(self.cache.clone())
     }
 
+    /// The same token as a [`reqwest_middleware::Middleware`], for a
+    /// `reqwest_middleware::ClientWithMiddleware` (feature `reqwest-middleware`). It
+    /// shares this layer's token cache, destination rules, workspace and 401 setting;
+    /// see [`crate::middleware`].
+    #[cfg(feature = "reqwest-middleware")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "reqwest-middleware")))]
+    pub fn middleware(&self) -> crate::middleware::EshopboxAuthMiddleware {
+        crate::middleware::EshopboxAuthMiddleware::new(self.cache.clone(), self.shape.clone())
+    }
+
     #[cfg(test)]
     pub(crate) fn shared(&self) -> &Arc<TokenCache> {
         &self.cache

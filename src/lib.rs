@@ -86,10 +86,14 @@
 //! - `examples/hyper_util.rs` — a GET and a POST resent after a 401 with
 //!   [`CloneBodies`];
 //! - `examples/reqwest.rs` — reqwest through [`reqwest::ReqwestService`];
+//! - `examples/reqwest_middleware.rs` — a `reqwest_middleware` client with
+//!   `reqwest-retry`, through `EshopboxAuthLayer::middleware` (feature
+//!   `reqwest-middleware`, see the `middleware` module);
 //! - `examples/axum.rs` — one shared authenticated client in axum state;
 //! - `examples/tonic.rs` — a tonic `Channel`, with [`classify::GrpcUnauthenticated`].
 //!
-//! Optional features: `test-util` ([`mock`]), `reqwest` ([`reqwest`]), `tonic`
+//! Optional features: `test-util` ([`mock`]), `reqwest` ([`reqwest`]),
+//! `reqwest-middleware` (`middleware::EshopboxAuthMiddleware`), `tonic`
 //! (`GrpcBodies`, to resend unary gRPC calls), `redis` (`store::RedisStore`, one token
 //! for all replicas) and `metrics` (counters to the `metrics` facade).
 //!
@@ -157,6 +161,9 @@ mod error;
 pub mod future;
 mod handle;
 mod layer;
+#[cfg(feature = "reqwest-middleware")]
+#[cfg_attr(docsrs, doc(cfg(feature = "reqwest-middleware")))]
+pub mod middleware;
 #[cfg(feature = "test-util")]
 #[cfg_attr(docsrs, doc(cfg(feature = "test-util")))]
 pub mod mock;
@@ -179,7 +186,8 @@ mod tests;
     feature = "test-util",
     feature = "reqwest",
     feature = "tonic",
-    feature = "redis"
+    feature = "redis",
+    feature = "reqwest-middleware"
 ))]
 #[doc = include_str!("../README.md")]
 pub struct ReadmeDoctests;
@@ -192,6 +200,8 @@ pub use credentials::Credentials;
 pub use error::{Error, ErrorKind};
 pub use handle::{AccessToken, TokenHandle, TokenInfo};
 pub use layer::EshopboxAuthLayer;
+#[cfg(feature = "reqwest-middleware")]
+pub use middleware::EshopboxAuthMiddleware;
 #[cfg(feature = "tonic")]
 pub use replay::GrpcBodies;
 pub use replay::{CloneBodies, EmptyBodies, ReplayPolicy};
