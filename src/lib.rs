@@ -90,12 +90,16 @@
 //!   `reqwest-retry`, through `EshopboxAuthLayer::middleware` (feature
 //!   `reqwest-middleware`, see the `middleware` module);
 //! - `examples/axum.rs` — one shared authenticated client in axum state;
-//! - `examples/tonic.rs` — a tonic `Channel`, with [`classify::GrpcUnauthenticated`].
+//! - `examples/tonic.rs` — a tonic `Channel`, with [`classify::GrpcUnauthenticated`];
+//! - the `eshopbox-token` command (feature `cli`): prints a token for scripts and
+//!   `curl`, taking the fleet's token from a Redis store when one is given
+//!   (`cargo run --features cli --bin eshopbox-token -- --help`).
 //!
 //! Optional features: `test-util` ([`mock`]), `reqwest` ([`reqwest`]),
 //! `reqwest-middleware` (`middleware::EshopboxAuthMiddleware`), `tonic`
 //! (`GrpcBodies`, to resend unary gRPC calls), `redis` (`store::RedisStore`, one token
-//! for all replicas) and `metrics` (counters to the `metrics` facade).
+//! for all replicas), `metrics` (counters to the `metrics` facade) and `cli` (the
+//! `eshopbox-token` command).
 //!
 //! # Errors
 //!
