@@ -21,7 +21,7 @@ if [ ${#missing[@]} -gt 0 ]; then
     if ! command -v apt-get >/dev/null 2>&1; then
         echo "error: the tests need these programs, which are not installed: ${missing[*]}" >&2
         echo "Install Redis (with redis-sentinel and redis-cli) and OpenSSL with your package" >&2
-        echo "manager (e.g. 'brew install redis openssl'), or point REDIS_SERVER at a redis-server." >&2
+        echo "manager (e.g. 'brew install redis openssl'), then run this script again." >&2
         exit 1
     fi
     sudo=""
