@@ -380,6 +380,16 @@ mod tests {
     }
 
     #[test]
+    fn control_characters_never_reach_the_shortcut() {
+        // The shortcut folds case by setting bit 0x20, which would also turn 0x0E into
+        // `.`: it relies on `http::Uri` refusing control characters in an authority.
+        for byte in (0u8..0x20).chain([0x7F]) {
+            let uri = format!("https://acme.myeshopbox{}com/", byte as char);
+            assert!(uri.parse::<Uri>().is_err(), "{byte:#04x} accepted");
+        }
+    }
+
+    #[test]
     fn plain_http_reaches_only_loopback_by_default() {
         let guard = default_guard();
         for uri in [
