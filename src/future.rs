@@ -16,8 +16,10 @@
 //! - `Called`: the inner service's future. Its answer is handed out from here, so the
 //!   common case never writes the state again (a poll after that goes to the inner
 //!   future, as with tower-http's futures).
-//! - `Done`: the wait for a token or for readiness failed, or a transition is under
-//!   way; a poll here is answered with an error.
+//! - `Refused`: the destination guard refused the request before it was sent; its
+//!   error is handed out once.
+//! - `Done`: the wait for a token or for readiness failed, the refusal was handed out,
+//!   or a transition is under way; a poll here is answered with an error.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -90,6 +92,10 @@ pin_project! {
             #[pin]
             future: S::Future,
         },
+        // The destination guard refused the request before it was sent.
+        Refused {
+            error: Error,
+        },
         Done,
     }
 }
@@ -112,6 +118,18 @@ where
             unauthorized,
             generation,
             replay,
+            attempt: Attempt::First,
+        }
+    }
+
+    /// The request fails with `error` without being sent.
+    pub(crate) fn refused(error: Error, cell: Arc<TokenCell>, unauthorized: C) -> Self {
+        ResponseFuture {
+            state: State::Refused { error },
+            cell,
+            unauthorized,
+            generation: 0,
+            replay: None,
             attempt: Attempt::First,
         }
     }
@@ -167,7 +185,7 @@ where
                         return Poll::Ready(Ok(response));
                     }
                     // The first attempt was refused: resend it once, if there is a copy.
-                    if !refused(
+                    if !resend_after_401(
                         this.state.as_mut(),
                         this.cell,
                         *this.generation,
@@ -177,6 +195,7 @@ where
                     }
                     *this.attempt = Attempt::Resend;
                 }
+                StateProj::Refused { .. } => return Poll::Ready(Err(refusal(this.state.as_mut()))),
                 StateProj::Done => return Poll::Ready(Err(polled_after_completion())),
             }
         }
@@ -233,6 +252,19 @@ where
     Ok(())
 }
 
+/// The destination guard's error, handed out once.
+#[cold]
+#[inline(never)]
+fn refusal<S, B>(mut state: Pin<&mut State<S, B>>) -> BoxError
+where
+    S: Service<Request<B>>,
+{
+    match state.as_mut().project_replace(State::Done) {
+        StateTaken::Refused { error } => error.into(),
+        _ => polled_after_completion(),
+    }
+}
+
 #[cold]
 fn polled_after_completion() -> BoxError {
     "eshopbox auth: response future polled after completion".into()
@@ -255,7 +287,7 @@ where
 /// Returns whether it did.
 #[cold]
 #[inline(never)]
-fn refused<S, B>(
+fn resend_after_401<S, B>(
     mut state: Pin<&mut State<S, B>>,
     cell: &Arc<TokenCell>,
     generation: u64,

@@ -10,7 +10,7 @@ use tokio::time::Instant;
 use crate::error::Error;
 use crate::stats::Stats;
 use crate::token::cell::TokenCell;
-use crate::token::value::TokenInfo;
+use crate::token::value::{Token, TokenInfo};
 
 /// A cheap, cloneable handle on the token cell shared by a layer and every service
 /// made from it, from [`EshopboxAuthLayer::handle`](crate::EshopboxAuthLayer::handle).
@@ -31,6 +31,8 @@ use crate::token::value::TokenInfo;
 /// handle.refresh().await?; // fetch one now, e.g. at start-up
 /// let info = changes.borrow_and_update().expect("a token");
 /// assert_eq!(info.generation, 1);
+/// let token = handle.get().await?; // the valid one: no second token call
+/// assert_eq!(token.info(), info);
 /// assert_eq!(handle.stats().token_requests, 1);
 /// # Ok(())
 /// # }
@@ -48,6 +50,13 @@ pub struct AccessToken {
 }
 
 impl AccessToken {
+    fn of(token: &Token) -> Self {
+        AccessToken {
+            value: token.bearer.secret().clone(),
+            info: token.info(),
+        }
+    }
+
     /// The token (`eshopbox_auth::secrecy::ExposeSecret::expose_secret` reads it).
     pub fn secret(&self) -> &SecretString {
         &self.value
@@ -79,10 +88,17 @@ impl TokenHandle {
         if Instant::now() >= token.expires_at {
             return None;
         }
-        Some(AccessToken {
-            value: token.bearer.secret().clone(),
-            info: token.info(),
-        })
+        Some(AccessToken::of(&token))
+    }
+
+    /// A usable token, as a request would get it: the current one while it is valid,
+    /// else the result of a refresh (joining one that runs). With a
+    /// [token store](crate::store), a valid token another layer or replica stored is
+    /// taken before any token call — unlike [`refresh`](Self::refresh), which always
+    /// asks for a new one.
+    pub async fn get(&self) -> Result<AccessToken, Error> {
+        let token = self.cell.wait().await?;
+        Ok(AccessToken::of(&token))
     }
 
     /// Generation and expiry of the current token, if there is one (expired or not).

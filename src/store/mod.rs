@@ -46,6 +46,84 @@
 //! # Ok(())
 //! # }
 //! ```
+//!
+//! # How replicas agree
+//!
+//! The same steps run on any store; with `RedisStore` they are these Redis commands and
+//! keys (`<prefix>` is set by `RedisStore::key_prefix`):
+//!
+//! ```text
+//!  requests ──▶ replica A        requests ──▶ replica B        requests ──▶ replica C
+//!               each replica serves requests from its own arc-swap copy of the token;
+//!               the request path never touches Redis
+//!                   │                             │                             │
+//!    ① GET token (none usable)         ① GET token (none usable)       ① GET token
+//!    ② SET lock A NX PX → won          ② SET lock B NX PX → lost       ⑥ GET token → found
+//!    ④ SET token PX ttl,               ⑥ poll GET token → found
+//!      SET refresh-token
+//!    ⑤ DEL lock if still A
+//!                   │                             │                             │
+//!                   ▼                             ▼                             ▼
+//!         ┌─────────────────────────────────────────────────────────────────────────┐
+//!         │ Redis   <prefix>token          the token; TTL ends at its expiry        │
+//!         │         <prefix>lock           the refresh lock: owner id + lease        │
+//!         │         <prefix>refresh-token  the latest rotated refresh token          │
+//!         └─────────────────────────────────────────────────────────────────────────┘
+//!
+//!    replica A only:  ③ POST /api/v1/generateToken ──────────────────────────▶ Eshopbox
+//! ```
+//!
+//! 1. A replica that needs a token (cold, expiring, or after a 401) first reads
+//!    `<prefix>token`; a usable token another replica stored is taken as is (and the
+//!    stored refresh token with it, so every replica knows the newest one).
+//! 2. Otherwise it takes the refresh lock (`<prefix>lock` = its owner id, with a lease,
+//!    set only if absent — a Lua script that also renews the owner's own lock).
+//!    Replicas that do not get it poll `<prefix>token` (10 ms, doubling to 200 ms).
+//! 3. The holder reads the token once more, takes the stored refresh token if another
+//!    replica rotated it, and makes the one token call, renewing its lease every third
+//!    of it meanwhile: a slow but live holder keeps the lock; one that stops (a crash,
+//!    a long pause) loses it when the lease runs out, and another replica takes over.
+//! 4. It stores the token with a TTL ending at its expiry — unless a later token is
+//!    already there — and a rotated refresh token (even one from an otherwise unusable
+//!    answer).
+//! 5. It releases the lock with a compare-and-delete script (only its own lock).
+//! 6. The other replicas find the new token and copy it into their own cache.
+//!
+//! A waiting replica never calls the token endpoint while another holds the lock
+//! (with a provider that rotates refresh tokens, that would spend the holder's token):
+//! it waits at most its token timeout, and `lock_lease` must be shorter than that, so
+//! a dead holder's lease runs out first. Rotated refresh tokens are versioned and only
+//! stored over the version they replaced, so a write that arrives late (its answer was
+//! lost, the store was down) never puts back a spent refresh token. A 401 deletes
+//! `<prefix>token` only if it still holds the token that failed (compare on the token's
+//! id), so one bad token causes one call across all replicas. Requests never touch
+//! Redis: it is used only around refreshes and 401s.
+//!
+//! **Redis faults lose nothing.** Each Redis call is bounded by `store_timeout` (1 s).
+//! When Redis is down, slow or restarting, a replica logs it, refreshes directly with the
+//! token endpoint, leaves Redis alone for 3 s, then uses it again; a refresh token
+//! rotated meanwhile is offered to Redis every 3 s until it takes it (or holds a newer
+//! one). Requests only ever see the replica's local token, so none fails because Redis
+//! did. (During an outage each replica refreshes on its own; with a provider that
+//! rotates refresh tokens, replicas can then spend each other's refresh token — the
+//! store cannot help while it is down.)
+//!
+//! **Secrets at rest.** The access token and a rotated refresh token are written to
+//! Redis: protect the server (ACLs, private network), use a `rediss://` URL for TLS, and
+//! set `encryption_key` to store them encrypted (XChaCha20-Poly1305, a random nonce per
+//! value, bound to the key name and to the value's id). A replica with a different key
+//! cannot read them and refreshes on its own. Stored expiry times are wall-clock times,
+//! so replicas' clocks should agree to within a few seconds.
+//!
+//! `InProcessStore` does the same between layers of one process; `TokenStore` is a
+//! public trait for other stores. Rotations are shared for the Eshopbox grant,
+//! `OAuth2Source`, and any `TokenSource` that implements `refresh_token` and
+//! `use_refresh_token`. `tests/redis.rs` runs the scenarios against real
+//! `redis-server` processes (8 cold replicas × 500 requests → 1 token call; expiry under
+//! traffic → 1 call per expiry; a stalled lock holder is taken over; Redis stopped and
+//! restarted under traffic → no failed request; a slow Redis → no failed request; a
+//! slow but live lock holder keeps its lock; rotation shared, also across a Redis
+//! restart that lost the data; encryption; TLS).
 
 use std::fmt;
 use std::sync::{Arc, Mutex, PoisonError};
