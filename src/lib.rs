@@ -121,6 +121,11 @@
 //! | recovers after an outage | the next request (after any cooldown or `Retry-After`) gets a token | 1 |
 //! | answers a redirect (3xx) | [`ErrorKind::InvalidResponse`] with the status; the redirect is not followed (it would carry the client secret elsewhere) | 1 |
 //!
+//! A refresh that follows one that ran out of time goes on with that one's back-off
+//! (2.5–5 s between calls), so a long outage sees no burst of calls at each
+//! deadline; when that back-off runs past a refresh's whole timeout, its waiters
+//! fail with [`ErrorKind::Unavailable`] when their time is up, without a call.
+//!
 //! A refresh that is cancelled (its runtime shut down) or panics fails its waiters
 //! with [`ErrorKind::Unavailable`]; the next request starts a new one. A rotated
 //! `refresh_token` is kept even from an answer that is otherwise unusable, because

@@ -295,13 +295,34 @@ async fn an_endpoint_that_comes_back_serves_the_next_request() {
             ErrorKind::Unavailable
         );
     }
-    // Each refresh tried until its 2 s deadline: 4 or 5 attempts (back-offs of
-    // 0.1–0.2, 0.2–0.4, 0.4–0.8, 0.8–1.6 s).
+    // The first refresh tried until its 2 s deadline (4 or 5 attempts); the next ones
+    // went on with its back-off, so no two calls came closer than it allows: 0.1,
+    // 0.2, 0.4, 0.8, 1.6, then 2.5 s at least.
     let failed_posts = server.posts();
-    assert!((3 * 4..=3 * 5).contains(&failed_posts), "{failed_posts}");
+    assert!((4..=3 * 5).contains(&failed_posts), "{failed_posts}");
     assert_eq!(server.max_in_flight(), 1, "one token request at a time");
+    let seen = server.seen();
+    for (i, pair) in seen.windows(2).enumerate() {
+        let least =
+            (Duration::from_millis(100) * 2u32.pow(i as u32)).min(Duration::from_millis(2500));
+        let gap = pair[1].at - pair[0].at;
+        assert!(
+            gap >= least,
+            "call {} came {gap:?} after the one before",
+            i + 2
+        );
+    }
 
     up.store(1, Ordering::SeqCst);
-    let res = svc.clone().oneshot(get()).await.unwrap();
+    // Requests made while the back-off still runs past their 2 s wait fail; the first
+    // one after it gets the token.
+    let res = support::within(async {
+        loop {
+            if let Ok(res) = svc.clone().oneshot(get()).await {
+                return res;
+            }
+        }
+    })
+    .await;
     assert_eq!(*res.body(), format!("Bearer tok-{}", failed_posts + 1));
 }
