@@ -17,9 +17,8 @@ use crate::store::{TokenStore, DEFAULT_LOCK_LEASE};
 use crate::store_sync::StoreSync;
 use crate::token::background::spawn_background;
 use crate::token::cell::{Timing, TokenCell};
-use crate::token::endpoint::{
-    check_token_url, default_client, GrantEndpoint, RequestFormat, RotationHook,
-};
+use crate::token::client::{check_token_url, default_client};
+use crate::token::endpoint::{GrantEndpoint, RequestFormat, RotationHook};
 use crate::token::refresh::Coordinator;
 use crate::token::source::TokenSource;
 

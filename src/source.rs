@@ -33,10 +33,8 @@ use std::sync::Mutex;
 use secrecy::{ExposeSecret, SecretString};
 
 use crate::error::Error;
-use crate::token::endpoint::{
-    check_token_url, default_client, GrantConfig, GrantEndpoint, GrantKind, RequestFormat,
-    RotationHook,
-};
+use crate::token::client::{check_token_url, default_client};
+use crate::token::endpoint::{GrantConfig, GrantEndpoint, GrantKind, RequestFormat, RotationHook};
 use crate::token::fetch::DEFAULT_TOKEN_TIMEOUT;
 
 pub use crate::boxed::BoxFuture;

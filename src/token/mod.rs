@@ -15,10 +15,12 @@
 //! - [`background`]: the optional background refresher.
 //! - [`local`]: a service clone's own view of the cell (the request path's fast lane).
 //! - [`source`]: the one [`TokenSource`](source::TokenSource) trait.
-//! - [`endpoint`] and [`response`]: the OAuth 2 token call and its answer.
+//! - [`endpoint`] and [`response`]: the OAuth 2 token call and its answer; [`client`]:
+//!   the HTTP client for it and the token URL checks.
 
 pub(crate) mod background;
 pub(crate) mod cell;
+pub(crate) mod client;
 pub(crate) mod endpoint;
 pub(crate) mod fetch;
 pub(crate) mod flight;
