@@ -20,6 +20,26 @@
 //!   error is handed out once.
 //! - `Done`: the wait for a token or for readiness failed, the refusal was handed out,
 //!   or a transition is under way; a poll here is answered with an error.
+//!
+//! ## What the common case costs, and why the future holds no `Arc`
+//!
+//! With a warm token and no 401, the future is made, polled once in `Called` and
+//! dropped. It writes no memory that other service clones or other threads write:
+//!
+//! - it names its token cell by a [`CellKey`] (a copied number) and the token by its
+//!   generation, not by an `Arc<TokenCell>`, whose reference count would be one cache
+//!   line incremented and decremented by every request on every thread;
+//! - the key is resolved to the cell (a registry lookup under a mutex, in
+//!   `token/key.rs`) only after a 401: to invalidate the token the request carried
+//!   (only if it is still the current one) and, with a copy kept, to get the token
+//!   for the resend. Should every service and handle of the layer be gone by then,
+//!   the key resolves to nothing and the 401 is handed out as it is.
+//!
+//! The header the request carries is this service clone's own copy (see
+//! `token/local.rs`), so its reference count is not shared with other clones either.
+//!
+//! The slow states hold what they need themselves: the wait for a token owns its
+//! future (which holds the cell), a resend owns its boxed copy of the request.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -35,6 +55,7 @@ use crate::boxed::BoxFuture;
 use crate::classify::{Http401, UnauthorizedPolicy};
 use crate::error::Error;
 use crate::token::cell::TokenCell;
+use crate::token::key::CellKey;
 use crate::token::value::Token;
 
 /// A request not sent yet, with the service to send it: the first attempt while it
@@ -64,7 +85,8 @@ pin_project! {
     {
         #[pin]
         state: State<S, B>,
-        cell: Arc<TokenCell>,
+        // The token cell, resolved only after a 401 (see the module documentation).
+        cell: CellKey,
         unauthorized: C,
         // The generation of the token the first attempt carried.
         generation: u64,
@@ -107,7 +129,7 @@ where
     /// The first attempt was sent at once with the token of this generation.
     pub(crate) fn called(
         future: S::Future,
-        cell: Arc<TokenCell>,
+        cell: CellKey,
         generation: u64,
         replay: Option<Box<Unsent<S, B>>>,
         unauthorized: C,
@@ -123,7 +145,7 @@ where
     }
 
     /// The request fails with `error` without being sent.
-    pub(crate) fn refused(error: Error, cell: Arc<TokenCell>, unauthorized: C) -> Self {
+    pub(crate) fn refused(error: Error, cell: CellKey, unauthorized: C) -> Self {
         ResponseFuture {
             state: State::Refused { error },
             cell,
@@ -138,7 +160,7 @@ where
     pub(crate) fn waiting(
         service: S,
         request: Request<B>,
-        cell: Arc<TokenCell>,
+        cell: &Arc<TokenCell>,
         replay: Option<Box<Unsent<S, B>>>,
         unauthorized: C,
     ) -> Self {
@@ -148,7 +170,7 @@ where
                 token: cell.wait(),
                 unsent: Box::new(Unsent { service, request }),
             },
-            cell,
+            cell: cell.key(),
             generation: 0,
             replay,
             attempt: Attempt::First,
@@ -187,7 +209,7 @@ where
                     // The first attempt was refused: resend it once, if there is a copy.
                     if !resend_after_401(
                         this.state.as_mut(),
-                        this.cell,
+                        *this.cell,
                         *this.generation,
                         this.replay.take(),
                     ) {
@@ -284,18 +306,22 @@ where
 
 /// After a 401 for the first attempt: drops its token (only if it is still the
 /// current one) and, if a copy of the request was kept, moves on to resending it.
-/// Returns whether it did.
+/// Returns whether it did. The cell is resolved from its key here, off the common
+/// path; if it is gone (the layer and all its services dropped), nothing is resent.
 #[cold]
 #[inline(never)]
 fn resend_after_401<S, B>(
     mut state: Pin<&mut State<S, B>>,
-    cell: &Arc<TokenCell>,
+    cell: CellKey,
     generation: u64,
     replay: Option<Box<Unsent<S, B>>>,
 ) -> bool
 where
     S: Service<Request<B>>,
 {
+    let Some(cell) = cell.resolve() else {
+        return false;
+    };
     cell.invalidate(generation);
     let Some(mut unsent) = replay else {
         return false;

@@ -103,10 +103,11 @@ where
         match self.token.get() {
             Some((header, generation)) => {
                 request.headers_mut().insert(AUTHORIZATION, header);
-                let cell = self.cell().clone();
+                // The future carries the cell's key, not an `Arc` of it: no shared
+                // reference count is written per request (see `future.rs`).
                 ResponseFuture::called(
                     self.inner.call(request),
-                    cell,
+                    self.token.key(),
                     generation,
                     replay,
                     self.unauthorized.clone(),
@@ -131,7 +132,7 @@ where
         C: Clone,
     {
         tracing::debug!(%error, "request refused before sending");
-        ResponseFuture::refused(error, self.cell().clone(), self.unauthorized.clone())
+        ResponseFuture::refused(error, self.token.key(), self.unauthorized.clone())
     }
 
     /// The first attempt must wait for a token. `self.inner` is the service the caller
@@ -153,7 +154,7 @@ where
         ResponseFuture::waiting(
             ready,
             request,
-            self.cell().clone(),
+            self.cell(),
             replay,
             self.unauthorized.clone(),
         )

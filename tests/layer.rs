@@ -659,6 +659,39 @@ async fn retry_off_returns_the_401_and_drops_the_token() {
     assert_eq!(res.body(), "Bearer tok-2");
 }
 
+/// A response future names the token cell by a key, not by an `Arc`: it does not
+/// keep the cell alive, and a 401 that arrives after the layer, its services and
+/// handles are gone is handed out as it is (nothing left to invalidate or resend with).
+#[tokio::test(start_paused = true)]
+async fn a_pending_response_future_does_not_keep_the_token_alive_and_hands_out_a_late_401() {
+    let script = Script::new(DAY);
+    let (answer, answered) = tokio::sync::oneshot::channel::<Response<()>>();
+    let answered = Arc::new(Mutex::new(Some(answered)));
+    let inner = service_fn(move |_: Request<Empty<Bytes>>| {
+        let answered = answered.lock().unwrap().take();
+        async move {
+            let answer = answered.expect("one call").await.expect("an answer");
+            Ok::<_, Infallible>(answer)
+        }
+    });
+    let layer = script.layer();
+    let handle = layer.handle();
+    handle.get().await.unwrap();
+    let mut changes = handle.subscribe();
+    let mut svc = layer.layer(inner);
+
+    let mut future = tokio_test::task::spawn(svc.ready().await.unwrap().call(get()));
+    assert_pending!(future.poll());
+    drop((svc, layer, handle));
+    // Every owner of the cell is gone: its change channel closes.
+    assert!(within(changes.changed()).await.is_err());
+
+    answer.send(unauthorized()).unwrap();
+    let res = within(future).await.unwrap();
+    assert_eq!(res.status(), StatusCode::UNAUTHORIZED);
+    assert_eq!(script.calls(), 1);
+}
+
 #[tokio::test(start_paused = true)]
 async fn second_401_is_returned_and_does_not_drop_the_new_token() {
     use eshopbox_auth::secrecy::ExposeSecret;

@@ -13,6 +13,7 @@ use bytes::Bytes;
 use http::HeaderValue;
 
 use super::cell::TokenCell;
+use super::key::CellKey;
 use super::value::Token;
 
 /// Lets an `arc_swap::Cache` reach the token cell's `ArcSwapOption`.
@@ -29,6 +30,8 @@ impl Deref for Current {
 #[derive(Clone)]
 pub(crate) struct LocalToken {
     cell: Arc<TokenCell>,
+    /// The cell's key, kept here so that the request path reads it from this clone.
+    key: CellKey,
     swap: Cache<Current, Option<Arc<Token>>>,
     /// This clone's copy of the header, and the generation it was copied from (0: no
     /// copy yet; generations start at 1).
@@ -40,6 +43,7 @@ impl LocalToken {
     pub(crate) fn new(cell: Arc<TokenCell>) -> Self {
         LocalToken {
             swap: Cache::new(Current(cell.clone())),
+            key: cell.key(),
             cell,
             header: HeaderValue::from_static(""),
             copied: 0,
@@ -48,6 +52,12 @@ impl LocalToken {
 
     pub(crate) fn cell(&self) -> &Arc<TokenCell> {
         &self.cell
+    }
+
+    /// The key response futures carry to reach the cell after a 401.
+    #[inline]
+    pub(crate) fn key(&self) -> CellKey {
+        self.key
     }
 
     /// Like [`TokenCell::get`], from this clone's `arc_swap::Cache`: the header and generation of
