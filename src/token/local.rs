@@ -77,9 +77,12 @@ impl LocalToken {
     }
 }
 
-/// A copy of `value` in a buffer of its own (still marked sensitive).
+/// A copy of `value` in a buffer of its own (still marked sensitive). The buffer is
+/// owned by a reference-counted box from the start (`Bytes::from_owner`), so a clone
+/// is one increment of that count, without the check a `Vec`-backed `Bytes` makes on
+/// every clone to see whether it has been shared yet.
 fn own_copy(value: &HeaderValue) -> HeaderValue {
-    let bytes = Bytes::copy_from_slice(value.as_bytes());
+    let bytes = Bytes::from_owner(Box::<[u8]>::from(value.as_bytes()));
     let mut copy = HeaderValue::from_maybe_shared(bytes).unwrap_or_else(|_| value.clone());
     copy.set_sensitive(true);
     copy
