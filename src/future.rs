@@ -26,7 +26,7 @@
 //! With a warm token and no 401, the future is made, polled once in `Called` and
 //! dropped. It writes no memory that other service clones or other threads write:
 //!
-//! - it names its token cell by a [`CellKey`] (a copied number) and the token by its
+//! - it names its token cell by a `CellKey` (a copied number) and the token by its
 //!   generation, not by an `Arc<TokenCell>`, whose reference count would be one cache
 //!   line incremented and decremented by every request on every thread;
 //! - the key is resolved to the cell (a registry lookup under a mutex, in
@@ -40,6 +40,11 @@
 //!
 //! The slow states hold what they need themselves: the wait for a token owns its
 //! future (which holds the cell), a resend owns its boxed copy of the request.
+//!
+//! The future is generic over the inner service, the request body and the 401
+//! classifier only; which cell it reports to is data (the key), so a layer with
+//! several cells (one per workspace, say) builds it with the key of the cell whose
+//! token the request carries.
 
 use std::future::Future;
 use std::pin::Pin;

@@ -4,6 +4,11 @@
 //! comparison while the token is unchanged. Each clone also keeps its own copy of the
 //! `Authorization` value, so that the reference count bumped for every request lives
 //! in memory that other threads' clones do not touch.
+//!
+//! A clone copies the header when it first sends a request with a token. A clone made
+//! from a service that has already sent requests starts out sharing its original's
+//! copy (cloning a service allocates nothing) until the token changes; services cloned
+//! per request share it that way.
 
 use std::ops::Deref;
 use std::sync::Arc;
