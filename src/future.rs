@@ -30,10 +30,15 @@
 //!   generation, not by an `Arc<TokenCell>`, whose reference count would be one cache
 //!   line incremented and decremented by every request on every thread;
 //! - the key is resolved to the cell (a registry lookup under a mutex, in
-//!   `token/key.rs`) only after a 401: to invalidate the token the request carried
-//!   (only if it is still the current one) and, with a copy kept, to get the token
-//!   for the resend. Should every service and handle of the layer be gone by then,
-//!   the key resolves to nothing and the 401 is handed out as it is.
+//!   `token/key.rs`) only after a 401, to invalidate the token the request carried
+//!   (only if it is still the current one). Should every service and handle of the
+//!   layer be gone by then, the key resolves to nothing: there is no token left to
+//!   drop, and the 401 is handed out as it is.
+//! - A request that can be resent (retry on, a replayable body) keeps a copy of
+//!   itself anyway (an allocation); that copy also holds an `Arc` of the cell, for the
+//!   resend's token. So such a request does write the cell's shared count, and is
+//!   resent even when it went out through the last service of its layer
+//!   (`oneshot`). With retry off, nothing is kept.
 //!
 //! The header the request carries is this service clone's own copy (see
 //! `token/local.rs`), so its reference count is not shared with other clones either.
@@ -71,6 +76,16 @@ pub(crate) struct Unsent<S, B> {
     pub(crate) request: Request<B>,
 }
 
+/// The copy of a request kept for one resend after a 401, with the token cell the
+/// resend takes its token from. Only requests that can be resent (retry on, a
+/// replayable body) pay for it: they allocate the copy anyway, and the `Arc` keeps the
+/// cell alive while the request is out, so that a request sent through the last
+/// service of a layer (`oneshot`) is still resent.
+pub(crate) struct Replay<S, B> {
+    pub(crate) unsent: Box<Unsent<S, B>>,
+    pub(crate) cell: Arc<TokenCell>,
+}
+
 /// Which attempt the future is on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Attempt {
@@ -96,7 +111,7 @@ pin_project! {
         // The generation of the token the first attempt carried.
         generation: u64,
         // The copy kept for the resend, while the first attempt runs.
-        replay: Option<Box<Unsent<S, B>>>,
+        replay: Option<Replay<S, B>>,
         attempt: Attempt,
     }
 }
@@ -136,7 +151,7 @@ where
         future: S::Future,
         cell: CellKey,
         generation: u64,
-        replay: Option<Box<Unsent<S, B>>>,
+        replay: Option<Replay<S, B>>,
         unauthorized: C,
     ) -> Self {
         ResponseFuture {
@@ -166,7 +181,7 @@ where
         service: S,
         request: Request<B>,
         cell: &Arc<TokenCell>,
-        replay: Option<Box<Unsent<S, B>>>,
+        replay: Option<Replay<S, B>>,
         unauthorized: C,
     ) -> Self {
         ResponseFuture {
@@ -311,26 +326,32 @@ where
 
 /// After a 401 for the first attempt: drops its token (only if it is still the
 /// current one) and, if a copy of the request was kept, moves on to resending it.
-/// Returns whether it did. The cell is resolved from its key here, off the common
-/// path; if it is gone (the layer and all its services dropped), nothing is resent.
+/// Returns whether it did. Without a copy, the cell is resolved from its key here, off
+/// the common path; if it is gone (the layer and all its services dropped), there is
+/// no token left to drop.
 #[cold]
 #[inline(never)]
 fn resend_after_401<S, B>(
     mut state: Pin<&mut State<S, B>>,
     cell: CellKey,
     generation: u64,
-    replay: Option<Box<Unsent<S, B>>>,
+    replay: Option<Replay<S, B>>,
 ) -> bool
 where
     S: Service<Request<B>>,
 {
-    let Some(cell) = cell.resolve() else {
+    let Some(Replay {
+        mut unsent,
+        cell: current,
+    }) = replay
+    else {
+        if let Some(cell) = cell.resolve() {
+            cell.invalidate(generation);
+        }
         return false;
     };
+    let cell = current;
     cell.invalidate(generation);
-    let Some(mut unsent) = replay else {
-        return false;
-    };
     cell.counters.resend();
     tracing::debug!("request answered 401; resending it once with a new token");
     match cell.get() {

@@ -659,11 +659,11 @@ async fn retry_off_returns_the_401_and_drops_the_token() {
     assert_eq!(res.body(), "Bearer tok-2");
 }
 
-/// A response future names the token cell by a key, not by an `Arc`: it does not
-/// keep the cell alive, and a 401 that arrives after the layer, its services and
-/// handles are gone is handed out as it is (nothing left to invalidate or resend with).
+/// With retry off, a response future names the token cell by a key, not by an
+/// `Arc`: it does not keep the cell alive, and a 401 that arrives after the layer, its
+/// services and handles are gone is handed out as it is (no token left to drop).
 #[tokio::test(start_paused = true)]
-async fn a_pending_response_future_does_not_keep_the_token_alive_and_hands_out_a_late_401() {
+async fn with_retry_off_a_pending_response_future_does_not_keep_the_token_alive() {
     let script = Script::new(DAY);
     let (answer, answered) = tokio::sync::oneshot::channel::<Response<()>>();
     let answered = Arc::new(Mutex::new(Some(answered)));
@@ -674,7 +674,11 @@ async fn a_pending_response_future_does_not_keep_the_token_alive_and_hands_out_a
             Ok::<_, Infallible>(answer)
         }
     });
-    let layer = script.layer();
+    let layer = script
+        .builder()
+        .retry_on_unauthorized(false)
+        .build()
+        .unwrap();
     let handle = layer.handle();
     handle.get().await.unwrap();
     let mut changes = handle.subscribe();
@@ -690,6 +694,26 @@ async fn a_pending_response_future_does_not_keep_the_token_alive_and_hands_out_a
     let res = within(future).await.unwrap();
     assert_eq!(res.status(), StatusCode::UNAUTHORIZED);
     assert_eq!(script.calls(), 1);
+}
+
+/// The copy kept for a resend holds the token cell: a request sent through the last
+/// service of its layer (`oneshot` drops the service once it has called it) is still
+/// resent with a new token after a 401.
+#[tokio::test(start_paused = true)]
+async fn a_request_sent_through_the_last_service_of_its_layer_is_still_resent_after_a_401() {
+    let script = Script::new(DAY);
+    let api = Api::new();
+    api.reject("Bearer tok-1");
+    let layer = script.layer();
+    layer.handle().get().await.unwrap();
+    let svc = layer.layer(api.service());
+    drop(layer);
+
+    let res = within(svc.oneshot(get())).await.unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    assert_eq!(res.body(), "Bearer tok-2");
+    assert_eq!(api.calls(), 2);
+    assert_eq!(script.calls(), 2);
 }
 
 #[tokio::test(start_paused = true)]
