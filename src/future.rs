@@ -74,16 +74,12 @@ use crate::token::value::Token;
 pub(crate) struct Unsent<S, B> {
     pub(crate) service: S,
     pub(crate) request: Request<B>,
-}
-
-/// The copy of a request kept for one resend after a 401, with the token cell the
-/// resend takes its token from. Only requests that can be resent (retry on, a
-/// replayable body) pay for it: they allocate the copy anyway, and the `Arc` keeps the
-/// cell alive while the request is out, so that a request sent through the last
-/// service of a layer (`oneshot`) is still resent.
-pub(crate) struct Replay<S, B> {
-    pub(crate) unsent: Box<Unsent<S, B>>,
-    pub(crate) cell: Arc<TokenCell>,
+    /// In the copy kept for a resend: the token cell the resend takes its token from.
+    /// Only requests that can be resent pay for it (they allocate this copy anyway);
+    /// it keeps the cell alive while the request is out, so that a request sent
+    /// through the last service of a layer (`oneshot`) is still resent. `None` in a
+    /// first attempt that waits for a token (its wait holds the cell).
+    pub(crate) cell: Option<Arc<TokenCell>>,
 }
 
 /// Which attempt the future is on.
@@ -111,7 +107,7 @@ pin_project! {
         // The generation of the token the first attempt carried.
         generation: u64,
         // The copy kept for the resend, while the first attempt runs.
-        replay: Option<Replay<S, B>>,
+        replay: Option<Box<Unsent<S, B>>>,
         attempt: Attempt,
     }
 }
@@ -151,7 +147,7 @@ where
         future: S::Future,
         cell: CellKey,
         generation: u64,
-        replay: Option<Replay<S, B>>,
+        replay: Option<Box<Unsent<S, B>>>,
         unauthorized: C,
     ) -> Self {
         ResponseFuture {
@@ -181,14 +177,18 @@ where
         service: S,
         request: Request<B>,
         cell: &Arc<TokenCell>,
-        replay: Option<Replay<S, B>>,
+        replay: Option<Box<Unsent<S, B>>>,
         unauthorized: C,
     ) -> Self {
         ResponseFuture {
             unauthorized,
             state: State::Token {
                 token: cell.wait(),
-                unsent: Box::new(Unsent { service, request }),
+                unsent: Box::new(Unsent {
+                    service,
+                    request,
+                    cell: None,
+                }),
             },
             cell: cell.key(),
             generation: 0,
@@ -319,6 +319,7 @@ where
     let Unsent {
         mut service,
         request,
+        cell: _,
     } = unsent;
     let future = service.call(request);
     state.set(State::Called { future });
@@ -335,22 +336,20 @@ fn resend_after_401<S, B>(
     mut state: Pin<&mut State<S, B>>,
     cell: CellKey,
     generation: u64,
-    replay: Option<Replay<S, B>>,
+    replay: Option<Box<Unsent<S, B>>>,
 ) -> bool
 where
     S: Service<Request<B>>,
 {
-    let Some(Replay {
-        mut unsent,
-        cell: current,
-    }) = replay
-    else {
+    let Some((mut unsent, cell)) = replay.and_then(|mut unsent| {
+        let cell = unsent.cell.take()?;
+        Some((unsent, cell))
+    }) else {
         if let Some(cell) = cell.resolve() {
             cell.invalidate(generation);
         }
         return false;
     };
-    let cell = current;
     cell.invalidate(generation);
     cell.counters.resend();
     tracing::debug!("request answered 401; resending it once with a new token");

@@ -10,7 +10,7 @@ use tower::{BoxError, Service};
 
 use crate::classify::{Http401, UnauthorizedPolicy};
 use crate::error::Error;
-use crate::future::{Replay, ResponseFuture, Unsent};
+use crate::future::{ResponseFuture, Unsent};
 use crate::layer::Shape;
 use crate::replay::{EmptyBodies, ReplayPolicy};
 use crate::token::cell::TokenCell;
@@ -142,7 +142,7 @@ where
     fn wait_for_token<B>(
         &mut self,
         request: Request<B>,
-        replay: Option<Replay<S, B>>,
+        replay: Option<Box<Unsent<S, B>>>,
     ) -> ResponseFuture<S, B, C>
     where
         S: Service<Request<B>>,
@@ -168,18 +168,18 @@ where
     /// The request to send and, when the policy can replay its body, a copy of it
     /// with a service to send it and the token cell, for one resend after a 401.
     #[allow(clippy::type_complexity)]
-    fn copy_for_resend<B>(&self, request: Request<B>) -> (Request<B>, Option<Replay<S, B>>)
+    fn copy_for_resend<B>(&self, request: Request<B>) -> (Request<B>, Option<Box<Unsent<S, B>>>)
     where
         P: ReplayPolicy<B>,
     {
         let (parts, body) = request.into_parts();
         let (body, copy) = self.replay.prepare(body);
-        let replay = copy.map(|copy| Replay {
-            unsent: Box::new(Unsent {
+        let replay = copy.map(|copy| {
+            Box::new(Unsent {
                 service: self.inner.clone(),
                 request: Request::from_parts(parts.clone(), copy),
-            }),
-            cell: self.cell().clone(),
+                cell: Some(self.cell().clone()),
+            })
         });
         (Request::from_parts(parts, body), replay)
     }
