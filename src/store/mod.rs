@@ -67,29 +67,54 @@ pub use self::redis::RedisStore;
 pub const DEFAULT_LOCK_LEASE: Duration = Duration::from_secs(10);
 
 /// An access token as it is kept in a [`TokenStore`].
+///
+/// Its expiry is kept as a remaining life, counted on this process's monotonic clock
+/// (`tokio::time::Instant`) from when the token was read, never as a wall-clock time:
+/// replicas whose wall clocks disagree still agree on when a shared token expires.
+/// A store hands over how long the token has left (Redis: the key's TTL) and the
+/// reader counts down from there.
 #[derive(Clone)]
 pub struct SharedToken {
     id: u64,
     access_token: SecretString,
+    lifetime: Duration,
+    expires_at: Instant,
     issued_at: SystemTime,
-    expires_at: SystemTime,
 }
 
 impl SharedToken {
     /// A token, identified by `id` (a random number chosen by the layer that fetched
-    /// it), valid from `issued_at` until `expires_at`.
+    /// it), that lived `lifetime` in all and has `remaining` left from now on.
+    ///
+    /// Its [`issued_at`](Self::issued_at) is estimated from this process's wall clock;
+    /// [`with_issued_at`](Self::with_issued_at) sets the one the fetching replica saw.
     pub fn new(
         id: u64,
         access_token: SecretString,
-        issued_at: SystemTime,
-        expires_at: SystemTime,
+        lifetime: Duration,
+        remaining: Duration,
     ) -> Self {
+        let now = Instant::now();
+        let expires_at = now
+            .checked_add(remaining)
+            .unwrap_or_else(|| now + Duration::from_secs(365 * 24 * 3600));
+        let issued_at = SystemTime::now()
+            .checked_sub(lifetime.saturating_sub(remaining))
+            .unwrap_or_else(SystemTime::now);
         SharedToken {
             id,
             access_token,
-            issued_at,
+            lifetime: lifetime.max(remaining),
             expires_at,
+            issued_at,
         }
+    }
+
+    /// The same token, with the wall-clock time it was requested at, as the replica
+    /// that fetched it saw it. For display only: expiry never depends on it.
+    pub fn with_issued_at(mut self, issued_at: SystemTime) -> Self {
+        self.issued_at = issued_at;
+        self
     }
 
     /// Identifies this token, for [`TokenStore::remove`].
@@ -102,21 +127,25 @@ impl SharedToken {
         &self.access_token
     }
 
-    /// When the token was requested.
-    pub fn issued_at(&self) -> SystemTime {
-        self.issued_at
+    /// How long the token lived in all, from its token call to its expiry.
+    pub fn lifetime(&self) -> Duration {
+        self.lifetime
     }
 
-    /// When the token expires; the store may forget it from then on.
-    pub fn expires_at(&self) -> SystemTime {
+    /// When the token expires, on this process's monotonic clock.
+    pub fn expires_at(&self) -> Instant {
         self.expires_at
     }
 
     /// How long until the token expires (zero once it has).
     pub fn remaining(&self) -> Duration {
-        self.expires_at
-            .duration_since(SystemTime::now())
-            .unwrap_or_default()
+        self.expires_at.saturating_duration_since(Instant::now())
+    }
+
+    /// When the token was requested, by a wall clock (see
+    /// [`with_issued_at`](Self::with_issued_at)). For display and logs only.
+    pub fn issued_at(&self) -> SystemTime {
+        self.issued_at
     }
 }
 
@@ -125,8 +154,9 @@ impl fmt::Debug for SharedToken {
         f.debug_struct("SharedToken")
             .field("id", &self.id)
             .field("access_token", &"[redacted]")
+            .field("lifetime", &self.lifetime)
+            .field("remaining", &self.remaining())
             .field("issued_at", &self.issued_at)
-            .field("expires_at", &self.expires_at)
             .finish()
     }
 }
@@ -175,18 +205,27 @@ pub trait TokenStore: Send + Sync + 'static {
     /// The stored token, if any.
     fn load(&self) -> BoxFuture<'_, Result<Option<SharedToken>, Error>>;
 
-    /// Stores `token` in place of the stored one, to be forgotten at its expiry —
-    /// unless the stored one expires later (atomically): a replica that finishes late
-    /// does not replace a newer token.
+    /// Stores `token` in place of the stored one, to be forgotten when its
+    /// [`remaining`](SharedToken::remaining) life runs out — unless the stored one has
+    /// more life left (atomically): a replica that finishes late does not replace a
+    /// newer token. Stores compare and expire tokens by remaining life (a TTL), never
+    /// by wall-clock times, so replicas' clocks need not agree.
     fn save<'a>(&'a self, token: &'a SharedToken) -> BoxFuture<'a, Result<(), Error>>;
 
     /// Removes the stored token if its id is `id` (atomically). Returns whether it did.
     fn remove(&self, id: u64) -> BoxFuture<'_, Result<bool, Error>>;
 
     /// Takes the refresh lock for `owner` for `lease` if no one holds it, or extends
-    /// it to `lease` from now if `owner` holds it (atomically). Returns whether
-    /// `owner` holds the lock now. The layer calls it again every third of the lease
-    /// while its token call runs.
+    /// it to `lease` from now if `owner` holds it (atomically). The layer calls it
+    /// again every third of the lease while its token call runs.
+    ///
+    /// Three outcomes, and what the layer does on each:
+    /// - `Ok(true)`, acquired: it makes the token call and shares the result;
+    /// - `Ok(false)`, held by another replica: it waits for the holder's token
+    ///   (polling the store), and takes the lock over if the holder's lease runs out;
+    /// - `Err(_)`, store unavailable: it counts a store failure
+    ///   ([`Stats::store_failures`](crate::Stats::store_failures)), refreshes directly, and leaves
+    ///   the store alone for a few seconds. The request does not fail.
     fn try_lock<'a>(
         &'a self,
         owner: &'a str,
@@ -267,6 +306,7 @@ impl TokenStore for InProcessStore {
             .token
             .as_ref()
             .is_some_and(|stored| stored.expires_at > token.expires_at);
+        // (Both are instants of this process's monotonic clock.)
         if !later {
             state.token = Some(token.clone());
         }
