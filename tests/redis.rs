@@ -11,17 +11,14 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
 use eshopbox_auth::source::BoxFuture;
 use eshopbox_auth::store::{RedisStore, SharedRefreshToken, SharedToken, TokenStore};
 use eshopbox_auth::{Error, EshopboxAuthLayer};
-use http::Request;
-use http_body_util::Empty;
 use secrecy::ExposeSecret;
 use support::replicas::{self, burst};
+use support::traffic::{endpoint_replicas, gaps, totals, traffic, until};
 use support::{EchoApi, TokenServer};
 use tokio::time::Instant;
-use tower::{Layer, ServiceExt};
 
 /// A `redis-server` on 127.0.0.1, stopped when dropped.
 struct RedisServer {
@@ -187,77 +184,6 @@ async fn a_rotated_refresh_token_is_shared_through_redis() {
     replicas::rotation(|| redis.store()).await;
 }
 
-/// `n` replicas on the loopback token endpoint, refreshing 1 s before expiry.
-fn endpoint_replicas(
-    n: usize,
-    endpoint: &TokenServer,
-    store: impl Fn() -> RedisStore,
-) -> Vec<EshopboxAuthLayer> {
-    (0..n)
-        .map(|_| {
-            EshopboxAuthLayer::builder(support::credentials())
-                .token_url(&endpoint.url())
-                .refresh_margin(Duration::from_secs(1))
-                .token_store(store())
-                .lock_lease(Duration::from_secs(1))
-                .build()
-                .unwrap()
-        })
-        .collect()
-}
-
-/// Requests from every replica, a few milliseconds apart, until `stop` is set;
-/// returns how many succeeded and how many failed.
-fn traffic(
-    layers: &[EshopboxAuthLayer],
-    stop: Arc<AtomicBool>,
-) -> tokio::task::JoinSet<(usize, usize)> {
-    let mut tasks = tokio::task::JoinSet::new();
-    for layer in layers {
-        for _ in 0..4 {
-            let service = layer.layer(EchoApi::default());
-            let stop = stop.clone();
-            tasks.spawn(async move {
-                let (mut ok, mut failed) = (0, 0);
-                while !stop.load(Ordering::Relaxed) {
-                    match service
-                        .clone()
-                        .oneshot(Request::new(Empty::<Bytes>::new()))
-                        .await
-                    {
-                        Ok(_) => ok += 1,
-                        Err(_) => failed += 1,
-                    }
-                    tokio::time::sleep(Duration::from_millis(5)).await;
-                }
-                (ok, failed)
-            });
-        }
-    }
-    tasks
-}
-
-async fn totals(mut tasks: tokio::task::JoinSet<(usize, usize)>) -> (usize, usize) {
-    let (mut ok, mut failed) = (0, 0);
-    while let Some(result) = tasks.join_next().await {
-        let (o, f) = result.unwrap();
-        ok += o;
-        failed += f;
-    }
-    (ok, failed)
-}
-
-/// Waits until `condition` holds, looking every 20 ms, for at most a minute.
-async fn until(what: &str, condition: impl Fn() -> bool) {
-    for _ in 0..3000 {
-        if condition() {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    panic!("gave up waiting until {what}");
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn expiry_under_traffic_costs_one_token_call_per_expiry() {
     let redis = RedisServer::start();
@@ -275,9 +201,7 @@ async fn expiry_under_traffic_costs_one_token_call_per_expiry() {
     // Two replicas refreshing for the same expiry would call within milliseconds of
     // each other; one call per expiry means about a second between calls. Half of
     // that is the bound: well above a duplicate, well below a refresh period.
-    let times: Vec<_> = endpoint.seen().iter().map(|seen| seen.at).collect();
-    for pair in times.windows(2) {
-        let gap = pair[1] - pair[0];
+    for gap in gaps(&endpoint) {
         assert!(
             gap >= Duration::from_millis(450),
             "two token calls {gap:?} apart"

@@ -27,6 +27,11 @@ mod scripts;
 
 /// Default [`key_prefix`](RedisStore::key_prefix).
 const DEFAULT_PREFIX: &str = "eshopbox-auth:";
+/// Shortest wait before a Redis Cluster command is retried (after a redirection the
+/// client could not follow yet, `TRYAGAIN`, or a node that does not answer), in ms.
+const CLUSTER_RETRY_MIN_MS: u64 = 50;
+/// Longest wait between two retries, in ms.
+const CLUSTER_RETRY_MAX_MS: u64 = 500;
 /// A stored value's clear header: its id, 16 hex digits, and a space.
 const HEADER_LEN: usize = 17;
 /// Marks a plain-text payload.
@@ -189,9 +194,13 @@ impl RedisStore {
         if nodes.is_empty() {
             return Err(Error::config("a Redis Cluster needs at least one node URL"));
         }
+        // Redirections and retries happen within each call; the layer's
+        // `store_timeout` bounds the whole call, so a longer one rides out a failover.
         let client = ClusterClient::builder(nodes)
             .connection_timeout(Duration::from_secs(1))
             .response_timeout(Duration::from_secs(1))
+            .min_retry_wait(CLUSTER_RETRY_MIN_MS)
+            .max_retry_wait(CLUSTER_RETRY_MAX_MS)
             .build()
             .map_err(|_| bad_url("a Redis Cluster node URL"))?;
         Ok(Self::from_cluster_client(client))
