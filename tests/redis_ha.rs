@@ -217,6 +217,24 @@ impl Cluster {
         None
     }
 
+    /// The ports of the live masters.
+    fn masters(&self) -> Vec<u16> {
+        self.ports
+            .iter()
+            .zip(&self.nodes)
+            .filter(|(_, node)| node.is_some())
+            .map(|(&port, _)| port)
+            .filter(|&port| {
+                query::<String>(port, redis::cmd("INFO").arg("replication"))
+                    .is_ok_and(|info| info.contains("role:master"))
+            })
+            .collect()
+    }
+
+    fn node_id(port: u16) -> String {
+        query(port, redis::cmd("CLUSTER").arg("MYID")).unwrap()
+    }
+
     fn kill(&mut self, port: u16) {
         let index = self.ports.iter().position(|&p| p == port).unwrap();
         self.nodes[index] = None;
@@ -341,6 +359,114 @@ async fn cluster_master_killed_under_traffic_fails_over_without_failed_requests(
     // The new master holds the current token.
     let stored = cluster.store().load().await.unwrap();
     assert!(stored.is_some());
+}
+
+/// Moves `keys` from the server on port `from` to the one on `to` (`MIGRATE`).
+fn migrate(from: u16, to: u16, keys: &[String]) {
+    if keys.is_empty() {
+        return;
+    }
+    let mut command = redis::cmd("MIGRATE");
+    command
+        .arg("127.0.0.1")
+        .arg(to)
+        .arg("")
+        .arg(0)
+        .arg(5000)
+        .arg("KEYS")
+        .arg(keys);
+    query::<String>(from, &command).unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_resharding_under_traffic_is_followed_without_store_failures() {
+    let cluster = Cluster::start();
+    let endpoint = TokenServer::counting(2).await;
+    let layers = endpoint_replicas(8, &endpoint, || cluster.store());
+    let stop = Arc::new(AtomicBool::new(false));
+    let tasks = traffic(&layers, stop.clone());
+    until("every replica has the token", || {
+        layers.iter().all(|l| l.handle().info().is_some())
+    })
+    .await;
+
+    // The slot of the store's keys moves from its master to another one.
+    let slot: u16 = query(
+        cluster.ports[0],
+        redis::cmd("CLUSTER").arg("KEYSLOT").arg(KEY),
+    )
+    .unwrap();
+    let from = cluster.master_of(KEY).unwrap();
+    let to = *cluster
+        .masters()
+        .iter()
+        .find(|&&port| port != from)
+        .unwrap();
+    let (from_id, to_id) = (Cluster::node_id(from), Cluster::node_id(to));
+    let setslot = |port: u16, state: &str, id: &str| {
+        query::<String>(
+            port,
+            redis::cmd("CLUSTER")
+                .arg("SETSLOT")
+                .arg(slot)
+                .arg(state)
+                .arg(id),
+        )
+        .unwrap();
+    };
+    setslot(to, "IMPORTING", &from_id);
+    setslot(from, "MIGRATING", &to_id);
+    // Half-way: the token has moved, the lock and refresh token not yet. Commands on
+    // the token are answered `ASK` by the old master.
+    migrate(from, to, &[KEY.to_owned()]);
+    let at = endpoint.posts();
+    until("two expiries passed half-way", || {
+        endpoint.posts() >= at + 2
+    })
+    .await;
+    // The rest, and the slot itself: the old master answers `MOVED`.
+    let rest: Vec<String> = query(
+        from,
+        redis::cmd("CLUSTER")
+            .arg("GETKEYSINSLOT")
+            .arg(slot)
+            .arg(100),
+    )
+    .unwrap();
+    migrate(from, to, &rest);
+    for port in cluster.masters() {
+        setslot(port, "NODE", &to_id);
+    }
+    let at = endpoint.posts();
+    until("two expiries passed after the move", || {
+        endpoint.posts() >= at + 2
+    })
+    .await;
+    stop.store(true, Ordering::Relaxed);
+    let (ok, failed) = totals(tasks).await;
+
+    assert_eq!(failed, 0, "{ok} requests succeeded");
+    // The client followed every redirection: no store failure, one call per expiry.
+    let failures: u64 = layers
+        .iter()
+        .map(|l| l.handle().stats().store_failures)
+        .sum();
+    assert_eq!(failures, 0);
+    for gap in gaps(&endpoint) {
+        assert!(
+            gap >= Duration::from_millis(450),
+            "two token calls {gap:?} apart"
+        );
+    }
+    // The half-way state really sent the clients to the new master with `ASK`.
+    let stats: String = query(to, redis::cmd("INFO").arg("commandstats")).unwrap();
+    assert!(
+        stats.contains("cmdstat_asking"),
+        "no ASKING on the new master"
+    );
+    assert_eq!(cluster.master_of(KEY), Some(to));
+    let stored: Option<Vec<u8>> = query(to, redis::cmd("GET").arg(KEY)).unwrap();
+    assert!(stored.is_some(), "the token lives on the new master");
 }
 
 /// One master, one replica and three Sentinels on 127.0.0.1.

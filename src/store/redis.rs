@@ -614,3 +614,70 @@ fn unix_ms(time: SystemTime) -> u64 {
 fn redis_error(doing: &str, error: redis::RedisError) -> Error {
     Error::unavailable(format!("token store: {doing} failed")).with_source(error)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_share_the_prefix_as_their_hash_tag() {
+        let keys = Keys::new("orders:eshopbox:");
+        assert_eq!(keys.token, "{orders:eshopbox:}token");
+        assert_eq!(keys.lock, "{orders:eshopbox:}lock");
+        assert_eq!(keys.refresh_token, "{orders:eshopbox:}refresh-token");
+        // A prefix with a hash tag of its own keeps it.
+        let keys = Keys::new("orders:{acme}:");
+        assert_eq!(keys.token, "orders:{acme}:token");
+        // An empty tag is no tag (Redis hashes the whole key then).
+        assert_eq!(Keys::new("a{}b:").token, "{a{}b:}token");
+        assert!(!has_hash_tag("no-tag"));
+        assert!(!has_hash_tag("open{only"));
+        assert!(has_hash_tag("x{y}"));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_read_tokens_expiry_is_its_ttl_whatever_wall_clock_wrote_it() {
+        let store = RedisStore::new("redis://127.0.0.1:1/").unwrap();
+        let now = SystemTime::now();
+        let minutes = Duration::from_secs(600);
+        for written_at in [now - minutes, now, now + minutes] {
+            let stored = Stored {
+                access_token: "tok".into(),
+                lifetime_ms: 3_600_000,
+                issued_at_ms: unix_ms(written_at),
+            };
+            let value = store
+                .seal_value(&store.keys.token, 42, &serde_json::to_vec(&stored).unwrap())
+                .unwrap();
+            let asked_at = Instant::now();
+            tokio::time::advance(Duration::from_millis(5)).await;
+            let token = store
+                .decode_token(&value, 90_000, asked_at)
+                .unwrap()
+                .unwrap();
+            // 90 s from when the question was sent, on the monotonic clock.
+            assert_eq!(token.expires_at(), asked_at + Duration::from_secs(90));
+            assert_eq!(token.lifetime(), Duration::from_secs(3600));
+            assert_eq!(
+                token.issued_at(),
+                UNIX_EPOCH + Duration::from_millis(stored.issued_at_ms)
+            );
+        }
+        // A key without a TTL (not written by this crate) is no token.
+        let stored = Stored {
+            access_token: "tok".into(),
+            lifetime_ms: 3_600_000,
+            issued_at_ms: unix_ms(now),
+        };
+        let payload = serde_json::to_vec(&stored).unwrap();
+        let value = store.seal_value(&store.keys.token, 42, &payload).unwrap();
+        assert!(store
+            .decode_token(&value, 1000, Instant::now())
+            .unwrap()
+            .is_some());
+        assert!(store
+            .decode_token(&value, -1, Instant::now())
+            .unwrap()
+            .is_none());
+    }
+}
