@@ -10,7 +10,7 @@
 //! Single-threaded, then 2 OS threads hammering one shared layer, then 4 and 8 tasks
 //! on a 2-worker multi-thread runtime. `INTERLEAVED=1` and `INSTRUCTIONS=<variant>`
 //! select the interleaved-ratio and instruction-count modes (see `main` and the
-//! README).
+//! benches/README.md).
 
 #[path = "../tests/support/mod.rs"]
 mod support;
@@ -226,7 +226,7 @@ criterion_group! {
 }
 /// `cargo bench --bench layer` runs criterion. With `INSTRUCTIONS=<variant name>`, the
 /// binary instead sends `REQUESTS` (default 100 000) single-threaded requests through that variant, for an
-/// instruction count under `valgrind --tool=callgrind` (see the README).
+/// instruction count under `valgrind --tool=callgrind` (see benches/README.md).
 fn main() {
     if let Ok(name) = std::env::var("INSTRUCTIONS") {
         count(&name);

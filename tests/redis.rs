@@ -1,6 +1,6 @@
 //! Replicas sharing a token through a real Redis server. Each test starts its own
-//! `redis-server` on a free 127.0.0.1 port (CI installs the Debian package), so tests
-//! can stop and restart it.
+//! `redis-server` on a free 127.0.0.1 port (`scripts/test.sh` installs it when
+//! missing), so tests can stop and restart it.
 
 #![cfg(feature = "redis")]
 
@@ -76,7 +76,7 @@ impl RedisServer {
         };
         let child = command
             .spawn()
-            .expect("could not start redis-server: install it (apt-get install -y redis-server)");
+            .expect("could not start redis-server: run the tests with scripts/test.sh, which installs it, or apt-get install -y redis-server");
         self.child = Some(child);
         let client = self.client();
         for _ in 0..500 {
@@ -387,7 +387,7 @@ fn test_certificates() -> std::path::PathBuf {
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .status()
-            .expect("could not run openssl: install it (apt-get install -y openssl)");
+            .expect("could not run openssl: run the tests with scripts/test.sh, which installs it, or apt-get install -y openssl");
         assert!(status.success(), "openssl {args:?} failed");
     };
     openssl(&[

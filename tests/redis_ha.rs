@@ -1,8 +1,8 @@
 //! Replicas sharing a token through Redis the way teams run it in production: a
 //! Redis Cluster (3 masters, 3 replicas) and a master with a replica watched by three
 //! Sentinels. Each test starts its own `redis-server`, `redis-cli` and
-//! `redis-sentinel` processes on free 127.0.0.1 ports (CI installs the Debian
-//! packages), fails a master over under traffic, and stops everything when it ends,
+//! `redis-sentinel` processes on free 127.0.0.1 ports (`scripts/test.sh` installs
+//! them when missing), fails a master over under traffic, and stops everything when it ends,
 //! failed or not.
 
 #![cfg(feature = "redis")]
@@ -85,7 +85,7 @@ fn redis_server(dir: &Path, port: u16, extra: &[&str]) -> Process {
         .args(extra)
         .stdout(Stdio::null())
         .spawn()
-        .expect("could not start redis-server: install it (apt-get install -y redis-server)");
+        .expect("could not start redis-server: run the tests with scripts/test.sh, which installs it, or apt-get install -y redis-server");
     let process = Process(child);
     wait_for_ping(port);
     process
@@ -165,7 +165,7 @@ impl Cluster {
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .status()
-            .expect("could not run redis-cli: install it (apt-get install -y redis-tools)");
+            .expect("could not run redis-cli: run the tests with scripts/test.sh, which installs it, or apt-get install -y redis-tools");
         assert!(status.success(), "redis-cli --cluster create failed");
         wait_until("every node sees the cluster as ok", || {
             cluster.ports.iter().all(|&port| {
@@ -514,7 +514,7 @@ impl Sentinels {
                 .arg(&config)
                 .stdout(Stdio::null())
                 .spawn()
-                .expect("could not start redis-sentinel: install it (apt-get install -y redis-sentinel)");
+                .expect("could not start redis-sentinel: run the tests with scripts/test.sh, which installs it, or apt-get install -y redis-sentinel");
             processes.push(Some(Process(child)));
             wait_for_ping(port);
         }

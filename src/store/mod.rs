@@ -46,6 +46,97 @@
 //! # Ok(())
 //! # }
 //! ```
+//!
+//! # How replicas agree
+//!
+//! The same steps run on any store; with `RedisStore` they are these Redis commands and
+//! keys (`{prefix}`: the prefix set by `RedisStore::key_prefix`, in braces, which makes
+//! it the keys' Redis Cluster hash tag, so all three keys live in one slot):
+//!
+//! ```text
+//!  requests ──▶ replica A        requests ──▶ replica B        requests ──▶ replica C
+//!               each replica serves requests from its own arc-swap copy of the token;
+//!               the request path never touches Redis
+//!                   │                             │                             │
+//!    ① GET+PTTL token (none usable)    ① GET+PTTL token (none usable)  ① GET+PTTL token
+//!    ② SET lock A NX PX → won          ② SET lock B NX PX → lost       ⑥ → found, TTL
+//!    ④ SET token PX remaining life,    ⑥ poll GET+PTTL token → found
+//!      SET refresh-token
+//!    ⑤ DEL lock if still A
+//!                   │                             │                             │
+//!                   ▼                             ▼                             ▼
+//!         ┌─────────────────────────────────────────────────────────────────────────┐
+//!         │ Redis   {prefix}token          the token; its TTL is its remaining life │
+//!         │ (one    {prefix}lock           the refresh lock: owner id + lease        │
+//!         │  slot)  {prefix}refresh-token  the latest rotated refresh token          │
+//!         └─────────────────────────────────────────────────────────────────────────┘
+//!
+//!    replica A only:  ③ POST /api/v1/generateToken ──────────────────────────▶ Eshopbox
+//! ```
+//!
+//! 1. A replica that needs a token (cold, expiring, or after a 401) first reads
+//!    `{prefix}token` and its remaining life (`PTTL`) in one script; a usable token
+//!    another replica stored is taken as is (and the stored refresh token with it, so
+//!    every replica knows the newest one).
+//! 2. Otherwise it takes the refresh lock (`{prefix}lock` = its owner id, with a lease,
+//!    set only if absent — a Lua script that also renews the owner's own lock).
+//!    Replicas that do not get it poll `{prefix}token` (10 ms, doubling to 200 ms).
+//! 3. The holder reads the token once more, takes the stored refresh token if another
+//!    replica rotated it, and makes the one token call, renewing its lease every third
+//!    of it meanwhile: a slow but live holder keeps the lock; one that stops (a crash,
+//!    a long pause) loses it when the lease runs out, and another replica takes over.
+//! 4. It stores the token with its remaining life as the key's TTL — unless the stored
+//!    token has more life left — and a rotated refresh token (even one from an
+//!    otherwise unusable answer).
+//! 5. It releases the lock with a compare-and-delete script (only its own lock).
+//! 6. The other replicas find the new token and copy it into their own cache.
+//!
+//! Taking the lock has three outcomes ([`TokenStore::try_lock`]): **acquired** — the
+//! replica makes the token call; **held by another replica** — it waits for that
+//! replica's token as above; **store unavailable** (an error, or no answer within
+//! `store_timeout`) — it counts a store failure and refreshes directly.
+//!
+//! A waiting replica never calls the token endpoint while another holds the lock
+//! (with a provider that rotates refresh tokens, that would spend the holder's token):
+//! it waits at most its token timeout, and `lock_lease` must be shorter than that, so
+//! a dead holder's lease runs out first. Rotated refresh tokens are versioned and only
+//! stored over the version they replaced, so a write that arrives late (its answer was
+//! lost, the store was down) never puts back a spent refresh token. A 401 deletes
+//! `{prefix}token` only if it still holds the token that failed (compare on the token's
+//! id), so one bad token causes one call across all replicas. Requests never touch
+//! Redis: it is used only around refreshes and 401s.
+//!
+//! **Expiry without clock agreement.** Replicas exchange a token's remaining life
+//! ([`SharedToken`]), never a wall-clock expiry: in Redis it is the key's TTL, read
+//! back with `PTTL` in the same script as the value; the reader counts down on its own
+//! monotonic clock from when it sent the read. Which of two tokens is newer is decided
+//! by comparing TTLs inside Redis. The replicas' wall clocks play no part.
+//!
+//! **Redis faults lose nothing.** Each Redis call is bounded by `store_timeout` (1 s).
+//! When Redis is down, slow or restarting, a replica logs it, refreshes directly with the
+//! token endpoint, leaves Redis alone for 3 s, then uses it again; a refresh token
+//! rotated meanwhile is offered to Redis every 3 s until it takes it (or holds a newer
+//! one). Requests only ever see the replica's local token, so none fails because Redis
+//! did. (During an outage each replica refreshes on its own; with a provider that
+//! rotates refresh tokens, replicas can then spend each other's refresh token — the
+//! store cannot help while it is down.) In a Redis Cluster the client follows `MOVED`
+//! and `ASK` redirections and a failover's new master itself, within `store_timeout`;
+//! behind Sentinels the store asks them for the new master when the old one's
+//! connection breaks or it answers `READONLY`.
+//!
+//! **Secrets at rest.** The access token and a rotated refresh token are written to
+//! Redis: protect the server (ACLs, private network), use a `rediss://` URL for TLS, and
+//! set `encryption_key` to store them encrypted (XChaCha20-Poly1305, a random nonce per
+//! value, bound to the key name and to the value's id). A replica with a different key
+//! cannot read them and refreshes on its own; so does one that finds a value moved
+//! under another key, relabelled or altered.
+//!
+//! `InProcessStore` does the same between layers of one process; `TokenStore` is a
+//! public trait for other stores. Rotations are shared for the Eshopbox grant,
+//! `OAuth2Source`, and any `TokenSource` that implements `refresh_token` and
+//! `use_refresh_token`. `tests/redis.rs` (one server) and `tests/redis_ha.rs` (a
+//! Redis Cluster, Sentinels) run the scenarios against real servers; the README lists
+//! them with their numbers.
 
 use std::fmt;
 use std::sync::{Arc, Mutex, PoisonError};
