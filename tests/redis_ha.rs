@@ -114,7 +114,7 @@ fn wait_for_ping(port: u16) {
 }
 
 /// Waits (at most 30 s, blocking) until `condition` holds.
-fn wait_until(what: &str, condition: impl Fn() -> bool) {
+fn wait_until(what: &str, mut condition: impl FnMut() -> bool) {
     for _ in 0..300 {
         if condition() {
             return;
@@ -158,15 +158,24 @@ impl Cluster {
             nodes,
             _dir: dir,
         };
-        let status = Command::new(binary("redis-cli", "REDIS_CLI"))
+        let create = Command::new(binary("redis-cli", "REDIS_CLI"))
             .args(["--cluster", "create"])
             .args(cluster.ports.iter().map(|port| format!("127.0.0.1:{port}")))
             .args(["--cluster-replicas", "1", "--cluster-yes"])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
-            .status()
+            .spawn()
             .expect("could not run redis-cli: run the tests with scripts/test.sh, which installs it, or apt-get install -y redis-tools");
-        assert!(status.success(), "redis-cli --cluster create failed");
+        let mut create = Process(create);
+        let mut status = None;
+        wait_until("redis-cli --cluster create finished", || {
+            status = create.0.try_wait().unwrap();
+            status.is_some()
+        });
+        assert!(
+            status.is_some_and(|s| s.success()),
+            "redis-cli --cluster create failed"
+        );
         wait_until("every node sees the cluster as ok", || {
             cluster.ports.iter().all(|&port| {
                 query::<String>(port, redis::cmd("CLUSTER").arg("INFO"))

@@ -14,6 +14,14 @@ use tokio::sync::{Mutex, OnceCell};
 /// Bound on connecting and on each answer (the layer bounds each call as well).
 const TIMEOUT: Duration = Duration::from_secs(1);
 
+/// First pause before a Redis Cluster command the client gave up on is sent again.
+const CLUSTER_PAUSE_MIN: Duration = Duration::from_millis(50);
+/// Longest pause between two attempts.
+const CLUSTER_PAUSE_MAX: Duration = Duration::from_millis(500);
+/// Attempts at most (about 8 s of pauses), in case the layer's store timeout is
+/// longer.
+const CLUSTER_ATTEMPTS: u32 = 20;
+
 /// The Redis deployment a store talks to.
 pub(super) enum Connector {
     /// One server (or a proxy in front of several).
@@ -81,13 +89,30 @@ impl Connector {
                     result => result,
                 }
             }
-            // The cluster connection retries and reconnects by itself.
+            // The cluster connection follows redirections, retries and reconnects by
+            // itself; what it gives up on while the cluster is failing over is tried
+            // again here, a pause apart, until the layer's store timeout ends the call.
             Connector::Cluster { client, connection } => {
-                let mut connection = connection
-                    .get_or_try_init(|| client.get_async_connection())
-                    .await?
-                    .clone();
-                command.query_async(&mut connection).await
+                let mut pause = CLUSTER_PAUSE_MIN;
+                let mut attempt = 1;
+                loop {
+                    let result = match connection
+                        .get_or_try_init(|| client.get_async_connection())
+                        .await
+                    {
+                        Ok(connection) => command.query_async(&mut connection.clone()).await,
+                        Err(e) => Err(e),
+                    };
+                    match result {
+                        Err(e) if attempt < CLUSTER_ATTEMPTS && in_transit(&e) => {
+                            tracing::debug!(error = %e, attempt, "Redis Cluster not ready; trying again");
+                            tokio::time::sleep(pause).await;
+                            pause = (pause * 2).min(CLUSTER_PAUSE_MAX);
+                            attempt += 1;
+                        }
+                        result => return result,
+                    }
+                }
             }
             Connector::Sentinel {
                 sentinels,
@@ -130,6 +155,23 @@ async fn master(
         .await?;
     *current = Some(connection.clone());
     Ok(connection)
+}
+
+/// Whether a Redis Cluster error can pass by itself: a node that went away or does
+/// not answer, a cluster that is failing over or moving slots.
+fn in_transit(error: &RedisError) -> bool {
+    lost(error)
+        || error.is_timeout()
+        || matches!(
+            error.kind(),
+            ErrorKind::TryAgain
+                | ErrorKind::ClusterDown
+                | ErrorKind::MasterDown
+                | ErrorKind::BusyLoadingError
+                | ErrorKind::ClusterConnectionNotFound
+                | ErrorKind::Moved
+                | ErrorKind::Ask
+        )
 }
 
 /// Whether the connection (not the command) failed.
