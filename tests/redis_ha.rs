@@ -335,7 +335,16 @@ async fn cluster_master_killed_under_traffic_fails_over_without_failed_requests(
     .await;
     assert_eq!(endpoint.posts(), 1);
 
+    // The master goes down just as the first replica starts its refresh, so the
+    // refresh runs into the failover.
+    let refresh_at = layers
+        .iter()
+        .filter_map(|l| l.handle().info())
+        .map(|info| info.refresh_at)
+        .min()
+        .unwrap();
     let master = cluster.master_of(KEY).expect("a master serves the token");
+    tokio::time::sleep_until(refresh_at).await;
     cluster.kill(master);
     until("a replica took over the token's slot", || {
         cluster.master_of(KEY).is_some_and(|port| port != master)
