@@ -160,8 +160,11 @@ impl RedisStore {
 
     /// A store on a Redis Cluster, reached first through `nodes` (`redis://` or
     /// `rediss://` URLs of some of its nodes; it finds the others). The client
-    /// follows the cluster's redirections (`MOVED`, `ASK`), retries `TRYAGAIN`, and
-    /// learns the new master of a slot after a failover; an error it cannot handle
+    /// follows the cluster's redirections (`MOVED`, `ASK`) and learns the new master
+    /// of a slot after a failover; a command it gives up on meanwhile (a lost node,
+    /// `TRYAGAIN`, `CLUSTERDOWN`) is sent again, a pause apart, within the layer's
+    /// [`store_timeout`](crate::EshopboxAuthBuilder::store_timeout). Set that longer
+    /// than the cluster's failover to ride failovers out; an error left after it
     /// counts as a store failure (the layer then refreshes directly), never as a
     /// failed request.
     ///
