@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use crate::classify::Http401;
 use crate::credentials::Credentials;
+use crate::destination::Destinations;
 use crate::error::Error;
 use crate::layer::{EshopboxAuthLayer, Shape};
 use crate::replay::{CloneBodies, EmptyBodies};
@@ -68,6 +69,8 @@ struct Settings {
     store: Option<Arc<dyn TokenStore>>,
     lock_lease: Duration,
     store_timeout: Duration,
+    allowed_hosts: Vec<String>,
+    allow_insecure_http: bool,
 }
 
 /// Where tokens come from.
@@ -106,6 +109,8 @@ impl EshopboxAuthBuilder {
                 store: None,
                 lock_lease: DEFAULT_LOCK_LEASE,
                 store_timeout: DEFAULT_STORE_TIMEOUT,
+                allowed_hosts: Vec::new(),
+                allow_insecure_http: false,
             },
             replay: EmptyBodies,
             unauthorized: Http401,
@@ -155,6 +160,13 @@ impl<P, C> EshopboxAuthBuilder<P, C> {
     /// The `reqwest::Client` for token requests. By default the layer builds its own,
     /// with a 10 s connect timeout and redirects off (a redirect would carry the client
     /// secret to another URL).
+    ///
+    /// **Build your client with `redirect(reqwest::redirect::Policy::none())`**: reqwest
+    /// follows up to 10 redirects by default, and a `307`/`308` answer resends the token
+    /// request — client secret and refresh token included — to wherever it points. The
+    /// layer cannot see a client's redirect policy; when a redirect was followed, it
+    /// refuses the answer ([`InvalidResponse`](crate::ErrorKind::InvalidResponse)), but
+    /// by then the secret has been sent.
     pub fn http_client(mut self, client: reqwest::Client) -> Self {
         self.settings.http_client = Some(client);
         self
@@ -242,6 +254,52 @@ impl<P, C> EshopboxAuthBuilder<P, C> {
         self
     }
 
+    /// Trusts one more host with the token, besides `myeshopbox.com`, `eshopbox.com`,
+    /// their subdomains and loopback (which are always trusted). Call it once per
+    /// host.
+    ///
+    /// `pattern` is an exact host (`gateway.internal.example`, an IPv4 address or a
+    /// bracketed IPv6 address), or `*.` and a domain of at least two labels:
+    /// `*.partner.example` matches every subdomain of `partner.example`, **not**
+    /// `partner.example` itself (add that too if it is wanted). Hosts are compared
+    /// case-insensitively; the port does not matter.
+    ///
+    /// `build()` fails with [`Config`](crate::ErrorKind::Config) on a pattern that is
+    /// empty, `*`, a one-label wildcard like `*.com`, has a wildcard elsewhere, or
+    /// contains a scheme, a path, a port or whitespace.
+    ///
+    /// By default the token goes only to `https://` URIs on these hosts; see
+    /// [`allow_insecure_http`](Self::allow_insecure_http). A request to any other host
+    /// fails with [`UntrustedDestination`](crate::ErrorKind::UntrustedDestination)
+    /// before it is sent.
+    ///
+    /// ```
+    /// use eshopbox_auth::{Credentials, EshopboxAuthLayer};
+    ///
+    /// # fn main() -> Result<(), eshopbox_auth::Error> {
+    /// let layer = EshopboxAuthLayer::builder(Credentials::new("id", "secret", "rt"))
+    ///     .allow_host("gateway.internal.example") // an API gateway in front of Eshopbox
+    ///     .allow_host("*.eshopbox-proxy.example")
+    ///     .build()?;
+    /// # let _ = layer;
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn allow_host(mut self, pattern: &str) -> Self {
+        self.settings.allowed_hosts.push(pattern.to_owned());
+        self
+    }
+
+    /// Whether plain `http://` requests to trusted hosts (Eshopbox's and those added
+    /// with [`allow_host`](Self::allow_host)) carry the token (default `false`: only
+    /// https, and http to loopback). Without it, such a request fails with
+    /// [`UntrustedDestination`](crate::ErrorKind::UntrustedDestination): on plain http
+    /// anyone on the network path can read the token. It never opens untrusted hosts.
+    pub fn allow_insecure_http(mut self, allow: bool) -> Self {
+        self.settings.allow_insecure_http = allow;
+        self
+    }
+
     /// Which request bodies may be resent after a 401; see [`crate::replay`].
     pub fn replay_bodies<Q>(self, policy: Q) -> EshopboxAuthBuilder<Q, C> {
         EshopboxAuthBuilder {
@@ -272,7 +330,8 @@ impl<P, C> EshopboxAuthBuilder<P, C> {
     ///
     /// Fails with [`ErrorKind::Config`](crate::ErrorKind::Config) on an empty
     /// credential, a token URL that does not parse or is plain `http://` on a host
-    /// other than loopback, a zero token timeout, or an HTTP client that cannot be
+    /// other than loopback, a zero token timeout, a bad
+    /// [`allow_host`](Self::allow_host) pattern, or an HTTP client that cannot be
     /// built.
     pub fn build(self) -> Result<EshopboxAuthLayer<P, C>, Error> {
         if self.settings.token_timeout.is_zero() {
@@ -292,6 +351,10 @@ impl<P, C> EshopboxAuthBuilder<P, C> {
         if self.settings.store_timeout.is_zero() {
             return Err(Error::config("store_timeout must be more than zero"));
         }
+        let destinations = Destinations::new(
+            &self.settings.allowed_hosts,
+            self.settings.allow_insecure_http,
+        )?;
         let proxy_host = self
             .settings
             .workspace
@@ -338,6 +401,7 @@ impl<P, C> EshopboxAuthBuilder<P, C> {
             Shape {
                 retry_on_unauthorized: self.settings.retry_on_unauthorized,
                 proxy_host,
+                destinations,
             },
             self.replay,
             self.unauthorized,
@@ -418,6 +482,8 @@ impl<P: fmt::Debug, C: fmt::Debug> fmt::Debug for EshopboxAuthBuilder<P, C> {
             .field("token_store", &self.settings.store.is_some())
             .field("lock_lease", &self.settings.lock_lease)
             .field("store_timeout", &self.settings.store_timeout)
+            .field("allowed_hosts", &self.settings.allowed_hosts)
+            .field("allow_insecure_http", &self.settings.allow_insecure_http)
             .field(
                 "on_refresh_token_rotated",
                 &self.settings.on_rotated.is_some(),

@@ -30,6 +30,11 @@ pub enum ErrorKind {
     /// empty `access_token`, a `token_type` other than Bearer, a token that cannot be
     /// sent in a header, or an oversized body.
     InvalidResponse,
+    /// The request was not sent: its URI is not a destination the token may go to
+    /// (not https to an Eshopbox host, loopback or a host added with
+    /// [`allow_host`](crate::EshopboxAuthBuilder::allow_host)). The message names the
+    /// scheme and host. See [`EshopboxAuthBuilder::allow_host`](crate::EshopboxAuthBuilder::allow_host).
+    UntrustedDestination,
 }
 
 impl ErrorKind {
@@ -39,6 +44,7 @@ impl ErrorKind {
             ErrorKind::Rejected => "credentials rejected",
             ErrorKind::Unavailable => "token endpoint unavailable",
             ErrorKind::InvalidResponse => "invalid token response",
+            ErrorKind::UntrustedDestination => "untrusted destination",
         }
     }
 }

@@ -72,6 +72,10 @@ pin_project! {
             #[pin]
             future: S::Future,
         },
+        // The destination guard refused the request before it was sent.
+        Refused {
+            error: Option<Error>,
+        },
     }
 }
 
@@ -93,6 +97,18 @@ where
             unauthorized,
             generation,
             replay,
+            resent: false,
+        }
+    }
+
+    /// The request fails with `error` without being sent.
+    pub(crate) fn refused(error: Error, cache: Arc<TokenCache>, unauthorized: C) -> Self {
+        ResponseFuture {
+            state: State::Refused { error: Some(error) },
+            cache,
+            unauthorized,
+            generation: 0,
+            replay: None,
             resent: false,
         }
     }
@@ -168,6 +184,12 @@ where
                         return Poll::Ready(Ok(response));
                     }
                     *this.resent = true;
+                }
+                StateProj::Refused { error } => {
+                    return Poll::Ready(Err(match error.take() {
+                        Some(error) => error.into(),
+                        None => polled_after_completion(),
+                    }));
                 }
             }
         }

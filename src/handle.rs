@@ -31,6 +31,8 @@ use crate::token::Token;
 /// handle.refresh().await?; // fetch one now, e.g. at start-up
 /// let info = changes.borrow_and_update().expect("a token");
 /// assert_eq!(info.generation, 1);
+/// let token = handle.get().await?; // the valid one: no second token call
+/// assert_eq!(token.info(), info);
 /// assert_eq!(handle.stats().token_requests, 1);
 /// # Ok(())
 /// # }
@@ -70,6 +72,15 @@ pub struct AccessToken {
 }
 
 impl AccessToken {
+    fn of(token: &Token) -> Option<Self> {
+        let header = token.header.to_str().ok()?;
+        let value = header.strip_prefix("Bearer ").unwrap_or(header);
+        Some(AccessToken {
+            value: SecretString::from(value.to_owned()),
+            info: TokenInfo::of(token),
+        })
+    }
+
     /// The token (`eshopbox_auth::secrecy::ExposeSecret::expose_secret` reads it).
     pub fn secret(&self) -> &SecretString {
         &self.value
@@ -101,12 +112,18 @@ impl TokenHandle {
         if Instant::now() >= token.expires_at {
             return None;
         }
-        let header = token.header.to_str().ok()?;
-        let value = header.strip_prefix("Bearer ").unwrap_or(header);
-        Some(AccessToken {
-            value: SecretString::from(value.to_owned()),
-            info: TokenInfo::of(&token),
-        })
+        AccessToken::of(&token)
+    }
+
+    /// A usable token, as a request would get it: the current one while it is valid,
+    /// else the result of a refresh (joining one that runs). With a
+    /// [token store](crate::store), a valid token another layer or replica stored is
+    /// taken before any token call — unlike [`refresh`](Self::refresh), which always
+    /// asks for a new one.
+    pub async fn get(&self) -> Result<AccessToken, Error> {
+        let token = self.cache.wait().await?;
+        AccessToken::of(&token)
+            .ok_or_else(|| Error::invalid_response("the token is not a valid header value"))
     }
 
     /// Generation and expiry of the current token, if there is one (expired or not).

@@ -9,6 +9,7 @@ use tower::Layer;
 use crate::builder::EshopboxAuthBuilder;
 use crate::classify::Http401;
 use crate::credentials::Credentials;
+use crate::destination::Destinations;
 use crate::error::Error;
 use crate::handle::TokenHandle;
 use crate::replay::EmptyBodies;
@@ -47,6 +48,8 @@ pub(crate) struct Shape {
     pub(crate) retry_on_unauthorized: bool,
     /// `ProxyHost: <workspace>`, when configured.
     pub(crate) proxy_host: Option<HeaderValue>,
+    /// Which requests may carry the token.
+    pub(crate) destinations: Destinations,
 }
 
 impl EshopboxAuthLayer {
@@ -95,6 +98,16 @@ impl<P, C> EshopboxAuthLayer<P, C> {
     /// it, force a refresh, invalidate it, subscribe to changes, read counters.
     pub fn handle(&self) -> TokenHandle {
         TokenHandle::new(self.cache.clone())
+    }
+
+    /// The same token as a [`reqwest_middleware::Middleware`], for a
+    /// `reqwest_middleware::ClientWithMiddleware` (feature `reqwest-middleware`). It
+    /// shares this layer's token cache, destination rules, workspace and 401 setting;
+    /// see [`crate::middleware`].
+    #[cfg(feature = "reqwest-middleware")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "reqwest-middleware")))]
+    pub fn middleware(&self) -> crate::middleware::EshopboxAuthMiddleware {
+        crate::middleware::EshopboxAuthMiddleware::new(self.cache.clone(), self.shape.clone())
     }
 
     #[cfg(test)]

@@ -18,6 +18,11 @@
 //! - on `401 Unauthorized`, drops that token (only if no newer one has replaced it)
 //!   and resends the request once with a new token, if its body can be replayed
 //!   (see [`replay`]);
+//! - sends the token only to trusted destinations: https to `myeshopbox.com`,
+//!   `eshopbox.com` and their subdomains, loopback, path-only requests (a tonic
+//!   `Channel` sets the host), and hosts added with
+//!   [`allow_host`](EshopboxAuthBuilder::allow_host); any other request fails before
+//!   it is sent with [`ErrorKind::UntrustedDestination`] (see [Security](#security));
 //! - reports token failures as an [`Error`] with an [`ErrorKind`] to match on, never
 //!   containing a secret;
 //! - with a [token store](store) such as Redis, shares one token between the replicas
@@ -81,12 +86,20 @@
 //! - `examples/hyper_util.rs` — a GET and a POST resent after a 401 with
 //!   [`CloneBodies`];
 //! - `examples/reqwest.rs` — reqwest through [`reqwest::ReqwestService`];
+//! - `examples/reqwest_middleware.rs` — a `reqwest_middleware` client with
+//!   `reqwest-retry`, through `EshopboxAuthLayer::middleware` (feature
+//!   `reqwest-middleware`, see the `middleware` module);
 //! - `examples/axum.rs` — one shared authenticated client in axum state;
-//! - `examples/tonic.rs` — a tonic `Channel`, with [`classify::GrpcUnauthenticated`].
+//! - `examples/tonic.rs` — a tonic `Channel`, with [`classify::GrpcUnauthenticated`];
+//! - the `eshopbox-token` command (feature `cli`): prints a token for scripts and
+//!   `curl`, taking the fleet's token from a Redis store when one is given
+//!   (`cargo run --features cli --bin eshopbox-token -- --help`).
 //!
-//! Optional features: `test-util` ([`mock`]), `reqwest` ([`reqwest`]), `tonic`
+//! Optional features: `test-util` ([`mock`]), `reqwest` ([`reqwest`]),
+//! `reqwest-middleware` (`middleware::EshopboxAuthMiddleware`), `tonic`
 //! (`GrpcBodies`, to resend unary gRPC calls), `redis` (`store::RedisStore`, one token
-//! for all replicas) and `metrics` (counters to the `metrics` facade).
+//! for all replicas), `metrics` (counters to the `metrics` facade) and `cli` (the
+//! `eshopbox-token` command).
 //!
 //! # Errors
 //!
@@ -106,11 +119,32 @@
 //! | hangs | [`ErrorKind::Unavailable`] when the [`token_timeout`](EshopboxAuthBuilder::token_timeout) (default 30 s, retries included) runs out | 1 |
 //! | fails in any way while the current token is still valid (early refresh) | nothing: requests keep the valid token; the next attempt comes after a back-off of half the remaining life (1–30 s, at least `Retry-After`) | per attempt |
 //! | recovers after an outage | the next request (after any cooldown or `Retry-After`) gets a token | 1 |
+//! | answers a redirect (3xx) | [`ErrorKind::InvalidResponse`] with the status; the redirect is not followed (it would carry the client secret elsewhere) | 1 |
 //!
 //! A refresh that is cancelled (its runtime shut down) or panics fails its waiters
 //! with [`ErrorKind::Unavailable`]; the next request starts a new one. A rotated
 //! `refresh_token` is kept even from an answer that is otherwise unusable, because
 //! the old one may already be spent.
+//!
+//! # Security
+//!
+//! The token (and the `ProxyHost` header) is put only on requests whose URI is
+//!
+//! - `https` to `myeshopbox.com`, `eshopbox.com` or a subdomain of either, or to a
+//!   host added with [`allow_host`](EshopboxAuthBuilder::allow_host) (plain `http`
+//!   to those hosts only with [`allow_insecure_http`](EshopboxAuthBuilder::allow_insecure_http));
+//! - `http` or `https` to `localhost`, `127.0.0.0/8` or `[::1]`;
+//! - path-only, without scheme or host: tonic's generated clients send these through a
+//!   `Channel`, which decides the destination itself, so the channel's URI is what you
+//!   trust.
+//!
+//! Any other request fails before it is sent, with [`ErrorKind::UntrustedDestination`]
+//! naming the scheme and host: the inner service is not called and no token is
+//! fetched. Hosts are compared on the parsed host, case-insensitively and on label
+//! boundaries. Put the layer outside a redirect-following service (tower-http's
+//! `FollowRedirect` strips `Authorization` from cross-origin hops); inside one, each
+//! hop is checked again, so a redirect to a foreign host fails with
+//! `UntrustedDestination`.
 //!
 //! A request goes through three files: [`EshopboxAuth::call`](tower::Service::call)
 //! in `service.rs`, the state machine in `future.rs`, and the token cache in
@@ -126,10 +160,14 @@
 mod builder;
 pub mod classify;
 mod credentials;
+mod destination;
 mod error;
 pub mod future;
 mod handle;
 mod layer;
+#[cfg(feature = "reqwest-middleware")]
+#[cfg_attr(docsrs, doc(cfg(feature = "reqwest-middleware")))]
+pub mod middleware;
 #[cfg(feature = "test-util")]
 #[cfg_attr(docsrs, doc(cfg(feature = "test-util")))]
 pub mod mock;
@@ -152,7 +190,8 @@ mod tests;
     feature = "test-util",
     feature = "reqwest",
     feature = "tonic",
-    feature = "redis"
+    feature = "redis",
+    feature = "reqwest-middleware"
 ))]
 #[doc = include_str!("../README.md")]
 pub struct ReadmeDoctests;
@@ -165,6 +204,8 @@ pub use credentials::Credentials;
 pub use error::{Error, ErrorKind};
 pub use handle::{AccessToken, TokenHandle, TokenInfo};
 pub use layer::EshopboxAuthLayer;
+#[cfg(feature = "reqwest-middleware")]
+pub use middleware::EshopboxAuthMiddleware;
 #[cfg(feature = "tonic")]
 pub use replay::GrpcBodies;
 pub use replay::{CloneBodies, EmptyBodies, ReplayPolicy};

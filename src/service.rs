@@ -9,6 +9,7 @@ use http::{Request, Response};
 use tower::{BoxError, Service};
 
 use crate::classify::{Http401, UnauthorizedPolicy};
+use crate::error::Error;
 use crate::future::{ResponseFuture, Unsent};
 use crate::layer::Shape;
 use crate::replay::{EmptyBodies, ReplayPolicy};
@@ -85,6 +86,9 @@ where
 
     #[inline]
     fn call(&mut self, mut request: Request<B>) -> Self::Future {
+        if let Err(error) = self.shape.destinations.check(request.uri()) {
+            return self.refuse(error);
+        }
         if let Some(workspace) = &self.shape.proxy_host {
             request.headers_mut().insert(PROXY_HOST, workspace.clone());
         }
@@ -116,6 +120,19 @@ impl<S, P, C> EshopboxAuth<S, P, C>
 where
     S: Clone,
 {
+    /// The request may not carry the token: it fails without reaching the inner
+    /// service (the rules are in `destination.rs`).
+    #[cold]
+    #[inline(never)]
+    fn refuse<B>(&self, error: Error) -> ResponseFuture<S, B, C>
+    where
+        S: Service<Request<B>>,
+        C: Clone,
+    {
+        tracing::debug!(%error, "request refused before sending");
+        ResponseFuture::refused(error, self.shared().clone(), self.unauthorized.clone())
+    }
+
     /// The first attempt must wait for a token. `self.inner` is the service the caller
     /// polled ready: the request takes it along and leaves a fresh clone behind.
     #[cold]

@@ -1118,6 +1118,7 @@ fn shape(retry: bool) -> crate::layer::Shape {
     crate::layer::Shape {
         retry_on_unauthorized: retry,
         proxy_host: None,
+        destinations: Default::default(),
     }
 }
 

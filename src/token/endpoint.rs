@@ -183,6 +183,14 @@ impl Inner {
             .send()
             .await
             .map_err(|e| transport_error(e, "sending the token request"))?;
+        if response.url() != &config.url {
+            // A client that follows redirects already sent the grant elsewhere; at
+            // least do not trust the answer.
+            return Err(Error::invalid_response(
+                "the token request was redirected to another URL: the HTTP client for token \
+                 requests follows redirects (build it with reqwest::redirect::Policy::none())",
+            ));
+        }
         let status = response.status();
         let retry_after = match status {
             StatusCode::TOO_MANY_REQUESTS | StatusCode::SERVICE_UNAVAILABLE => response
@@ -253,6 +261,12 @@ fn status_error(status: StatusCode, body: &[u8]) -> Error {
         || status.is_server_error()
     {
         (ErrorKind::Unavailable, "token endpoint failed")
+    } else if status.is_redirection() {
+        (
+            ErrorKind::InvalidResponse,
+            "token endpoint answered a redirect, which is not followed (it would carry the \
+             client secret to another URL); check token_url",
+        )
     } else if status.is_client_error() {
         (
             ErrorKind::Rejected,

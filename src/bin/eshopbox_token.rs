@@ -1,0 +1,198 @@
+//! `eshopbox-token`: prints an Eshopbox access token, for scripts and humans
+//! (feature `cli`).
+//!
+//! ```sh
+//! curl -H "Authorization: Bearer $(eshopbox-token)" https://acme.myeshopbox.com/api/v2/inventoryListing
+//! ```
+//!
+//! Credentials come from the environment, as for the quickstart; `--help` lists the
+//! options. Errors go to standard error with a non-zero exit code, and never contain
+//! a secret.
+
+use std::process::ExitCode;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use clap::Parser;
+use eshopbox_auth::secrecy::ExposeSecret;
+use eshopbox_auth::store::RedisStore;
+use eshopbox_auth::{Credentials, EshopboxAuthLayer, DEFAULT_TOKEN_URL};
+
+const AFTER_HELP: &str = "\
+Environment:
+  ESHOPBOX_CLIENT_ID, ESHOPBOX_CLIENT_SECRET, ESHOPBOX_REFRESH_TOKEN
+                        the app's credentials (required; read only from the environment)
+  ESHOPBOX_REDIS_ENCRYPTION_KEY
+                        64 hex digits: the token store's encryption key, if the fleet sets one
+
+Exit status: 0 with the token on standard output; 1 when no token could be had;
+2 on bad usage or configuration.";
+
+/// Prints an Eshopbox access token on standard output.
+///
+/// Without a token store, it asks the token endpoint for a new token. With
+/// `--redis-url`, it prints the token the fleet's Redis store holds while that one is
+/// valid, and otherwise refreshes it through the store like a replica would (one token
+/// call, shared; a rotated refresh token is saved there, never spent behind the
+/// fleet's back).
+#[derive(Debug, Parser)]
+#[command(name = "eshopbox-token", version, after_help = AFTER_HELP)]
+struct Args {
+    /// The workspace (as for the layer's `workspace` option); printed with --json.
+    #[arg(long, env = "ESHOPBOX_WORKSPACE")]
+    workspace: Option<String>,
+
+    /// The token endpoint: https, or http on a loopback host.
+    #[arg(long, env = "ESHOPBOX_TOKEN_URL", default_value = DEFAULT_TOKEN_URL)]
+    token_url: String,
+
+    /// The fleet's Redis token store (`redis://` or `rediss://`).
+    #[arg(long, env = "ESHOPBOX_REDIS_URL", hide_env_values = true)]
+    redis_url: Option<String>,
+
+    /// The token store's key prefix, as the fleet configures it.
+    #[arg(long, env = "ESHOPBOX_REDIS_KEY_PREFIX", requires = "redis_url")]
+    redis_key_prefix: Option<String>,
+
+    /// Print JSON: the token, its type, its expiry and the workspace.
+    #[arg(long)]
+    json: bool,
+
+    /// Give up after this many seconds.
+    #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..))]
+    timeout: u64,
+}
+
+/// A failure: its message (never a secret) and exit code.
+struct Failure {
+    message: String,
+    code: u8,
+}
+
+impl Failure {
+    fn usage(message: impl Into<String>) -> Self {
+        Failure {
+            message: message.into(),
+            code: 2,
+        }
+    }
+
+    fn token(message: impl Into<String>) -> Self {
+        Failure {
+            message: message.into(),
+            code: 1,
+        }
+    }
+}
+
+impl From<eshopbox_auth::Error> for Failure {
+    fn from(error: eshopbox_auth::Error) -> Self {
+        if error.kind() == eshopbox_auth::ErrorKind::Config {
+            Failure::usage(error.to_string())
+        } else {
+            Failure::token(error.to_string())
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("eshopbox-token: could not start the async runtime: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(args)) {
+        Ok(output) => {
+            println!("{output}");
+            ExitCode::SUCCESS
+        }
+        Err(failure) => {
+            eprintln!("eshopbox-token: {}", failure.message);
+            ExitCode::from(failure.code)
+        }
+    }
+}
+
+async fn run(args: Args) -> Result<String, Failure> {
+    let credentials = Credentials::new(
+        required("ESHOPBOX_CLIENT_ID")?,
+        required("ESHOPBOX_CLIENT_SECRET")?,
+        required("ESHOPBOX_REFRESH_TOKEN")?,
+    );
+    let timeout = Duration::from_secs(args.timeout);
+    let mut builder = EshopboxAuthLayer::builder(credentials)
+        .token_url(&args.token_url)
+        .token_timeout(timeout)
+        .on_refresh_token_rotated(|_| {
+            eprintln!(
+                "eshopbox-token: warning: the token endpoint rotated the refresh token; \
+                 the one in ESHOPBOX_REFRESH_TOKEN is spent (use --redis-url to keep the new \
+                 one in the fleet's store)"
+            );
+        });
+    if let Some(workspace) = &args.workspace {
+        builder = builder.workspace(workspace);
+    }
+    if let Some(url) = &args.redis_url {
+        let mut store = RedisStore::new(url)?;
+        if let Some(prefix) = &args.redis_key_prefix {
+            store = store.key_prefix(prefix);
+        }
+        if let Some(key) = optional("ESHOPBOX_REDIS_ENCRYPTION_KEY") {
+            store = store.encryption_key(hex_key(&key)?);
+        }
+        builder = builder.token_store(store);
+    }
+    let layer = builder.build()?;
+    let handle = layer.handle();
+    // The refresh is bounded by the token timeout; this also bounds the store calls.
+    let token = tokio::time::timeout(timeout + Duration::from_secs(5), handle.get())
+        .await
+        .map_err(|_| Failure::token("timed out waiting for a token"))??;
+
+    if !args.json {
+        return Ok(token.secret().expose_secret().to_owned());
+    }
+    let expires_in = token
+        .info()
+        .expires_at
+        .saturating_duration_since(tokio::time::Instant::now());
+    let expires_at = SystemTime::now() + expires_in;
+    let output = serde_json::json!({
+        "access_token": token.secret().expose_secret(),
+        "token_type": "Bearer",
+        "expires_in": expires_in.as_secs(),
+        "expires_at": httpdate::fmt_http_date(expires_at),
+        "expires_at_unix": expires_at.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs()),
+        "workspace": args.workspace,
+    });
+    Ok(output.to_string())
+}
+
+fn optional(name: &str) -> Option<String> {
+    std::env::var(name).ok().filter(|value| !value.is_empty())
+}
+
+fn required(name: &str) -> Result<String, Failure> {
+    optional(name).ok_or_else(|| Failure::usage(format!("{name} is not set")))
+}
+
+/// The 32-byte key from 64 hex digits.
+fn hex_key(text: &str) -> Result<[u8; 32], Failure> {
+    let bad = || Failure::usage("ESHOPBOX_REDIS_ENCRYPTION_KEY must be 64 hex digits");
+    let digits = text.trim().as_bytes();
+    if digits.len() != 64 {
+        return Err(bad());
+    }
+    let mut key = [0u8; 32];
+    for (byte, pair) in key.iter_mut().zip(digits.chunks_exact(2)) {
+        let pair = std::str::from_utf8(pair).map_err(|_| bad())?;
+        *byte = u8::from_str_radix(pair, 16).map_err(|_| bad())?;
+    }
+    Ok(key)
+}

@@ -1,0 +1,527 @@
+//! The destination guard: which requests may carry the token.
+//!
+//! The layer puts the token (and the `ProxyHost` header) only on a request whose URI
+//! is
+//!
+//! - `https` to `myeshopbox.com`, `eshopbox.com` or any subdomain of either
+//!   (workspace APIs at `https://<workspace>.myeshopbox.com/…`, warehouse APIs at
+//!   `https://wms.eshopbox.com/api/…`), or to a host added with
+//!   [`allow_host`](crate::EshopboxAuthBuilder::allow_host);
+//! - `http` to one of those hosts, only with
+//!   [`allow_insecure_http(true)`](crate::EshopboxAuthBuilder::allow_insecure_http);
+//! - `http` or `https` to a loopback host (`localhost`, `127.0.0.0/8`, `[::1]`), for
+//!   tests and local proxies;
+//! - path-only (`/api/…`, no scheme or host), as tonic's generated clients send
+//!   through a `Channel`, which sets the destination itself: the inner service decides
+//!   where such a request goes, so the channel's own URI is what must be trusted.
+//!
+//! Hosts are compared on the parsed host of the URI (so `https://acme.myeshopbox.com@attacker.net/`
+//! goes to `attacker.net`), case-insensitively and on label boundaries
+//! (`evilmyeshopbox.com` and `myeshopbox.com.attacker.net` are foreign). The port does
+//! not matter.
+//!
+//! Any other request fails before it leaves with an [`Error`] of kind
+//! [`ErrorKind::UntrustedDestination`](crate::ErrorKind::UntrustedDestination): the
+//! inner service is not called and no token is fetched.
+
+use std::fmt;
+use std::net::{Ipv4Addr, Ipv6Addr};
+use std::sync::Arc;
+
+use http::Uri;
+
+use crate::error::{Error, ErrorKind};
+
+/// The domains trusted by default, with all their subdomains, over https.
+const ESHOPBOX_DOMAINS: [&str; 2] = ["myeshopbox.com", "eshopbox.com"];
+
+/// The hosts a layer sends its token to: the defaults, the patterns added with
+/// `allow_host`, and whether plain http may reach them.
+#[derive(Clone, Default)]
+pub(crate) struct Destinations {
+    allow_insecure_http: bool,
+    extra: Arc<[HostPattern]>,
+}
+
+/// One `allow_host` pattern, lower-cased.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum HostPattern {
+    /// Exactly this host.
+    Exact(Box<str>),
+    /// Every subdomain of this domain, not the domain itself (`*.partner.example`).
+    Subdomains(Box<str>),
+}
+
+impl Destinations {
+    /// The guard for these `allow_host` patterns; a bad pattern is a
+    /// [`Config`](ErrorKind::Config) error.
+    pub(crate) fn new(patterns: &[String], allow_insecure_http: bool) -> Result<Self, Error> {
+        let extra = patterns
+            .iter()
+            .map(|pattern| HostPattern::parse(pattern))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Destinations {
+            allow_insecure_http,
+            extra: extra.into(),
+        })
+    }
+
+    /// Whether a request to `uri` may carry the token; if not, the error to fail it
+    /// with. Reads only the scheme and host `http::Uri` already parsed, and allocates
+    /// nothing unless it refuses.
+    #[inline]
+    pub(crate) fn check(&self, uri: &Uri) -> Result<(), Error> {
+        let Some(authority) = uri.authority() else {
+            // Path-only: the inner service (a tonic `Channel`) sets the destination.
+            return Ok(());
+        };
+        if uri.scheme_str() == Some("https") && is_eshopbox_authority(authority.as_str()) {
+            return Ok(());
+        }
+        self.check_rest(uri.scheme_str(), uri.host().unwrap_or(""))
+    }
+
+    /// Like [`check`](Self::check), for a `url::Url` (a `reqwest::Request`'s URL). A
+    /// URL without a host is refused.
+    #[cfg(any(test, feature = "reqwest-middleware"))]
+    pub(crate) fn check_url(&self, url: &url::Url) -> Result<(), Error> {
+        let host = url.host_str().unwrap_or("");
+        let scheme = url.scheme();
+        if scheme == "https" && self.trusts(host) {
+            return Ok(());
+        }
+        self.check_rest(Some(scheme), host)
+    }
+
+    /// The rare cases: loopback, plain http, refusal.
+    #[cold]
+    #[inline(never)]
+    fn check_rest(&self, scheme: Option<&str>, host: &str) -> Result<(), Error> {
+        let is = |name: &str| scheme.is_some_and(|s| s.eq_ignore_ascii_case(name));
+        let web = is("https") || is("http");
+        if web && is_loopback(host) {
+            return Ok(());
+        }
+        let trusted = self.trusts(host);
+        if is("https") && trusted {
+            return Ok(());
+        }
+        if is("http") && trusted && self.allow_insecure_http {
+            return Ok(());
+        }
+        Err(refusal(scheme, host, trusted))
+    }
+
+    /// Whether `host` is an Eshopbox host or matches an `allow_host` pattern.
+    fn trusts(&self, host: &str) -> bool {
+        let host = host.strip_suffix('.').unwrap_or(host).as_bytes();
+        ESHOPBOX_DOMAINS.iter().any(|domain| {
+            host.eq_ignore_ascii_case(domain.as_bytes()) || is_subdomain(host, domain)
+        }) || self.extra.iter().any(|pattern| pattern.matches(host))
+    }
+}
+
+impl HostPattern {
+    fn parse(pattern: &str) -> Result<Self, Error> {
+        let bad = |why: &str| Error::config(format!("allow_host({pattern:?}): {why}"));
+        if pattern.is_empty() {
+            return Err(bad("the pattern is empty"));
+        }
+        if pattern.chars().any(char::is_whitespace) {
+            return Err(bad("the pattern contains whitespace"));
+        }
+        if pattern.contains("://") {
+            return Err(bad("give a host, without a scheme"));
+        }
+        if pattern.contains('/') {
+            return Err(bad("give a host, without a path"));
+        }
+        let lower = pattern.to_ascii_lowercase();
+        if let Some(domain) = lower.strip_prefix("*.") {
+            if !is_domain(domain) {
+                return Err(bad("expected \"*.\" followed by a domain name"));
+            }
+            if !domain.contains('.') {
+                return Err(bad(
+                    "a wildcard needs a domain of at least two labels, like \"*.partner.example\"",
+                ));
+            }
+            return Ok(HostPattern::Subdomains(domain.into()));
+        }
+        if lower.contains('*') {
+            return Err(bad(
+                "a wildcard is only allowed as \"*.\" followed by a domain of at least two labels",
+            ));
+        }
+        let literal = lower
+            .strip_prefix('[')
+            .and_then(|rest| rest.strip_suffix(']'))
+            .is_some_and(|ip| ip.parse::<Ipv6Addr>().is_ok());
+        if !literal && !is_domain(&lower) {
+            return Err(bad(
+                "expected a host name, an IPv4 address or a bracketed IPv6 address, without a port",
+            ));
+        }
+        Ok(HostPattern::Exact(lower.into()))
+    }
+
+    fn matches(&self, host: &[u8]) -> bool {
+        match self {
+            HostPattern::Exact(exact) => host.eq_ignore_ascii_case(exact.as_bytes()),
+            HostPattern::Subdomains(domain) => is_subdomain(host, domain),
+        }
+    }
+}
+
+/// The request path's shortcut for the common case: whether `authority` (user info,
+/// host and port, as `http::Uri` holds it) ends with `eshopbox.com` or
+/// `myeshopbox.com` right after a `.`, an `@` or nothing. Then there is no port, the
+/// host is everything after the last `@`, and it is one of those domains or a
+/// subdomain of one. Anything else (a port, a trailing dot, another host) goes the
+/// general way, which reads the host `http::Uri` finds.
+///
+/// Letters are compared by setting their case bit: a byte that becomes `.` that way
+/// would be a control character, which `http::Uri` does not accept in an authority.
+#[inline]
+fn is_eshopbox_authority(authority: &str) -> bool {
+    let Some((rest, tail)) = authority.as_bytes().split_last_chunk::<12>() else {
+        return false;
+    };
+    if !folded_eq(tail, b"eshopbox.com") {
+        return false;
+    }
+    let rest = match rest.split_last_chunk::<2>() {
+        Some((before, [m, y])) if m | 0x20 == b'm' && y | 0x20 == b'y' => before,
+        _ => rest,
+    };
+    matches!(rest.last(), None | Some(b'.' | b'@'))
+}
+
+/// `host` equals `lower` (lower-case letters and `.`) ignoring ASCII case.
+#[inline]
+fn folded_eq(host: &[u8; 12], lower: &[u8; 12]) -> bool {
+    let words = |b: &[u8; 12]| {
+        let [a0, a1, a2, a3, a4, a5, a6, a7, b0, b1, b2, b3] = *b;
+        (
+            u64::from_le_bytes([a0, a1, a2, a3, a4, a5, a6, a7]),
+            u32::from_le_bytes([b0, b1, b2, b3]),
+        )
+    };
+    let (host8, host4) = words(host);
+    let (lower8, lower4) = words(lower);
+    host8 | 0x2020_2020_2020_2020 == lower8 && host4 | 0x2020_2020 == lower4
+}
+
+/// Whether `host` is a strict subdomain of `domain`: it ends with `.` + `domain`
+/// (ASCII case-insensitively) and has something before that dot.
+fn is_subdomain(host: &[u8], domain: &str) -> bool {
+    let domain = domain.as_bytes();
+    host.len() > domain.len() + 1 && {
+        let (head, tail) = host.split_at(host.len() - domain.len());
+        head.ends_with(b".") && tail.eq_ignore_ascii_case(domain)
+    }
+}
+
+/// Dot-separated non-empty labels of letters, digits, `-` and `_`.
+fn is_domain(name: &str) -> bool {
+    !name.is_empty()
+        && name.split('.').all(|label| {
+            !label.is_empty()
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        })
+}
+
+/// `localhost`, an address in `127.0.0.0/8`, or `[::1]`.
+fn is_loopback(host: &str) -> bool {
+    let host = host.strip_suffix('.').unwrap_or(host);
+    if host.eq_ignore_ascii_case("localhost") {
+        return true;
+    }
+    if let Some(ip) = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')) {
+        return ip.parse::<Ipv6Addr>().is_ok_and(|ip| ip.is_loopback());
+    }
+    host.parse::<Ipv4Addr>().is_ok_and(|ip| ip.is_loopback())
+}
+
+/// The error for a refused request: names the scheme and host, nothing else of the
+/// URI (its user info or query could hold secrets).
+fn refusal(scheme: Option<&str>, host: &str, trusted: bool) -> Error {
+    let scheme = scheme.unwrap_or("(no scheme)");
+    let message = if trusted && scheme.eq_ignore_ascii_case("http") {
+        format!(
+            "refused to send the token to {scheme}://{host}: plain http to a host other than \
+             loopback (use https, or allow_insecure_http(true))"
+        )
+    } else {
+        format!(
+            "refused to send the token to {scheme}://{host}: not a trusted destination (https to \
+             myeshopbox.com, eshopbox.com and their subdomains, loopback, or a host added with \
+             allow_host)"
+        )
+    };
+    Error::new(ErrorKind::UntrustedDestination, message)
+}
+
+impl fmt::Debug for Destinations {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Destinations")
+            .field("allowed_hosts", &self.extra)
+            .field("allow_insecure_http", &self.allow_insecure_http)
+            .finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn default_guard() -> Destinations {
+        Destinations::new(&[], false).unwrap()
+    }
+
+    fn allows(guard: &Destinations, uri: &str) -> bool {
+        let parsed: Uri = uri.parse().unwrap_or_else(|e| panic!("{uri}: {e}"));
+        let by_uri = guard.check(&parsed).is_ok();
+        // A `url::Url` of the same address gets the same answer (path-only URIs have
+        // no `Url` form).
+        if let Ok(url) = url::Url::parse(uri) {
+            assert_eq!(guard.check_url(&url).is_ok(), by_uri, "{uri} as a Url");
+        }
+        by_uri
+    }
+
+    #[test]
+    fn eshopbox_hosts_over_https_are_trusted() {
+        let guard = default_guard();
+        for uri in [
+            "https://myeshopbox.com/",
+            "https://eshopbox.com/",
+            "https://acme.myeshopbox.com/api/v2/inventoryListing",
+            "https://wms.eshopbox.com/api/v1/orders",
+            "https://a.b.c.myeshopbox.com/x",
+            "https://ACME.MyEshopbox.COM/upper",
+            "https://wms.ESHOPBOX.com/upper",
+            "https://acme.myeshopbox.com:443/explicit-port",
+            "https://acme.myeshopbox.com:8443/other-port",
+            "https://acme.myeshopbox.com./trailing-dot",
+            "HTTPS://acme.myeshopbox.com/upper-scheme",
+        ] {
+            assert!(allows(&guard, uri), "{uri}");
+        }
+    }
+
+    #[test]
+    fn look_alike_and_foreign_hosts_are_refused() {
+        let guard = default_guard();
+        for uri in [
+            "https://evilmyeshopbox.com/",
+            "https://evileshopbox.com/",
+            "https://myeshopbox.com.attacker.net/",
+            "https://eshopbox.com.attacker.net/",
+            "https://acme.myeshopbox.co/",
+            "https://attacker.example.net/steal",
+            "https://acme.myeshopbox.com@attacker.net/",
+            "https://acme.myeshopbox.com:443@attacker.net/",
+            "https://user:pass@attacker.net/",
+            "https://xmyeshopbox.com/",
+            "https://myeshopbox.comx/",
+            "https://10.0.0.1/",
+            "https://[fd00::1]/",
+        ] {
+            assert!(!allows(&guard, uri), "{uri}");
+        }
+    }
+
+    #[test]
+    fn userinfo_does_not_make_a_foreign_host_trusted_nor_the_reverse() {
+        let guard = default_guard();
+        assert!(allows(&guard, "https://attacker.net@acme.myeshopbox.com/"));
+        let err = guard
+            .check(
+                &"https://acme.myeshopbox.com@attacker.net/x"
+                    .parse()
+                    .unwrap(),
+            )
+            .unwrap_err();
+        assert!(err.to_string().contains("https://attacker.net:"), "{err}");
+        assert!(!err.to_string().contains("acme"), "{err}");
+    }
+
+    #[test]
+    fn the_shortcut_agrees_with_the_general_rule() {
+        for (authority, trusted) in [
+            ("eshopbox.com", true),
+            ("myeshopbox.com", true),
+            ("acme.myeshopbox.com", true),
+            ("ACME.MYESHOPBOX.COM", true),
+            ("wms.EshopBox.Com", true),
+            ("my.eshopbox.com", true),
+            ("evil.com@acme.myeshopbox.com", true),
+            ("user.@eshopbox.com", true),
+            ("my@eshopbox.com", true),
+            ("xmyeshopbox.com", false),
+            ("amyeshopbox.com", false),
+            ("x.mymyeshopbox.com", false),
+            ("evileshopbox.com", false),
+            ("myeshopbox.co", false),
+            ("shopbox.com", false),
+            ("acme.myeshopbox.com:443", false), // not the shortcut; the general way
+            ("acme.myeshopbox.com.", false),
+        ] {
+            assert_eq!(is_eshopbox_authority(authority), trusted, "{authority}");
+            let uri: Uri = format!("https://{authority}/").parse().unwrap();
+            let general = default_guard().check_rest(uri.scheme_str(), uri.host().unwrap());
+            if trusted {
+                assert!(general.is_ok(), "{authority}");
+            }
+        }
+    }
+
+    #[test]
+    fn control_characters_never_reach_the_shortcut() {
+        // The shortcut folds case by setting bit 0x20, which would also turn 0x0E into
+        // `.`: it relies on `http::Uri` refusing control characters in an authority.
+        for byte in (0u8..0x20).chain([0x7F]) {
+            let uri = format!("https://acme.myeshopbox{}com/", byte as char);
+            assert!(uri.parse::<Uri>().is_err(), "{byte:#04x} accepted");
+        }
+    }
+
+    #[test]
+    fn plain_http_reaches_only_loopback_by_default() {
+        let guard = default_guard();
+        for uri in [
+            "http://acme.myeshopbox.com/api",
+            "http://wms.eshopbox.com/api",
+            "http://attacker.example.net/",
+            "ws://acme.myeshopbox.com/",
+            "ftp://127.0.0.1/",
+        ] {
+            assert!(!allows(&guard, uri), "{uri}");
+        }
+        for uri in [
+            "http://localhost/",
+            "http://LOCALHOST:8080/",
+            "https://localhost/",
+            "http://127.0.0.1:9/",
+            "http://127.1.2.3/",
+            "https://127.0.0.1/",
+            "http://[::1]:8080/",
+            "https://[::1]/",
+        ] {
+            assert!(allows(&guard, uri), "{uri}");
+        }
+        for uri in [
+            "http://localhost.attacker.net/",
+            "http://128.0.0.1/",
+            "http://[::2]/",
+            "http://127.0.0.1.attacker.net/",
+        ] {
+            assert!(!allows(&guard, uri), "{uri}");
+        }
+    }
+
+    #[test]
+    fn allow_insecure_http_opens_trusted_hosts_only() {
+        let guard = Destinations::new(&["gateway.internal.example".into()], true).unwrap();
+        assert!(allows(&guard, "http://acme.myeshopbox.com/api"));
+        assert!(allows(&guard, "http://gateway.internal.example/api"));
+        assert!(!allows(&guard, "http://attacker.example.net/"));
+        assert!(!allows(&guard, "ws://acme.myeshopbox.com/"));
+        let strict = Destinations::new(&["gateway.internal.example".into()], false).unwrap();
+        assert!(!allows(&strict, "http://gateway.internal.example/api"));
+        assert!(allows(&strict, "https://gateway.internal.example/api"));
+    }
+
+    #[test]
+    fn path_only_requests_pass() {
+        let guard = default_guard();
+        assert!(allows(&guard, "/eshopbox.Orders/Get"));
+        assert!(allows(&guard, "/"));
+    }
+
+    #[test]
+    fn allow_host_patterns() {
+        let guard = Destinations::new(
+            &[
+                "Gateway.Internal.Example".into(),
+                "*.partner.example".into(),
+                "10.1.2.3".into(),
+                "[fd00::1]".into(),
+            ],
+            false,
+        )
+        .unwrap();
+        for uri in [
+            "https://gateway.internal.example/",
+            "https://GATEWAY.internal.example:443/",
+            "https://api.partner.example/",
+            "https://a.b.PARTNER.example/",
+            "https://10.1.2.3/",
+            "https://[fd00::1]/",
+            "https://acme.myeshopbox.com/",
+        ] {
+            assert!(allows(&guard, uri), "{uri}");
+        }
+        for uri in [
+            "https://partner.example/",
+            "https://evilpartner.example/",
+            "https://api.partner.example.attacker.net/",
+            "https://x.gateway.internal.example/",
+            "https://internal.example/",
+            "https://10.1.2.4/",
+        ] {
+            assert!(!allows(&guard, uri), "{uri}");
+        }
+    }
+
+    #[test]
+    fn bad_patterns_are_config_errors() {
+        for (pattern, says) in [
+            ("", "empty"),
+            ("*", "wildcard"),
+            ("*.com", "at least two labels"),
+            ("*.", "domain name"),
+            ("https://gateway.example", "scheme"),
+            ("gateway.example/api", "path"),
+            ("gateway .example", "whitespace"),
+            (" gateway.example", "whitespace"),
+            ("gateway.example\n", "whitespace"),
+            ("api.*.example", "wildcard"),
+            ("gateway.example:8443", "without a port"),
+            ("user@gateway.example", "host name"),
+            ("gateway..example", "host name"),
+            ("[not-an-ip]", "host name"),
+        ] {
+            let err = Destinations::new(&[pattern.to_owned()], false).unwrap_err();
+            assert_eq!(err.kind(), ErrorKind::Config, "{pattern:?}");
+            assert!(err.to_string().contains(says), "{pattern:?}: {err}");
+        }
+    }
+
+    #[test]
+    fn refusal_names_scheme_and_host_only() {
+        let guard = default_guard();
+        let err = guard
+            .check(
+                &"https://user:hunter2@attacker.example.net:8443/p?key=hunter2"
+                    .parse()
+                    .unwrap(),
+            )
+            .unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::UntrustedDestination);
+        let text = format!("{err} {err:?}");
+        assert!(text.contains("https://attacker.example.net"), "{text}");
+        assert!(!text.contains("hunter2"), "{text}");
+        let err = guard
+            .check(&"http://acme.myeshopbox.com/".parse().unwrap())
+            .unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("http://acme.myeshopbox.com: plain http"),
+            "{err}"
+        );
+    }
+}

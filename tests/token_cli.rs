@@ -1,0 +1,275 @@
+//! The `eshopbox-token` command (feature `cli`), run as a built binary against the
+//! mock Eshopbox on 127.0.0.1, with and without a real `redis-server` as token store.
+
+#![cfg(feature = "cli")]
+
+use std::process::{Child, Command, Output, Stdio};
+use std::time::Duration;
+
+use eshopbox_auth::mock::{MockEshopbox, CLIENT_SECRET, REFRESH_TOKEN};
+use eshopbox_auth::secrecy::ExposeSecret;
+use eshopbox_auth::store::RedisStore;
+use eshopbox_auth::EshopboxAuthLayer;
+use http::StatusCode;
+
+/// Bound on one run of the command.
+const LIMIT: Duration = Duration::from_secs(30);
+
+/// Runs the command with the mock's credentials in its environment (and nothing
+/// else of the caller's `ESHOPBOX_*` variables), plus `env`.
+async fn run(args: &[&str], env: &[(&str, &str)]) -> Output {
+    let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_eshopbox-token"));
+    for (name, _) in std::env::vars() {
+        if name.starts_with("ESHOPBOX_") {
+            command.env_remove(name);
+        }
+    }
+    command
+        .env("ESHOPBOX_CLIENT_ID", eshopbox_auth::mock::CLIENT_ID)
+        .env("ESHOPBOX_CLIENT_SECRET", CLIENT_SECRET)
+        .env("ESHOPBOX_REFRESH_TOKEN", REFRESH_TOKEN)
+        .envs(env.iter().copied())
+        .args(args)
+        .kill_on_drop(true);
+    tokio::time::timeout(LIMIT, command.output())
+        .await
+        .expect("eshopbox-token hangs")
+        .expect("could not run eshopbox-token")
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+fn assert_no_secret(output: &Output, token: Option<&str>) {
+    let all = format!("{}{}", text(&output.stdout), text(&output.stderr));
+    for secret in [CLIENT_SECRET, REFRESH_TOKEN].into_iter().chain(token) {
+        assert!(!all.contains(secret), "the output leaks {secret:?}: {all}");
+    }
+}
+
+/// Whether the mock's API accepts `token`.
+async fn accepted(eshopbox: &MockEshopbox, token: &str) -> bool {
+    let response = reqwest::Client::new()
+        .get(eshopbox.url("/api/v2/inventoryListing"))
+        .bearer_auth(token)
+        .send()
+        .await
+        .unwrap();
+    response.status() == StatusCode::OK
+}
+
+#[tokio::test]
+async fn prints_a_token_the_api_accepts() {
+    let eshopbox = MockEshopbox::start().await.unwrap();
+    let output = run(&["--token-url", &eshopbox.token_url()], &[]).await;
+    assert!(output.status.success(), "{}", text(&output.stderr));
+    let stdout = text(&output.stdout);
+    let token = stdout.strip_suffix('\n').expect("one line");
+    assert!(!token.is_empty() && !token.contains('\n'), "{stdout:?}");
+    assert!(accepted(&eshopbox, token).await);
+    assert_eq!(eshopbox.token_calls(), 1);
+    assert_eq!(text(&output.stderr), "");
+    assert_no_secret(&output, None);
+}
+
+#[tokio::test]
+async fn json_has_the_token_its_expiry_and_the_workspace() {
+    let eshopbox = MockEshopbox::start().await.unwrap();
+    eshopbox.set_token_lifetime(Duration::from_secs(3600));
+    let output = run(
+        &["--json", "--workspace", "acme"],
+        &[("ESHOPBOX_TOKEN_URL", &eshopbox.token_url())],
+    )
+    .await;
+    assert!(output.status.success(), "{}", text(&output.stderr));
+    let json: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    let token = json["access_token"].as_str().unwrap();
+    assert!(accepted(&eshopbox, token).await);
+    assert_eq!(json["token_type"], "Bearer");
+    let expires_in = json["expires_in"].as_u64().unwrap();
+    assert!((3500..=3600).contains(&expires_in), "{json}");
+    assert!(json["expires_at_unix"].as_u64().unwrap() > 1_700_000_000);
+    assert!(httpdate::parse_http_date(json["expires_at"].as_str().unwrap()).is_ok());
+    assert_eq!(json["workspace"], "acme");
+}
+
+#[tokio::test]
+async fn failures_go_to_stderr_with_a_nonzero_exit_and_no_secret() {
+    let eshopbox = MockEshopbox::start().await.unwrap();
+
+    // Rejected credentials: exit 1.
+    eshopbox.fail_next_token_calls(1, StatusCode::BAD_REQUEST);
+    let output = run(&["--token-url", &eshopbox.token_url()], &[]).await;
+    assert_eq!(output.status.code(), Some(1));
+    assert_eq!(text(&output.stdout), "");
+    assert!(
+        text(&output.stderr).starts_with("eshopbox-token: eshopbox auth: credentials rejected"),
+        "{}",
+        text(&output.stderr)
+    );
+    assert_no_secret(&output, None);
+
+    // A missing credential: exit 2, naming the variable.
+    let output = run(
+        &["--token-url", &eshopbox.token_url()],
+        &[("ESHOPBOX_CLIENT_SECRET", "")],
+    )
+    .await;
+    assert_eq!(output.status.code(), Some(2));
+    assert!(text(&output.stderr).contains("ESHOPBOX_CLIENT_SECRET is not set"));
+    assert_eq!(text(&output.stdout), "");
+
+    // A plain-http token URL on a host other than loopback: exit 2.
+    let output = run(&["--token-url", "http://auth.example.net/t"], &[]).await;
+    assert_eq!(output.status.code(), Some(2));
+    assert!(text(&output.stderr).contains("token_url must use https"));
+    assert_no_secret(&output, None);
+
+    // An endpoint that cannot be reached: exit 1.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}/t", closed.local_addr().unwrap());
+    drop(closed);
+    let output = run(&["--token-url", &url, "--timeout", "2"], &[]).await;
+    assert_eq!(output.status.code(), Some(1), "{}", text(&output.stderr));
+    assert_no_secret(&output, None);
+    assert_eq!(eshopbox.token_calls(), 1);
+}
+
+#[tokio::test]
+async fn help_lists_the_options_and_the_environment() {
+    let output = run(
+        &["--help"],
+        &[("ESHOPBOX_REDIS_URL", "redis://:hunter2@x/")],
+    )
+    .await;
+    assert!(output.status.success());
+    let help = text(&output.stdout);
+    for option in [
+        "--workspace",
+        "--token-url",
+        "--redis-url",
+        "--redis-key-prefix",
+        "--json",
+        "ESHOPBOX_CLIENT_SECRET",
+    ] {
+        assert!(help.contains(option), "{option} missing from:\n{help}");
+    }
+    assert!(!help.contains("hunter2"), "--help shows the Redis password");
+}
+
+/// A `redis-server` on a free 127.0.0.1 port, stopped when dropped.
+struct RedisServer {
+    port: u16,
+    child: Child,
+}
+
+impl RedisServer {
+    fn start() -> Self {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let child = Command::new(std::env::var("REDIS_SERVER").unwrap_or("redis-server".into()))
+            .args(["--bind", "127.0.0.1", "--port", &port.to_string()])
+            .args(["--save", "", "--appendonly", "no"])
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("could not start redis-server: install it (apt-get install -y redis-server)");
+        let server = RedisServer { port, child };
+        let client = redis::Client::open(server.url()).unwrap();
+        for _ in 0..500 {
+            if let Ok(mut connection) = client.get_connection() {
+                if redis::cmd("PING").query::<String>(&mut connection).is_ok() {
+                    return server;
+                }
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        panic!("redis-server did not come up on port {port}");
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/", self.port)
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_redis_it_prints_the_fleets_token_instead_of_minting_one() {
+    let redis = RedisServer::start();
+    let eshopbox = MockEshopbox::start().await.unwrap();
+    let key = [7u8; 32];
+    let key_hex: String = key.iter().map(|b| format!("{b:02x}")).collect();
+
+    // A replica of the fleet gets a token through the store.
+    let replica = EshopboxAuthLayer::builder(eshopbox.credentials())
+        .token_url(&eshopbox.token_url())
+        .token_store(
+            RedisStore::new(&redis.url())
+                .unwrap()
+                .key_prefix("fleet:")
+                .encryption_key(key),
+        )
+        .build()
+        .unwrap();
+    let fleet_token = replica.handle().get().await.unwrap();
+    let fleet_token = fleet_token.secret().expose_secret().to_owned();
+    assert_eq!(eshopbox.token_calls(), 1);
+
+    let args = [
+        "--token-url",
+        &eshopbox.token_url(),
+        "--redis-url",
+        &redis.url(),
+        "--redis-key-prefix",
+        "fleet:",
+    ];
+    let env = [("ESHOPBOX_REDIS_ENCRYPTION_KEY", key_hex.as_str())];
+    let output = run(&args, &env).await;
+    assert!(output.status.success(), "{}", text(&output.stderr));
+    assert_eq!(text(&output.stdout), format!("{fleet_token}\n"));
+    assert_eq!(
+        eshopbox.token_calls(),
+        1,
+        "the command minted a token of its own"
+    );
+
+    // With a store that holds no token, it refreshes through the store, so the
+    // fleet's replicas then take its token instead of making a call of their own.
+    let other_prefix = ["--redis-key-prefix", "other:"];
+    let output = run(&[&args[..4], &other_prefix[..]].concat(), &env).await;
+    assert!(output.status.success(), "{}", text(&output.stderr));
+    assert_eq!(eshopbox.token_calls(), 2);
+    let printed = text(&output.stdout);
+    let other_replica = EshopboxAuthLayer::builder(eshopbox.credentials())
+        .token_url(&eshopbox.token_url())
+        .token_store(
+            RedisStore::new(&redis.url())
+                .unwrap()
+                .key_prefix("other:")
+                .encryption_key(key),
+        )
+        .build()
+        .unwrap();
+    let adopted = other_replica.handle().get().await.unwrap();
+    assert_eq!(format!("{}\n", adopted.secret().expose_secret()), printed);
+    assert_eq!(
+        eshopbox.token_calls(),
+        2,
+        "the replica did not adopt the stored token"
+    );
+
+    // A bad encryption key is a usage error.
+    let output = run(&args, &[("ESHOPBOX_REDIS_ENCRYPTION_KEY", "not-hex")]).await;
+    assert_eq!(output.status.code(), Some(2));
+    assert!(text(&output.stderr).contains("64 hex digits"));
+    assert_no_secret(&output, Some(&fleet_token));
+}
