@@ -342,3 +342,56 @@ async fn a_late_refresh_token_write_never_puts_back_a_spent_one() {
         "rt-3"
     );
 }
+
+/// A store whose refresh lock cannot be taken: `try_lock` fails, everything else
+/// works (as when the lock's key sits on an unreachable node).
+#[derive(Clone)]
+struct LockUnavailable {
+    inner: InProcessStore,
+}
+
+impl TokenStore for LockUnavailable {
+    fn load(&self) -> BoxFuture<'_, Result<Option<SharedToken>, Error>> {
+        self.inner.load()
+    }
+    fn save<'a>(&'a self, token: &'a SharedToken) -> BoxFuture<'a, Result<(), Error>> {
+        self.inner.save(token)
+    }
+    fn remove(&self, id: u64) -> BoxFuture<'_, Result<bool, Error>> {
+        self.inner.remove(id)
+    }
+    fn try_lock<'a>(&'a self, _: &'a str, _: Duration) -> BoxFuture<'a, Result<bool, Error>> {
+        Box::pin(async { Err(Error::unavailable("the lock's node is down")) })
+    }
+    fn unlock<'a>(&'a self, owner: &'a str) -> BoxFuture<'a, Result<(), Error>> {
+        self.inner.unlock(owner)
+    }
+    fn load_refresh_token(&self) -> BoxFuture<'_, Result<Option<SharedRefreshToken>, Error>> {
+        self.inner.load_refresh_token()
+    }
+    fn save_refresh_token<'a>(
+        &'a self,
+        token: &'a SharedRefreshToken,
+        replaces: Option<u64>,
+    ) -> BoxFuture<'a, Result<bool, Error>> {
+        self.inner.save_refresh_token(token, replaces)
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_lock_the_store_cannot_take_is_a_store_failure_and_a_direct_refresh() {
+    let calls = Arc::new(AtomicUsize::new(0));
+    let store = LockUnavailable {
+        inner: InProcessStore::new(),
+    };
+    let layers = replicas::replicas(3, || counting(calls.clone()), || store.clone());
+    let seen = burst(&layers, &EchoApi::default(), 50).await;
+
+    // Not "held by another replica" (that would wait): each layer refreshed on its
+    // own, once, and no request failed.
+    assert_eq!(seen.len(), 150);
+    assert_eq!(calls.load(Ordering::SeqCst), 3);
+    for layer in &layers {
+        assert_eq!(layer.handle().stats().store_failures, 1);
+    }
+}

@@ -509,11 +509,7 @@ impl TokenCache {
                 return None;
             }
         };
-        let lifetime = stored
-            .expires_at()
-            .duration_since(stored.issued_at())
-            .unwrap_or_default()
-            .max(remaining);
+        let lifetime = stored.lifetime().max(remaining);
         let due = remaining <= early_by(self.timing.margin, lifetime, 0.0);
         if due && matches!(reason, Reason::Early | Reason::Forced) {
             return None;
@@ -525,7 +521,7 @@ impl TokenCache {
         self.counters.adopted();
         Some(self.put(
             header,
-            Instant::now() + remaining,
+            stored.expires_at(),
             lifetime,
             stored.issued_at(),
             stored.id(),

@@ -94,7 +94,8 @@ pub(crate) struct Token {
     pub(crate) expires_at: Instant,
     /// Identifies the token in a token store (random, not derived from the token).
     pub(crate) shared_id: u64,
-    /// When the token was requested, by the wall clock (for a token store).
+    /// When the token was requested, by the wall clock (shown by a token store; never
+    /// used for timing).
     pub(crate) issued_at: SystemTime,
     /// How long it lives from `issued_at`.
     pub(crate) lifetime: Duration,
@@ -155,12 +156,17 @@ impl Token {
     /// token of visible ASCII.
     pub(crate) fn to_shared(&self) -> Option<SharedToken> {
         let value = self.header.to_str().ok()?.strip_prefix("Bearer ")?;
-        Some(SharedToken::new(
-            self.shared_id,
-            SecretString::from(value.to_owned()),
-            self.issued_at,
-            self.issued_at + self.lifetime,
-        ))
+        // The remaining life, by this process's monotonic clock: what replicas exchange.
+        let remaining = self.expires_at.saturating_duration_since(Instant::now());
+        Some(
+            SharedToken::new(
+                self.shared_id,
+                SecretString::from(value.to_owned()),
+                self.lifetime,
+                remaining,
+            )
+            .with_issued_at(self.issued_at),
+        )
     }
 
     /// [`FRESH`], [`STALE`] or [`EXPIRED`]: from the timer-driven phase, or from the
