@@ -17,7 +17,7 @@ use hyper_util::rt::TokioExecutor;
 use tower::{BoxError, ServiceBuilder, ServiceExt};
 
 #[tokio::main]
-async fn main() -> Result<(), BoxError> {
+pub async fn main() -> Result<(), BoxError> {
     let eshopbox = MockEshopbox::start().await?;
     let auth = EshopboxAuthLayer::builder(eshopbox.credentials())
         .token_url(&eshopbox.token_url())
@@ -42,6 +42,9 @@ async fn main() -> Result<(), BoxError> {
         "POST orders after a revocation -> {status} {}",
         String::from_utf8_lossy(&body)
     );
+    if status != http::StatusCode::OK {
+        return Err(format!("the POST resent after a revocation got {status}").into());
+    }
     println!(
         "token requests: {}, 401s: {}",
         eshopbox.token_calls(),

@@ -63,7 +63,8 @@ async fn real(credentials: Credentials, workspace: &str) -> Result<(), BoxError>
     Ok(())
 }
 
-async fn demo() -> Result<(), BoxError> {
+/// 4 000 requests against a mock Eshopbox; fails if any of them failed.
+pub async fn demo() -> Result<(), BoxError> {
     let eshopbox = MockEshopbox::start().await?;
     eshopbox.set_token_lifetime(Duration::from_secs(2));
     println!("mock Eshopbox on {}", eshopbox.addr());
@@ -139,5 +140,8 @@ async fn demo() -> Result<(), BoxError> {
         pct(1.0)
     );
     println!("wall time        {:?}", started.elapsed());
+    if !failures.is_empty() {
+        return Err(format!("{} of {REQUESTS} requests failed", failures.len()).into());
+    }
     Ok(())
 }

@@ -12,7 +12,7 @@ use eshopbox_auth::EshopboxAuthLayer;
 use tower::{BoxError, ServiceBuilder, ServiceExt};
 
 #[tokio::main]
-async fn main() -> Result<(), BoxError> {
+pub async fn main() -> Result<(), BoxError> {
     let eshopbox = MockEshopbox::start().await?;
     let auth = EshopboxAuthLayer::builder(eshopbox.credentials())
         .token_url(&eshopbox.token_url())
@@ -32,6 +32,9 @@ async fn main() -> Result<(), BoxError> {
     let request = http::Request::post(eshopbox.url("/api/v1/orders"))
         .body(reqwest::Body::from(r#"{"orderId":"A-1"}"#))?;
     let response = reqwest::Response::from(client.oneshot(request).await?);
+    if !response.status().is_success() {
+        return Err(format!("the POST after a revocation got {}", response.status()).into());
+    }
     println!(
         "POST orders (after a revocation) -> {}",
         response.text().await?

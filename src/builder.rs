@@ -1,9 +1,11 @@
 //! The [`EshopboxAuthBuilder`]: every setting of the layer, checked once in `build`.
 
 use std::fmt;
-use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
+
+use http::HeaderValue;
+use secrecy::SecretString;
 
 use crate::classify::Http401;
 use crate::credentials::Credentials;
@@ -11,15 +13,16 @@ use crate::destination::Destinations;
 use crate::error::Error;
 use crate::layer::{EshopboxAuthLayer, Shape};
 use crate::replay::{CloneBodies, EmptyBodies};
-use http::HeaderValue;
-use secrecy::SecretString;
-
-use crate::source::{Custom, TokenSource};
 use crate::store::{TokenStore, DEFAULT_LOCK_LEASE};
-use crate::token::cache::{spawn_background, Timing, TokenCache};
+use crate::store_sync::StoreSync;
+use crate::token::background::spawn_background;
+use crate::token::cell::{Timing, TokenCell};
+use crate::token::client::{check_token_url, default_client};
 use crate::token::endpoint::{GrantEndpoint, RequestFormat, RotationHook};
-use crate::token::shared::Shared;
-use crate::token::Source;
+use crate::token::refresh::Coordinator;
+use crate::token::source::TokenSource;
+
+pub use crate::token::fetch::DEFAULT_TOKEN_TIMEOUT;
 
 /// Eshopbox's token endpoint.
 pub const DEFAULT_TOKEN_URL: &str = "https://auth.myeshopbox.com/api/v1/generateToken";
@@ -27,17 +30,12 @@ pub const DEFAULT_TOKEN_URL: &str = "https://auth.myeshopbox.com/api/v1/generate
 /// Default [`refresh_margin`](EshopboxAuthBuilder::refresh_margin): 5 minutes.
 pub const DEFAULT_REFRESH_MARGIN: Duration = Duration::from_secs(5 * 60);
 
-/// Default [`token_timeout`](EshopboxAuthBuilder::token_timeout): 30 seconds.
-pub const DEFAULT_TOKEN_TIMEOUT: Duration = Duration::from_secs(30);
-
 /// Default [`failure_cooldown`](EshopboxAuthBuilder::failure_cooldown): 2 seconds
 /// (drawn between 1 and 5 s each time).
 pub const DEFAULT_FAILURE_COOLDOWN: Duration = Duration::from_secs(2);
 
 /// Default [`store_timeout`](EshopboxAuthBuilder::store_timeout): 1 second.
 pub const DEFAULT_STORE_TIMEOUT: Duration = Duration::from_secs(1);
-
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Builder for [`EshopboxAuthLayer`], from [`EshopboxAuthLayer::builder`].
 ///
@@ -59,6 +57,7 @@ struct Settings {
     token_url: String,
     refresh_margin: Duration,
     token_timeout: Duration,
+    attempt_timeout: Option<Duration>,
     retry_on_unauthorized: bool,
     request_format: RequestFormat,
     http_client: Option<reqwest::Client>,
@@ -77,8 +76,8 @@ struct Settings {
 enum Origin {
     /// Eshopbox's refresh grant with these credentials.
     Eshopbox(Credentials),
-    /// A caller-supplied source, wrapped once its rotation hook is known.
-    Custom(Box<dyn FnOnce(Option<RotationHook>) -> Box<dyn Source> + Send>),
+    /// A caller-supplied source.
+    Custom(Box<dyn TokenSource>),
 }
 
 impl EshopboxAuthBuilder {
@@ -87,9 +86,7 @@ impl EshopboxAuthBuilder {
     }
 
     pub(crate) fn with_source<T: TokenSource>(source: T) -> Self {
-        Self::from_origin(Origin::Custom(Box::new(move |on_rotated| {
-            Box::new(Custom { source, on_rotated }) as Box<dyn Source>
-        })))
+        Self::from_origin(Origin::Custom(Box::new(source)))
     }
 
     fn from_origin(origin: Origin) -> Self {
@@ -99,6 +96,7 @@ impl EshopboxAuthBuilder {
                 token_url: DEFAULT_TOKEN_URL.to_owned(),
                 refresh_margin: DEFAULT_REFRESH_MARGIN,
                 token_timeout: DEFAULT_TOKEN_TIMEOUT,
+                attempt_timeout: None,
                 retry_on_unauthorized: true,
                 request_format: RequestFormat::Json,
                 http_client: None,
@@ -135,11 +133,22 @@ impl<P, C> EshopboxAuthBuilder<P, C> {
         self
     }
 
-    /// The longest one token request may take, connecting included (default 30 s).
-    /// Requests waiting on that refresh fail with
-    /// [`Unavailable`](crate::ErrorKind::Unavailable) when it runs out.
+    /// How long requests waiting for a token may wait for one refresh, retries
+    /// included (default 30 s). Within it, transient failures (5xx, 408, 429,
+    /// connection errors, an attempt that hangs) are retried with back-off; when the
+    /// next attempt would start past it, the waiting requests fail with
+    /// [`Unavailable`](crate::ErrorKind::Unavailable).
     pub fn token_timeout(mut self, timeout: Duration) -> Self {
         self.settings.token_timeout = timeout;
+        self
+    }
+
+    /// The longest one token request may take before it is abandoned and retried on a
+    /// new connection (default: a third of what is left of the
+    /// [`token_timeout`](Self::token_timeout), at least 5 s — 10 s for the first of a
+    /// 30 s budget). Never more than what is left of the budget.
+    pub fn attempt_timeout(mut self, timeout: Duration) -> Self {
+        self.settings.attempt_timeout = Some(timeout);
         self
     }
 
@@ -337,6 +346,9 @@ impl<P, C> EshopboxAuthBuilder<P, C> {
         if self.settings.token_timeout.is_zero() {
             return Err(Error::config("token_timeout must be more than zero"));
         }
+        if self.settings.attempt_timeout.is_some_and(|t| t.is_zero()) {
+            return Err(Error::config("attempt_timeout must be more than zero"));
+        }
         if self.settings.lock_lease < Duration::from_millis(1) {
             return Err(Error::config("lock_lease must be at least a millisecond"));
         }
@@ -361,8 +373,10 @@ impl<P, C> EshopboxAuthBuilder<P, C> {
             .as_deref()
             .map(proxy_host)
             .transpose()?;
-        let source: Box<dyn Source> = match self.settings.origin {
-            Origin::Custom(wrap) => wrap(self.settings.on_rotated),
+        // The Eshopbox grant tells the rotation hook itself (even for an answer that is
+        // otherwise unusable); for other sources the fetcher does, from what they report.
+        let (source, on_rotated): (Box<dyn TokenSource>, _) = match self.settings.origin {
+            Origin::Custom(source) => (source, self.settings.on_rotated),
             Origin::Eshopbox(credentials) => {
                 credentials.validate()?;
                 let url = check_token_url(&self.settings.token_url)?;
@@ -370,34 +384,39 @@ impl<P, C> EshopboxAuthBuilder<P, C> {
                     Some(client) => client,
                     None => default_client(self.settings.token_timeout)?,
                 };
-                Box::new(GrantEndpoint::eshopbox(
+                let endpoint = GrantEndpoint::eshopbox(
                     client,
                     url,
                     self.settings.request_format,
                     credentials,
                     self.settings.on_rotated,
-                ))
+                );
+                (Box::new(endpoint), None)
             }
         };
-        let shared = self
-            .settings
-            .store
-            .map(|store| Shared::new(store, self.settings.lock_lease, self.settings.store_timeout));
-        let cache = TokenCache::new(
+        let coordinator = self.settings.store.map(|store| {
+            Box::new(StoreSync::new(
+                store,
+                self.settings.lock_lease,
+                self.settings.store_timeout,
+            )) as Box<dyn Coordinator>
+        });
+        let cell = Arc::new(TokenCell::new(
             source,
-            shared,
+            on_rotated,
+            coordinator,
             Timing {
                 margin: self.settings.refresh_margin,
                 timeout: self.settings.token_timeout,
+                attempt_timeout: self.settings.attempt_timeout,
                 failure_cooldown: self.settings.failure_cooldown,
             },
-        );
-        let cache = Arc::new(cache);
+        ));
         if self.settings.background_refresh {
-            spawn_background(&cache)?;
+            spawn_background(&cell)?;
         }
         Ok(EshopboxAuthLayer::from_parts(
-            cache,
+            cell,
             Shape {
                 retry_on_unauthorized: self.settings.retry_on_unauthorized,
                 proxy_host,
@@ -407,18 +426,6 @@ impl<P, C> EshopboxAuthBuilder<P, C> {
             self.unauthorized,
         ))
     }
-}
-
-/// The default client for token requests: a connect timeout, and no redirects (a
-/// redirect would carry the client secret to another URL).
-pub(crate) fn default_client(token_timeout: Duration) -> Result<reqwest::Client, Error> {
-    reqwest::Client::builder()
-        .connect_timeout(CONNECT_TIMEOUT.min(token_timeout))
-        .redirect(reqwest::redirect::Policy::none())
-        .build()
-        .map_err(|e| {
-            Error::config("could not build the HTTP client for token requests").with_source(e)
-        })
 }
 
 /// The `ProxyHost` value for a workspace name: non-empty, a valid header value.
@@ -431,31 +438,6 @@ fn proxy_host(workspace: &str) -> Result<HeaderValue, Error> {
     }
     HeaderValue::from_str(workspace)
         .map_err(|_| Error::config("workspace is not a valid header value"))
-}
-
-/// Parses the token URL and refuses plain http except on loopback.
-pub(crate) fn check_token_url(raw: &str) -> Result<reqwest::Url, Error> {
-    let url = reqwest::Url::parse(raw)
-        .map_err(|e| Error::config(format!("token_url is not a valid URL: {e}")))?;
-    match url.scheme() {
-        "https" => Ok(url),
-        "http" if is_loopback(&url) => Ok(url),
-        "http" => Err(Error::config(
-            "token_url must use https (plain http is only allowed on a loopback host)",
-        )),
-        other => Err(Error::config(format!(
-            "token_url must use https, not {other:?}"
-        ))),
-    }
-}
-
-fn is_loopback(url: &reqwest::Url) -> bool {
-    match url.host() {
-        Some(url::Host::Domain(name)) => name.eq_ignore_ascii_case("localhost"),
-        Some(url::Host::Ipv4(ip)) => IpAddr::V4(ip).is_loopback(),
-        Some(url::Host::Ipv6(ip)) => IpAddr::V6(ip).is_loopback(),
-        None => false,
-    }
 }
 
 impl<P: fmt::Debug, C: fmt::Debug> fmt::Debug for EshopboxAuthBuilder<P, C> {
@@ -471,6 +453,7 @@ impl<P: fmt::Debug, C: fmt::Debug> fmt::Debug for EshopboxAuthBuilder<P, C> {
             .field("token_url", &self.settings.token_url)
             .field("refresh_margin", &self.settings.refresh_margin)
             .field("token_timeout", &self.settings.token_timeout)
+            .field("attempt_timeout", &self.settings.attempt_timeout)
             .field(
                 "retry_on_unauthorized",
                 &self.settings.retry_on_unauthorized,
@@ -500,37 +483,6 @@ mod tests {
     use crate::ErrorKind;
 
     #[test]
-    fn https_and_loopback_http_are_accepted() {
-        for ok in [
-            DEFAULT_TOKEN_URL,
-            "http://127.0.0.1:8080/api/v1/generateToken",
-            "http://127.9.9.9/t",
-            "http://localhost:1/t",
-            "http://[::1]:9/t",
-        ] {
-            assert!(check_token_url(ok).is_ok(), "{ok}");
-        }
-    }
-
-    #[test]
-    fn plain_http_elsewhere_and_junk_are_refused() {
-        for (bad, says) in [
-            (
-                "http://auth.myeshopbox.com/api/v1/generateToken",
-                "must use https",
-            ),
-            ("http://10.0.0.1/t", "must use https"),
-            ("http://localhost.evil.com/t", "must use https"),
-            ("ftp://127.0.0.1/t", "not \"ftp\""),
-            ("not a url", "not a valid URL"),
-        ] {
-            let err = check_token_url(bad).unwrap_err();
-            assert_eq!(err.kind(), ErrorKind::Config, "{bad}");
-            assert!(err.to_string().contains(says), "{bad}: {err}");
-        }
-    }
-
-    #[test]
     fn build_reports_bad_settings() {
         let creds = || Credentials::new("id", "secret", "rt");
         let err = EshopboxAuthLayer::builder(creds())
@@ -543,6 +495,11 @@ mod tests {
             .build()
             .unwrap_err();
         assert!(err.to_string().contains("token_timeout"));
+        let err = EshopboxAuthLayer::builder(creds())
+            .attempt_timeout(Duration::ZERO)
+            .build()
+            .unwrap_err();
+        assert!(err.to_string().contains("attempt_timeout"));
         let err = EshopboxAuthLayer::builder(creds())
             .workspace(" ")
             .build()

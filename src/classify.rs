@@ -100,5 +100,7 @@ mod tests {
     fn closures_decide() {
         let forbidden = |res: &Response<()>| res.status() == StatusCode::FORBIDDEN;
         assert!(forbidden.is_unauthorized(&response(403, None)));
+        assert!(!forbidden.is_unauthorized(&response(401, None)));
+        assert!(!forbidden.is_unauthorized(&response(200, None)));
     }
 }

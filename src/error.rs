@@ -112,10 +112,11 @@ impl Error {
         Error::new(ErrorKind::Rejected, message)
     }
 
-    /// Adds the HTTP status and OAuth `error` code of the endpoint's answer.
-    ///
-    /// Only called while the error is still uniquely owned.
-    pub(crate) fn with_status(mut self, status: StatusCode, oauth_error: Option<String>) -> Self {
+    /// Adds the HTTP status and OAuth `error` code of the endpoint's answer — for a
+    /// [`TokenSource`](crate::source::TokenSource) that reports them. The code must not
+    /// carry a secret. Call it on a new error: on one whose clones are shared, it
+    /// changes nothing.
+    pub fn with_status(mut self, status: StatusCode, oauth_error: Option<String>) -> Self {
         if let Some(inner) = Arc::get_mut(&mut self.inner) {
             inner.status = Some(status);
             inner.oauth_error = oauth_error;
@@ -123,8 +124,11 @@ impl Error {
         self
     }
 
-    /// Adds how long the endpoint asked us to wait (`Retry-After`).
-    pub(crate) fn with_retry_after(mut self, wait: Option<Duration>) -> Self {
+    /// Adds how long the endpoint asked us to wait (`Retry-After`). A
+    /// [`TokenSource`](crate::source::TokenSource) that returns a transient error with
+    /// it has its next attempt made no sooner. Call it on a new error: on one whose
+    /// clones are shared, it changes nothing.
+    pub fn with_retry_after(mut self, wait: Option<Duration>) -> Self {
         if let Some(inner) = Arc::get_mut(&mut self.inner) {
             inner.retry_after = wait;
         }

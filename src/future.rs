@@ -3,15 +3,23 @@
 //! A request goes through at most these states:
 //!
 //! ```text
-//! Token ──► Ready ──► Called ──► done
-//!   ▲                   │ 401, first attempt, body replayable
-//!   └───────────────────┘ (at most once)
+//! Token ──► Ready ──► Called ──► answer
+//!   │ ▲       │           │ 401, first attempt, body replayable
+//!   │ └───────┼───────────┘ (at most once)
+//!   └─────────┴──► Done (no token, or the service failed to get ready)
 //! ```
 //!
-//! - `Token`: no usable token was cached; wait for the shared refresh.
+//! - `Token`: no usable token was cached; wait for the shared refresh. Owns the
+//!   request that waits.
 //! - `Ready`: drive the inner service to readiness (skipped for the first attempt,
-//!   whose service the caller already polled ready).
-//! - `Called`: the inner service's future.
+//!   whose service the caller already polled ready). Owns the request to send.
+//! - `Called`: the inner service's future. Its answer is handed out from here, so the
+//!   common case never writes the state again (a poll after that goes to the inner
+//!   future, as with tower-http's futures).
+//! - `Refused`: the destination guard refused the request before it was sent; its
+//!   error is handed out once.
+//! - `Done`: the wait for a token or for readiness failed, the refusal was handed out,
+//!   or a transition is under way; a poll here is answered with an error.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -23,10 +31,11 @@ use http::{Request, Response};
 use pin_project_lite::pin_project;
 use tower::{BoxError, Service};
 
+use crate::boxed::BoxFuture;
 use crate::classify::{Http401, UnauthorizedPolicy};
 use crate::error::Error;
-use crate::token::cache::TokenCache;
-use crate::token::{BoxFuture, Token};
+use crate::token::cell::TokenCell;
+use crate::token::value::Token;
 
 /// A request not sent yet, with the service to send it: the first attempt while it
 /// waits for a token, or the copy kept for one resend after a 401. Boxed, so that the
@@ -34,6 +43,17 @@ use crate::token::{BoxFuture, Token};
 pub(crate) struct Unsent<S, B> {
     pub(crate) service: S,
     pub(crate) request: Request<B>,
+}
+
+/// Which attempt the future is on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Attempt {
+    /// The first: its service was polled ready by the caller, and a 401 may be
+    /// answered by one resend.
+    First,
+    /// The resend after a 401: its service must be polled ready, and its answer is
+    /// final.
+    Resend,
 }
 
 pin_project! {
@@ -44,29 +64,29 @@ pin_project! {
     {
         #[pin]
         state: State<S, B>,
-        cache: Arc<TokenCache>,
+        cell: Arc<TokenCell>,
         unauthorized: C,
         // The generation of the token the first attempt carried.
         generation: u64,
+        // The copy kept for the resend, while the first attempt runs.
         replay: Option<Box<Unsent<S, B>>>,
-        resent: bool,
+        attempt: Attempt,
     }
 }
 
 pin_project! {
     #[project = StateProj]
+    #[project_replace = StateTaken]
     enum State<S, B>
     where
         S: Service<Request<B>>,
     {
         Token {
-            token: BoxFuture<Result<Arc<Token>, Error>>,
-            unsent: Option<Box<Unsent<S, B>>>,
-            // Whether the service was already polled ready.
-            ready: bool,
+            token: BoxFuture<'static, Result<Arc<Token>, Error>>,
+            unsent: Box<Unsent<S, B>>,
         },
         Ready {
-            unsent: Option<Box<Unsent<S, B>>>,
+            unsent: Box<Unsent<S, B>>,
         },
         Called {
             #[pin]
@@ -74,8 +94,9 @@ pin_project! {
         },
         // The destination guard refused the request before it was sent.
         Refused {
-            error: Option<Error>,
+            error: Error,
         },
+        Done,
     }
 }
 
@@ -86,30 +107,30 @@ where
     /// The first attempt was sent at once with the token of this generation.
     pub(crate) fn called(
         future: S::Future,
-        cache: Arc<TokenCache>,
+        cell: Arc<TokenCell>,
         generation: u64,
         replay: Option<Box<Unsent<S, B>>>,
         unauthorized: C,
     ) -> Self {
         ResponseFuture {
             state: State::Called { future },
-            cache,
+            cell,
             unauthorized,
             generation,
             replay,
-            resent: false,
+            attempt: Attempt::First,
         }
     }
 
     /// The request fails with `error` without being sent.
-    pub(crate) fn refused(error: Error, cache: Arc<TokenCache>, unauthorized: C) -> Self {
+    pub(crate) fn refused(error: Error, cell: Arc<TokenCell>, unauthorized: C) -> Self {
         ResponseFuture {
-            state: State::Refused { error: Some(error) },
-            cache,
+            state: State::Refused { error },
+            cell,
             unauthorized,
             generation: 0,
             replay: None,
-            resent: false,
+            attempt: Attempt::First,
         }
     }
 
@@ -117,21 +138,20 @@ where
     pub(crate) fn waiting(
         service: S,
         request: Request<B>,
-        cache: Arc<TokenCache>,
+        cell: Arc<TokenCell>,
         replay: Option<Box<Unsent<S, B>>>,
         unauthorized: C,
     ) -> Self {
         ResponseFuture {
             unauthorized,
             state: State::Token {
-                token: cache.wait(),
-                unsent: Some(Box::new(Unsent { service, request })),
-                ready: true,
+                token: cell.wait(),
+                unsent: Box::new(Unsent { service, request }),
             },
-            cache,
+            cell,
             generation: 0,
             replay,
-            resent: false,
+            attempt: Attempt::First,
         }
     }
 }
@@ -148,50 +168,63 @@ where
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let mut this = self.project();
         loop {
-            match this.state.as_mut().project() {
-                StateProj::Token {
-                    token,
-                    unsent,
-                    ready,
-                } => {
-                    let token = ready!(token.as_mut().poll(cx))?;
-                    let (unsent, ready) = (unsent.take(), *ready);
-                    if ready {
-                        *this.generation = token.generation;
-                    }
-                    with_token(this.state.as_mut(), &token, unsent, ready)?;
-                }
-                StateProj::Ready { unsent } => {
-                    let Some(pending) = unsent.as_mut() else {
-                        return Poll::Ready(Err(polled_after_completion()));
-                    };
-                    ready!(pending.service.poll_ready(cx)).map_err(Into::into)?;
-                    let unsent = unsent.take();
-                    send(this.state.as_mut(), unsent)?;
-                }
-                StateProj::Called { future } => {
-                    let response = ready!(future.poll(cx)).map_err(Into::into)?;
-                    if *this.resent || !this.unauthorized.is_unauthorized(&response) {
-                        return Poll::Ready(Ok(response));
-                    }
-                    // The first attempt was refused: resend it once, if there is a copy.
-                    if !refused(
-                        this.state.as_mut(),
-                        this.cache,
-                        *this.generation,
-                        this.replay,
-                    ) {
-                        return Poll::Ready(Ok(response));
-                    }
-                    *this.resent = true;
-                }
-                StateProj::Refused { error } => {
-                    return Poll::Ready(Err(match error.take() {
-                        Some(error) => error.into(),
-                        None => polled_after_completion(),
-                    }));
-                }
+            // The common case, a request sent with a cached token, is one poll of
+            // `Called`; every other state is handled off this path.
+            let StateProj::Called { future } = this.state.as_mut().project() else {
+                ready!(advance(
+                    this.state.as_mut(),
+                    cx,
+                    *this.attempt,
+                    this.generation
+                ))?;
+                continue;
+            };
+            let response = ready!(future.poll(cx)).map_err(Into::into)?;
+            if *this.attempt == Attempt::Resend || !this.unauthorized.is_unauthorized(&response) {
+                return Poll::Ready(Ok(response));
             }
+            // The first attempt was refused: resend it once, if there is a copy.
+            if !resend_after_401(
+                this.state.as_mut(),
+                this.cell,
+                *this.generation,
+                this.replay.take(),
+            ) {
+                return Poll::Ready(Ok(response));
+            }
+            *this.attempt = Attempt::Resend;
+        }
+    }
+}
+
+/// Drives the states before `Called`: waits for the token, then for the service to
+/// be ready, then sends (`Ready(Ok)` once the state is `Called`); hands out the
+/// destination guard's error, or answers a poll after the end.
+#[cold]
+#[inline(never)]
+fn advance<S, B>(
+    mut state: Pin<&mut State<S, B>>,
+    cx: &mut Context<'_>,
+    attempt: Attempt,
+    generation: &mut u64,
+) -> Poll<Result<(), BoxError>>
+where
+    S: Service<Request<B>>,
+    S::Error: Into<BoxError>,
+{
+    loop {
+        match state.as_mut().project() {
+            StateProj::Token { token, .. } => {
+                let token = ready!(token.as_mut().poll(cx));
+                with_token(state.as_mut(), token, attempt, generation)?;
+            }
+            StateProj::Ready { unsent } => {
+                let ready = ready!(unsent.service.poll_ready(cx));
+                send(state.as_mut(), ready.map_err(Into::into))?;
+            }
+            StateProj::Called { .. } => return Poll::Ready(Ok(())),
+            StateProj::Refused { .. } => return Poll::Ready(Err(refusal(state.as_mut()))),
+            StateProj::Done => return Poll::Ready(Err(polled_after_completion())),
         }
     }
 }
@@ -199,56 +232,75 @@ where
 // The rare transitions live in functions of their own, so that `poll` stays small for
 // the common case: one poll of the `Called` state.
 
-/// A token arrived for a request that waited: puts it on the request, then sends it
-/// (its service is ready) or waits for its service to be ready.
-#[cold]
-#[inline(never)]
+/// A refresh answered a request that waited (in the `Token` state). With a token,
+/// puts it on the request, then sends it (the first attempt: its service is ready)
+/// or waits for its service to be ready (the resend). With an error, ends.
 fn with_token<S, B>(
     mut state: Pin<&mut State<S, B>>,
-    token: &Token,
-    unsent: Option<Box<Unsent<S, B>>>,
-    ready: bool,
+    token: Result<Arc<Token>, Error>,
+    attempt: Attempt,
+    generation: &mut u64,
 ) -> Result<(), BoxError>
 where
     S: Service<Request<B>>,
 {
-    let Some(mut unsent) = unsent else {
+    let StateTaken::Token { mut unsent, .. } = state.as_mut().project_replace(State::Done) else {
         return Err(polled_after_completion());
     };
+    let token = token?;
     unsent
         .request
         .headers_mut()
-        .insert(AUTHORIZATION, token.header.clone());
-    if ready {
-        send(state, Some(unsent))
-    } else {
-        state.set(State::Ready {
-            unsent: Some(unsent),
-        });
-        Ok(())
+        .insert(AUTHORIZATION, token.header().clone());
+    match attempt {
+        Attempt::First => {
+            *generation = token.generation;
+            call(state, *unsent);
+        }
+        Attempt::Resend => state.set(State::Ready { unsent }),
     }
+    Ok(())
 }
 
-/// Sends a request on its service, which has been polled ready.
-#[cold]
-#[inline(never)]
-fn send<S, B>(
-    mut state: Pin<&mut State<S, B>>,
-    unsent: Option<Box<Unsent<S, B>>>,
-) -> Result<(), BoxError>
+/// The service of the `Ready` state was polled ready (or failed): sends the request.
+fn send<S, B>(mut state: Pin<&mut State<S, B>>, ready: Result<(), BoxError>) -> Result<(), BoxError>
 where
     S: Service<Request<B>>,
 {
-    let Some(unsent) = unsent else {
+    let StateTaken::Ready { unsent } = state.as_mut().project_replace(State::Done) else {
         return Err(polled_after_completion());
     };
+    ready?;
+    call(state, *unsent);
+    Ok(())
+}
+
+/// The destination guard's error, handed out once.
+fn refusal<S, B>(mut state: Pin<&mut State<S, B>>) -> BoxError
+where
+    S: Service<Request<B>>,
+{
+    match state.as_mut().project_replace(State::Done) {
+        StateTaken::Refused { error } => error.into(),
+        _ => polled_after_completion(),
+    }
+}
+
+#[cold]
+fn polled_after_completion() -> BoxError {
+    "eshopbox auth: response future polled after completion".into()
+}
+
+fn call<S, B>(mut state: Pin<&mut State<S, B>>, unsent: Unsent<S, B>)
+where
+    S: Service<Request<B>>,
+{
     let Unsent {
         mut service,
         request,
-    } = *unsent;
+    } = unsent;
     let future = service.call(request);
     state.set(State::Called { future });
-    Ok(())
 }
 
 /// After a 401 for the first attempt: drops its token (only if it is still the
@@ -256,40 +308,33 @@ where
 /// Returns whether it did.
 #[cold]
 #[inline(never)]
-fn refused<S, B>(
+fn resend_after_401<S, B>(
     mut state: Pin<&mut State<S, B>>,
-    cache: &Arc<TokenCache>,
+    cell: &Arc<TokenCell>,
     generation: u64,
-    replay: &mut Option<Box<Unsent<S, B>>>,
+    replay: Option<Box<Unsent<S, B>>>,
 ) -> bool
 where
     S: Service<Request<B>>,
 {
-    cache.invalidate(generation);
-    let Some(mut unsent) = replay.take() else {
+    cell.invalidate(generation);
+    let Some(mut unsent) = replay else {
         return false;
     };
-    cache.counters.resend();
+    cell.counters.resend();
     tracing::debug!("request answered 401; resending it once with a new token");
-    match cache.get() {
+    match cell.get() {
         Some((header, _)) => {
             unsent.request.headers_mut().insert(AUTHORIZATION, header);
-            state.set(State::Ready {
-                unsent: Some(unsent),
-            });
+            state.set(State::Ready { unsent });
         }
         None => {
-            cache.counters.waited();
+            cell.counters.waited();
             state.set(State::Token {
-                token: cache.wait(),
-                unsent: Some(unsent),
-                ready: false,
+                token: cell.wait(),
+                unsent,
             });
         }
     }
     true
-}
-
-fn polled_after_completion() -> BoxError {
-    "eshopbox auth: response future polled after completion".into()
 }

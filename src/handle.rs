@@ -9,10 +9,10 @@ use tokio::time::Instant;
 
 use crate::error::Error;
 use crate::stats::Stats;
-use crate::token::cache::TokenCache;
-use crate::token::Token;
+use crate::token::cell::TokenCell;
+use crate::token::value::{Token, TokenInfo};
 
-/// A cheap, cloneable handle on the token cache shared by a layer and every service
+/// A cheap, cloneable handle on the token cell shared by a layer and every service
 /// made from it, from [`EshopboxAuthLayer::handle`](crate::EshopboxAuthLayer::handle).
 ///
 /// ```
@@ -39,29 +39,7 @@ use crate::token::Token;
 /// ```
 #[derive(Clone)]
 pub struct TokenHandle {
-    cache: Arc<TokenCache>,
-}
-
-/// What is known of a token without its secret value.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[non_exhaustive]
-pub struct TokenInfo {
-    /// Counts the tokens this layer obtained, from 1.
-    pub generation: u64,
-    /// When the token expires (`tokio::time::Instant`).
-    pub expires_at: Instant,
-    /// When a request will start refreshing it in the background.
-    pub refresh_at: Instant,
-}
-
-impl TokenInfo {
-    pub(crate) fn of(token: &Token) -> Self {
-        TokenInfo {
-            generation: token.generation,
-            expires_at: token.expires_at,
-            refresh_at: token.refresh_at,
-        }
-    }
+    cell: Arc<TokenCell>,
 }
 
 /// The current access token, with its value kept secret.
@@ -72,13 +50,11 @@ pub struct AccessToken {
 }
 
 impl AccessToken {
-    fn of(token: &Token) -> Option<Self> {
-        let header = token.header.to_str().ok()?;
-        let value = header.strip_prefix("Bearer ").unwrap_or(header);
-        Some(AccessToken {
-            value: SecretString::from(value.to_owned()),
-            info: TokenInfo::of(token),
-        })
+    fn of(token: &Token) -> Self {
+        AccessToken {
+            value: token.bearer.secret().clone(),
+            info: token.info(),
+        }
     }
 
     /// The token (`eshopbox_auth::secrecy::ExposeSecret::expose_secret` reads it).
@@ -102,17 +78,17 @@ impl fmt::Debug for AccessToken {
 }
 
 impl TokenHandle {
-    pub(crate) fn new(cache: Arc<TokenCache>) -> Self {
-        TokenHandle { cache }
+    pub(crate) fn new(cell: Arc<TokenCell>) -> Self {
+        TokenHandle { cell }
     }
 
     /// The current token, if there is one and it has not expired.
     pub fn token(&self) -> Option<AccessToken> {
-        let token = self.cache.peek()?;
+        let token = self.cell.peek()?;
         if Instant::now() >= token.expires_at {
             return None;
         }
-        AccessToken::of(&token)
+        Some(AccessToken::of(&token))
     }
 
     /// A usable token, as a request would get it: the current one while it is valid,
@@ -121,38 +97,37 @@ impl TokenHandle {
     /// taken before any token call — unlike [`refresh`](Self::refresh), which always
     /// asks for a new one.
     pub async fn get(&self) -> Result<AccessToken, Error> {
-        let token = self.cache.wait().await?;
-        AccessToken::of(&token)
-            .ok_or_else(|| Error::invalid_response("the token is not a valid header value"))
+        let token = self.cell.wait().await?;
+        Ok(AccessToken::of(&token))
     }
 
     /// Generation and expiry of the current token, if there is one (expired or not).
     pub fn info(&self) -> Option<TokenInfo> {
-        self.cache.peek().map(|token| TokenInfo::of(&token))
+        self.cell.peek().map(|token| token.info())
     }
 
     /// Gets a new token now, even if the current one is valid. If a refresh is already
     /// running, waits for that one instead of starting another.
     pub async fn refresh(&self) -> Result<TokenInfo, Error> {
-        let token = self.cache.force().await?;
-        Ok(TokenInfo::of(&token))
+        let token = self.cell.force().await?;
+        Ok(token.info())
     }
 
     /// Drops the current token: the next request waits for a new one. Returns whether
     /// there was one. Counted in [`Stats::invalidations`].
     pub fn invalidate(&self) -> bool {
-        self.cache.invalidate_current()
+        self.cell.invalidate_current()
     }
 
     /// A receiver that sees every change of the current token: `Some` when a new one
     /// arrives, `None` when it is invalidated.
     pub fn subscribe(&self) -> watch::Receiver<Option<TokenInfo>> {
-        self.cache.subscribe()
+        self.cell.subscribe()
     }
 
     /// A snapshot of the counters.
     pub fn stats(&self) -> Stats {
-        self.cache.counters.snapshot()
+        self.cell.counters.snapshot()
     }
 }
 

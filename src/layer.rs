@@ -1,6 +1,5 @@
 //! The [`EshopboxAuthLayer`]: wraps services in [`EshopboxAuth`].
 
-use std::fmt;
 use std::sync::Arc;
 
 use http::HeaderValue;
@@ -15,12 +14,12 @@ use crate::handle::TokenHandle;
 use crate::replay::EmptyBodies;
 use crate::service::EshopboxAuth;
 use crate::source::TokenSource;
-use crate::token::cache::TokenCache;
+use crate::token::cell::TokenCell;
 
 /// Layer that applies [`EshopboxAuth`] to a service.
 ///
 /// Every service made from one layer, or from any of its clones, shares one token
-/// cache: one token, one refresh at a time.
+/// cell: one token, one refresh at a time.
 ///
 /// ```
 /// use eshopbox_auth::{Credentials, EshopboxAuthLayer};
@@ -34,8 +33,9 @@ use crate::token::cache::TokenCache;
 /// # Ok(())
 /// # }
 /// ```
+#[derive(Clone, Debug)]
 pub struct EshopboxAuthLayer<P = EmptyBodies, C = Http401> {
-    cache: Arc<TokenCache>,
+    cell: Arc<TokenCell>,
     shape: Shape,
     replay: P,
     unauthorized: C,
@@ -79,13 +79,13 @@ impl EshopboxAuthLayer {
 
 impl<P, C> EshopboxAuthLayer<P, C> {
     pub(crate) fn from_parts(
-        cache: Arc<TokenCache>,
+        cell: Arc<TokenCell>,
         shape: Shape,
         replay: P,
         unauthorized: C,
     ) -> Self {
         EshopboxAuthLayer {
-            cache,
+            cell,
             shape,
             replay,
             unauthorized,
@@ -97,22 +97,17 @@ impl<P, C> EshopboxAuthLayer<P, C> {
     /// A handle to see and steer the token shared by this layer's services: read
     /// it, force a refresh, invalidate it, subscribe to changes, read counters.
     pub fn handle(&self) -> TokenHandle {
-        TokenHandle::new(self.cache.clone())
+        TokenHandle::new(self.cell.clone())
     }
 
     /// The same token as a [`reqwest_middleware::Middleware`], for a
     /// `reqwest_middleware::ClientWithMiddleware` (feature `reqwest-middleware`). It
-    /// shares this layer's token cache, destination rules, workspace and 401 setting;
+    /// shares this layer's token cell, destination rules, workspace and 401 setting;
     /// see [`crate::middleware`].
     #[cfg(feature = "reqwest-middleware")]
     #[cfg_attr(docsrs, doc(cfg(feature = "reqwest-middleware")))]
     pub fn middleware(&self) -> crate::middleware::EshopboxAuthMiddleware {
-        crate::middleware::EshopboxAuthMiddleware::new(self.cache.clone(), self.shape.clone())
-    }
-
-    #[cfg(test)]
-    pub(crate) fn shared(&self) -> &Arc<TokenCache> {
-        &self.cache
+        crate::middleware::EshopboxAuthMiddleware::new(self.cell.clone(), self.shape.clone())
     }
 }
 
@@ -122,32 +117,10 @@ impl<S, P: Clone, C: Clone> Layer<S> for EshopboxAuthLayer<P, C> {
     fn layer(&self, inner: S) -> Self::Service {
         EshopboxAuth::new(
             inner,
-            self.cache.clone(),
+            self.cell.clone(),
             self.shape.clone(),
             self.replay.clone(),
             self.unauthorized.clone(),
         )
-    }
-}
-
-impl<P: Clone, C: Clone> Clone for EshopboxAuthLayer<P, C> {
-    fn clone(&self) -> Self {
-        EshopboxAuthLayer {
-            cache: self.cache.clone(),
-            shape: self.shape.clone(),
-            replay: self.replay.clone(),
-            unauthorized: self.unauthorized.clone(),
-        }
-    }
-}
-
-impl<P: fmt::Debug, C: fmt::Debug> fmt::Debug for EshopboxAuthLayer<P, C> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("EshopboxAuthLayer")
-            .field("cache", &self.cache)
-            .field("shape", &self.shape)
-            .field("replay", &self.replay)
-            .field("unauthorized", &self.unauthorized)
-            .finish()
     }
 }

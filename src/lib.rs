@@ -114,12 +114,17 @@
 //! | answers a Bearer token | the token, until `expires_in` (from when the request was sent; missing → 24 h, ≤ 0 → used for a 1 s floor, > 30 days → 30 days) | 1 per refresh |
 //! | answers 4xx but 408/429 (`invalid_grant`, `invalid_client`, …) | [`ErrorKind::Rejected`] at once, then the same error for 1–5 s ([`failure_cooldown`](EshopboxAuthBuilder::failure_cooldown)) | 1, none during the cooldown |
 //! | answers something unusable (not JSON, no `access_token`, not Bearer, CR/LF in the token, > 64 KiB) | [`ErrorKind::InvalidResponse`], remembered like a rejection | 1, none during the cooldown |
-//! | answers 5xx, 408 or 429, drops the connection, cannot be reached | retried inside one refresh with back-off 200 ms × 2ⁿ (jitter ½–1, ≤ 5 s) or its `Retry-After` (seconds or date, ≤ 60 s); [`ErrorKind::Unavailable`] if every attempt fails | ≤ 4 per refresh |
-//! | asks to `Retry-After` longer than the rest of the token timeout | [`ErrorKind::Unavailable`] at once, then the same error until that time | 1 |
-//! | hangs | [`ErrorKind::Unavailable`] when the [`token_timeout`](EshopboxAuthBuilder::token_timeout) (default 30 s, retries included) runs out | 1 |
-//! | fails in any way while the current token is still valid (early refresh) | nothing: requests keep the valid token; the next attempt comes after a back-off of half the remaining life (1–30 s, at least `Retry-After`) | per attempt |
+//! | answers 5xx, 408 or 429, drops the connection, cannot be reached | retried with back-off 200 ms × 2ⁿ (jitter ½–1, ≤ 5 s) — or, for 429 and 503 only, its `Retry-After` (seconds or date, ≤ 60 s) — while the next attempt would start before the refresh's deadline ([`token_timeout`](EshopboxAuthBuilder::token_timeout), default 30 s); then [`ErrorKind::Unavailable`] for every request that waited | one at a time; without `Retry-After` ≤ 16 per 30 s (10–16 by the back-off's draws) |
+//! | answers 429 or 503 with a `Retry-After` longer than the rest of the token timeout | [`ErrorKind::Unavailable`] at once, then the same error until that time | 1 |
+//! | hangs | each attempt abandoned after a third of what is left of the token timeout (at least 5 s, or [`attempt_timeout`](EshopboxAuthBuilder::attempt_timeout)) and retried on a new connection; [`ErrorKind::Unavailable`] when the [`token_timeout`](EshopboxAuthBuilder::token_timeout) runs out | 5 per 30 s |
+//! | fails in any way while the current token is still valid (early refresh) | nothing: requests keep the valid token; at most 4 attempts, and the next refresh comes after a back-off of half the remaining life (1–30 s, at least `Retry-After`) | ≤ 4 per early refresh |
 //! | recovers after an outage | the next request (after any cooldown or `Retry-After`) gets a token | 1 |
 //! | answers a redirect (3xx) | [`ErrorKind::InvalidResponse`] with the status; the redirect is not followed (it would carry the client secret elsewhere) | 1 |
+//!
+//! A refresh that follows one that ran out of time goes on with that one's back-off
+//! (2.5–5 s between calls), so a long outage sees no burst of calls at each
+//! deadline; when that back-off runs past a refresh's whole timeout, its waiters
+//! fail with [`ErrorKind::Unavailable`] when their time is up, without a call.
 //!
 //! A refresh that is cancelled (its runtime shut down) or panics fails its waiters
 //! with [`ErrorKind::Unavailable`]; the next request starts a new one. A rotated
@@ -146,9 +151,16 @@
 //! hop is checked again, so a redirect to a foreign host fails with
 //! `UntrustedDestination`.
 //!
-//! A request goes through three files: [`EshopboxAuth::call`](tower::Service::call)
-//! in `service.rs`, the state machine in `future.rs`, and the token cache in
-//! `token/cache.rs`.
+//! # Files
+//!
+//! A request goes through [`EshopboxAuth::call`](tower::Service::call) in
+//! `service.rs`, which reads the token through this service clone's view in
+//! `token/local.rs` (admission: fresh, soft window or expired, in `token/cell.rs`),
+//! and the response future's state machine in `future.rs`. A request that must wait
+//! joins the single refresh of `token/flight.rs`, which runs `token/refresh.rs`:
+//! through the token store (`store_sync.rs`) when there is one, else straight to the
+//! fetcher's attempt loop in `token/fetch.rs`, which calls the
+//! [`TokenSource`](source::TokenSource). `ARCHITECTURE.md` maps the layers.
 //!
 //! [Eshopbox]: https://www.eshopbox.com
 
@@ -157,6 +169,7 @@
 #![deny(rustdoc::broken_intra_doc_links)]
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
+mod boxed;
 mod builder;
 pub mod classify;
 mod credentials;
@@ -179,10 +192,8 @@ mod service;
 pub mod source;
 mod stats;
 pub mod store;
+mod store_sync;
 mod token;
-
-#[cfg(test)]
-mod tests;
 
 /// The README's code blocks, compiled and run as doc tests.
 #[cfg(all(
@@ -202,7 +213,7 @@ pub use builder::{
 };
 pub use credentials::Credentials;
 pub use error::{Error, ErrorKind};
-pub use handle::{AccessToken, TokenHandle, TokenInfo};
+pub use handle::{AccessToken, TokenHandle};
 pub use layer::EshopboxAuthLayer;
 #[cfg(feature = "reqwest-middleware")]
 pub use middleware::EshopboxAuthMiddleware;
@@ -215,6 +226,7 @@ pub use secrecy;
 pub use service::EshopboxAuth;
 pub use stats::Stats;
 pub use token::endpoint::RequestFormat;
+pub use token::value::TokenInfo;
 
 /// Runs the token-response parser on arbitrary bytes, for the fuzz target in `fuzz/`.
 /// Not part of the API.
@@ -224,7 +236,10 @@ pub fn __fuzz_token_response(body: &[u8]) {
     let _ = token::response::rotated_refresh_token(body);
     let _ = token::response::oauth_error_code(body);
     if let Ok(response) = token::response::parse(body) {
-        assert!(response.header.is_sensitive());
-        assert!(response.lifetime <= token::response::MAX_LIFETIME);
+        let lifetime = response.expires_in.unwrap_or_default();
+        assert!(lifetime <= token::response::MAX_LIFETIME);
+        let bearer = token::value::Bearer::new(response.access_token)
+            .expect("a parsed token is always sendable");
+        assert!(bearer.header().is_sensitive());
     }
 }

@@ -3,7 +3,7 @@
 //!
 //! [`EshopboxAuthMiddleware`] does for a `reqwest_middleware::ClientWithMiddleware`
 //! what [`EshopboxAuth`](crate::EshopboxAuth) does for a tower service, with the same
-//! token cache: a middleware made with
+//! token cell: a middleware made with
 //! [`EshopboxAuthLayer::middleware`](crate::EshopboxAuthLayer::middleware) shares one
 //! token (and one refresh at a time) with every tower service made from that layer.
 //!
@@ -64,7 +64,7 @@ use reqwest_middleware::{Middleware, Next};
 
 use crate::error::Error;
 use crate::layer::Shape;
-use crate::token::cache::TokenCache;
+use crate::token::cell::TokenCell;
 
 /// The header Eshopbox reads the workspace from on workspace calls.
 const PROXY_HOST: HeaderName = HeaderName::from_static("proxyhost");
@@ -74,23 +74,23 @@ const PROXY_HOST: HeaderName = HeaderName::from_static("proxyhost");
 /// See the [module documentation](self).
 #[derive(Clone)]
 pub struct EshopboxAuthMiddleware {
-    cache: Arc<TokenCache>,
+    cell: Arc<TokenCell>,
     shape: Shape,
 }
 
 impl EshopboxAuthMiddleware {
-    pub(crate) fn new(cache: Arc<TokenCache>, shape: Shape) -> Self {
-        EshopboxAuthMiddleware { cache, shape }
+    pub(crate) fn new(cell: Arc<TokenCell>, shape: Shape) -> Self {
+        EshopboxAuthMiddleware { cell, shape }
     }
 
     /// The header and generation of a usable token, waiting for a refresh if needed.
     async fn token(&self) -> Result<(HeaderValue, u64), Error> {
-        if let Some(current) = self.cache.get() {
+        if let Some(current) = self.cell.get() {
             return Ok(current);
         }
-        self.cache.counters.waited();
-        let token = self.cache.wait().await?;
-        Ok((token.header.clone(), token.generation))
+        self.cell.counters.waited();
+        let token = self.cell.wait().await?;
+        Ok((token.header().clone(), token.generation))
     }
 }
 
@@ -123,11 +123,11 @@ impl Middleware for EshopboxAuthMiddleware {
         if response.status() != StatusCode::UNAUTHORIZED {
             return Ok(response);
         }
-        self.cache.invalidate(generation);
+        self.cell.invalidate(generation);
         let Some(mut copy) = copy else {
             return Ok(response);
         };
-        self.cache.counters.resend();
+        self.cell.counters.resend();
         tracing::debug!("request answered 401; resending it once with a new token");
         drop(response);
         let (header, _) = self
@@ -142,7 +142,7 @@ impl Middleware for EshopboxAuthMiddleware {
 impl fmt::Debug for EshopboxAuthMiddleware {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("EshopboxAuthMiddleware")
-            .field("cache", &self.cache)
+            .field("cell", &self.cell)
             .field("shape", &self.shape)
             .finish()
     }

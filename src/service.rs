@@ -13,7 +13,7 @@ use crate::error::Error;
 use crate::future::{ResponseFuture, Unsent};
 use crate::layer::Shape;
 use crate::replay::{EmptyBodies, ReplayPolicy};
-use crate::token::cache::TokenCache;
+use crate::token::cell::TokenCell;
 use crate::token::local::LocalToken;
 
 /// The header Eshopbox reads the workspace from on workspace calls.
@@ -23,6 +23,7 @@ const PROXY_HOST: HeaderName = HeaderName::from_static("proxyhost");
 ///
 /// Made by [`EshopboxAuthLayer`](crate::EshopboxAuthLayer); see the
 /// [crate documentation](crate) for what it does to a request.
+#[derive(Clone)]
 pub struct EshopboxAuth<S, P = EmptyBodies, C = Http401> {
     inner: S,
     token: LocalToken,
@@ -34,23 +35,23 @@ pub struct EshopboxAuth<S, P = EmptyBodies, C = Http401> {
 impl<S, P, C> EshopboxAuth<S, P, C> {
     pub(crate) fn new(
         inner: S,
-        cache: Arc<TokenCache>,
+        cell: Arc<TokenCell>,
         shape: Shape,
         replay: P,
         unauthorized: C,
     ) -> Self {
         EshopboxAuth {
             inner,
-            token: LocalToken::new(cache),
+            token: LocalToken::new(cell),
             shape,
             replay,
             unauthorized,
         }
     }
 
-    /// The token cache shared by every service of the layer.
-    pub(crate) fn shared(&self) -> &Arc<TokenCache> {
-        self.token.cache()
+    /// The token cell shared by every service of the layer.
+    fn cell(&self) -> &Arc<TokenCell> {
+        self.token.cell()
     }
 
     /// The wrapped service.
@@ -102,10 +103,10 @@ where
         match self.token.get() {
             Some((header, generation)) => {
                 request.headers_mut().insert(AUTHORIZATION, header);
-                let cache = self.shared().clone();
+                let cell = self.cell().clone();
                 ResponseFuture::called(
                     self.inner.call(request),
-                    cache,
+                    cell,
                     generation,
                     replay,
                     self.unauthorized.clone(),
@@ -130,7 +131,7 @@ where
         C: Clone,
     {
         tracing::debug!(%error, "request refused before sending");
-        ResponseFuture::refused(error, self.shared().clone(), self.unauthorized.clone())
+        ResponseFuture::refused(error, self.cell().clone(), self.unauthorized.clone())
     }
 
     /// The first attempt must wait for a token. `self.inner` is the service the caller
@@ -148,11 +149,11 @@ where
     {
         let clone = self.inner.clone();
         let ready = std::mem::replace(&mut self.inner, clone);
-        self.shared().counters.waited();
+        self.cell().counters.waited();
         ResponseFuture::waiting(
             ready,
             request,
-            self.shared().clone(),
+            self.cell().clone(),
             replay,
             self.unauthorized.clone(),
         )
@@ -182,23 +183,11 @@ where
     }
 }
 
-impl<S: Clone, P: Clone, C: Clone> Clone for EshopboxAuth<S, P, C> {
-    fn clone(&self) -> Self {
-        EshopboxAuth {
-            inner: self.inner.clone(),
-            token: self.token.clone(),
-            shape: self.shape.clone(),
-            replay: self.replay.clone(),
-            unauthorized: self.unauthorized.clone(),
-        }
-    }
-}
-
 impl<S: fmt::Debug, P: fmt::Debug, C: fmt::Debug> fmt::Debug for EshopboxAuth<S, P, C> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("EshopboxAuth")
             .field("inner", &self.inner)
-            .field("cache", self.shared())
+            .field("cell", self.cell())
             .field("shape", &self.shape)
             .field("replay", &self.replay)
             .field("unauthorized", &self.unauthorized)

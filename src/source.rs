@@ -28,148 +28,17 @@
 //! ```
 
 use std::fmt;
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::Mutex;
-use std::time::Duration;
 
 use secrecy::{ExposeSecret, SecretString};
 
 use crate::error::Error;
+use crate::token::client::{check_token_url, default_client};
 use crate::token::endpoint::{GrantConfig, GrantEndpoint, GrantKind, RequestFormat, RotationHook};
-use crate::token::response::{bearer_header, clamp_lifetime, DEFAULT_LIFETIME};
-use crate::token::{Source, SourceFuture, TokenResponse};
+use crate::token::fetch::DEFAULT_TOKEN_TIMEOUT;
 
-/// A boxed, sendable future.
-pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
-
-/// Something that can obtain a fresh access token.
-pub trait TokenSource: Send + Sync + 'static {
-    /// Requests one token. Return [`Error`]s of the right kind: a
-    /// [`Rejected`](crate::ErrorKind::Rejected) error is remembered for the failure
-    /// cooldown, an [`Unavailable`](crate::ErrorKind::Unavailable) one is retried
-    /// with back-off.
-    fn fetch(&self) -> BoxFuture<'_, Result<FetchedToken, Error>>;
-
-    /// The refresh token the source sends next, if it uses one that the provider
-    /// rotates. With a [token store](crate::store), the layer shares it with the other
-    /// replicas after each token call. The default: none.
-    fn refresh_token(&self) -> Option<SecretString> {
-        None
-    }
-
-    /// Sends `refresh_token` from now on: another replica sharing the
-    /// [token store](crate::store) rotated it. The default ignores it.
-    fn use_refresh_token(&self, refresh_token: SecretString) {
-        let _ = refresh_token;
-    }
-}
-
-/// A token as a [`TokenSource`] obtained it.
-#[derive(Clone)]
-pub struct FetchedToken {
-    access_token: SecretString,
-    expires_in: Option<Duration>,
-    refresh_token: Option<SecretString>,
-}
-
-impl FetchedToken {
-    /// A Bearer token. Without [`expires_in`](Self::expires_in), it is assumed to last
-    /// 24 hours.
-    pub fn new(access_token: impl Into<String>) -> Self {
-        FetchedToken {
-            access_token: SecretString::from(access_token.into()),
-            expires_in: None,
-            refresh_token: None,
-        }
-    }
-
-    /// A new refresh token that came with this one. The layer hands it to the
-    /// builder's [`on_refresh_token_rotated`](crate::EshopboxAuthBuilder::on_refresh_token_rotated)
-    /// hook; the source itself must use it for its next request.
-    pub fn rotated_refresh_token(mut self, refresh_token: impl Into<String>) -> Self {
-        self.refresh_token = Some(SecretString::from(refresh_token.into()));
-        self
-    }
-
-    /// How long the token lives, counted from when the request for it was sent
-    /// (clamped to 30 days; zero means "stale at once", used for a 1 s floor).
-    pub fn expires_in(mut self, lifetime: Duration) -> Self {
-        self.expires_in = Some(lifetime);
-        self
-    }
-}
-
-impl fmt::Debug for FetchedToken {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("FetchedToken")
-            .field("access_token", &"[redacted]")
-            .field("expires_in", &self.expires_in)
-            .field("rotated_refresh_token", &self.refresh_token.is_some())
-            .finish()
-    }
-}
-
-/// A [`TokenSource`] made of an async closure; see [`source_fn`].
-#[derive(Clone)]
-pub struct FnSource<F>(F);
-
-/// A [`TokenSource`] that calls `f` for each token.
-pub fn source_fn<F, Fut>(f: F) -> FnSource<F>
-where
-    F: Fn() -> Fut + Send + Sync + 'static,
-    Fut: Future<Output = Result<FetchedToken, Error>> + Send + 'static,
-{
-    FnSource(f)
-}
-
-impl<F, Fut> TokenSource for FnSource<F>
-where
-    F: Fn() -> Fut + Send + Sync + 'static,
-    Fut: Future<Output = Result<FetchedToken, Error>> + Send + 'static,
-{
-    fn fetch(&self) -> BoxFuture<'_, Result<FetchedToken, Error>> {
-        Box::pin((self.0)())
-    }
-}
-
-impl<F> fmt::Debug for FnSource<F> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("FnSource")
-    }
-}
-
-/// Adapts a public [`TokenSource`] to the cache's internal source.
-pub(crate) struct Custom<T> {
-    pub(crate) source: T,
-    pub(crate) on_rotated: Option<RotationHook>,
-}
-
-impl<T: TokenSource> Source for Custom<T> {
-    fn fetch(&self) -> SourceFuture<'_> {
-        Box::pin(async move {
-            let fetched = self.source.fetch().await?;
-            if let (Some(rotated), Some(hook)) = (&fetched.refresh_token, &self.on_rotated) {
-                hook(rotated);
-            }
-            Ok(TokenResponse {
-                header: bearer_header(fetched.access_token.expose_secret())?,
-                lifetime: fetched.expires_in.map_or(DEFAULT_LIFETIME, clamp_lifetime),
-                scope: None,
-                has_id_token: false,
-                rotated: None,
-            })
-        })
-    }
-
-    fn refresh_token(&self) -> Option<SecretString> {
-        self.source.refresh_token()
-    }
-
-    fn use_refresh_token(&self, refresh_token: SecretString) {
-        self.source.use_refresh_token(refresh_token);
-    }
-}
+pub use crate::boxed::BoxFuture;
+pub use crate::token::source::{source_fn, FetchedToken, FnSource, TokenSource};
 
 /// The generic OAuth 2 grants against any token endpoint.
 pub struct OAuth2Source {
@@ -209,26 +78,15 @@ impl OAuth2Source {
 
 impl TokenSource for OAuth2Source {
     fn fetch(&self) -> BoxFuture<'_, Result<FetchedToken, Error>> {
-        Box::pin(async move {
-            let response = self.endpoint.fetch().await?;
-            let header = response.header.to_str().map_err(|_| {
-                Error::invalid_response(
-                    "token endpoint answered an access_token that is not visible ASCII",
-                )
-            })?;
-            let token = header.strip_prefix("Bearer ").unwrap_or(header);
-            let mut fetched = FetchedToken::new(token).expires_in(response.lifetime);
-            fetched.refresh_token = response.rotated;
-            Ok(fetched)
-        })
+        self.endpoint.fetch()
     }
 
     fn refresh_token(&self) -> Option<SecretString> {
-        Source::refresh_token(&self.endpoint)
+        self.endpoint.refresh_token()
     }
 
     fn use_refresh_token(&self, refresh_token: SecretString) {
-        Source::use_refresh_token(&self.endpoint, refresh_token);
+        self.endpoint.use_refresh_token(refresh_token);
     }
 }
 
@@ -318,10 +176,10 @@ impl OAuth2Builder {
             fields.push(("refresh_token", token));
         }
         crate::credentials::require_all("", &fields)?;
-        let url = crate::builder::check_token_url(&self.token_url)?;
+        let url = check_token_url(&self.token_url)?;
         let client = match self.http_client {
             Some(client) => client,
-            None => crate::builder::default_client(crate::DEFAULT_TOKEN_TIMEOUT)?,
+            None => default_client(DEFAULT_TOKEN_TIMEOUT)?,
         };
         let grant = match self.grant {
             Grant::RefreshToken(token) => {

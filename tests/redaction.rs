@@ -66,13 +66,7 @@ async fn trace_output_carries_no_secret() {
         .unwrap();
     let api = EchoApi::refusing("Bearer acc-secret-one");
     let svc = ServiceBuilder::new().layer(layer.clone()).service(api);
-    let get = || {
-        Request::get("/api/v2/inventoryListing")
-            .body(Empty::new())
-            .unwrap()
-    };
-
-    let res = svc.clone().oneshot(get()).await.unwrap();
+    let res = svc.clone().oneshot(support::get()).await.unwrap();
     assert_eq!(res.body(), "Bearer acc-secret-two");
     assert_eq!(*rotated.lock().unwrap(), "rt-rotated-secret");
     assert_eq!(server.posts(), 3);
@@ -88,7 +82,7 @@ async fn trace_output_carries_no_secret() {
     let err = ServiceBuilder::new()
         .layer(failing)
         .service(api)
-        .oneshot(get())
+        .oneshot(support::get())
         .await
         .unwrap_err();
     let err = err.downcast_ref::<eshopbox_auth::Error>().unwrap();
@@ -143,12 +137,11 @@ async fn token_store_paths_log_no_secret() {
         .token_store(down.clone())
         .build()
         .unwrap();
-    let get = || Request::get("/").body(Empty::<Bytes>::new()).unwrap();
     let call = |layer: &EshopboxAuthLayer| {
         ServiceBuilder::new()
             .layer(layer.clone())
             .service(EchoApi::default())
-            .oneshot(get())
+            .oneshot(support::get())
     };
 
     assert_eq!(call(&first).await.unwrap().body(), "Bearer tok-1");
@@ -158,8 +151,14 @@ async fn token_store_paths_log_no_secret() {
     assert_eq!(call(&second).await.unwrap().body(), "Bearer tok-2");
     // The third layer sends the refresh token the store never gave it: refused, but
     // logged and reported without the token.
-    let _ = call(&third).await;
+    let refused = call(&third).await.unwrap_err();
+    let kind = refused
+        .downcast_ref::<eshopbox_auth::Error>()
+        .map(|e| e.kind());
+    assert_eq!(kind, Some(eshopbox_auth::ErrorKind::Rejected), "{refused}");
     assert_eq!(third.handle().stats().store_failures, 1);
+    let report = support::full_report(&refused);
+    assert!(report.contains("invalid_grant"), "{report}");
 
     let text = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
     for event in [
@@ -170,6 +169,6 @@ async fn token_store_paths_log_no_secret() {
     }
     let shared = store.load().await.unwrap().unwrap();
     let debug = format!("{shared:?} {store:?} {down:?} {first:?}");
-    let all = format!("{text}\n{debug}");
+    let all = format!("{text}\n{debug}\n{report}");
     assert_no_secret(&all, &["tok-1", "tok-2", "rt-1", "rt-2"]);
 }

@@ -7,11 +7,11 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
 use eshopbox_auth::{Error, ErrorKind, EshopboxAuthLayer};
-use http::{Request, Response};
-use http_body_util::Empty;
-use support::{assert_no_secret, credentials, full_report, EchoApi, Reply, TokenServer};
+use http::Response;
+use support::{
+    assert_no_secret, credentials, full_report, get, Action, EchoApi, Reply, TokenServer,
+};
 use tower::{BoxError, ServiceBuilder, ServiceExt};
 
 /// What one scripted answer must turn into.
@@ -22,7 +22,7 @@ struct Case {
     /// error's text must contain.
     expect: Result<&'static str, (ErrorKind, &'static str)>,
     /// Token requests made for one API request.
-    posts: usize,
+    posts: std::ops::RangeInclusive<usize>,
 }
 
 fn cases() -> Vec<Case> {
@@ -39,7 +39,7 @@ fn cases() -> Vec<Case> {
             name: "OK",
             reply: Reply::token("tok-ok", 86400),
             expect: Ok("Bearer tok-ok"),
-            posts: 1,
+            posts: 1..=1,
         },
         Case {
             name: "400 invalid_grant",
@@ -48,68 +48,69 @@ fn cases() -> Vec<Case> {
                 r#"{"error":"invalid_grant","error_description":"Unknown or invalid refresh token."}"#,
             ),
             expect: Err((ErrorKind::Rejected, "(HTTP 400, invalid_grant)")),
-            posts: 1,
+            posts: 1..=1,
         },
         Case {
             name: "401 invalid_client",
             reply: Reply::json(401, r#"{"error":"invalid_client"}"#),
             expect: Err((ErrorKind::Rejected, "(HTTP 401, invalid_client)")),
-            posts: 1,
+            posts: 1..=1,
         },
         Case {
             name: "403 unauthorized_client",
             reply: Reply::json(403, r#"{"error":"unauthorized_client"}"#),
             expect: Err((ErrorKind::Rejected, "(HTTP 403, unauthorized_client)")),
-            posts: 1,
+            posts: 1..=1,
         },
         Case {
             name: "404 with an HTML body",
             reply: Reply::raw(404, "text/html", "<html>not found</html>"),
             expect: Err((ErrorKind::Rejected, "(HTTP 404)")),
-            posts: 1,
+            posts: 1..=1,
         },
         Case {
             name: "500",
             reply: Reply::raw(500, "text/plain", "internal error"),
             expect: Err((ErrorKind::Unavailable, "(HTTP 500)")),
-            posts: 4,
+            posts: UNTIL_DEADLINE,
         },
         Case {
             name: "503 with Retry-After: 1",
             reply: Reply::raw(503, "text/plain", "maintenance").with_header("retry-after", "1"),
             expect: Err((ErrorKind::Unavailable, "(HTTP 503)")),
-            // At 0 s and after 1 s; a third would end past the 2 s budget.
-            posts: 2,
+            // At 0, 1, 2, … 9 s: each wait is the Retry-After, until the 10 s deadline
+            // (a slow machine may fit one fewer).
+            posts: 9..=10,
         },
         Case {
             name: "429",
             reply: Reply::json(429, r#"{"message":"Too many requests"}"#),
             expect: Err((ErrorKind::Unavailable, "(HTTP 429)")),
-            posts: 4,
+            posts: UNTIL_DEADLINE,
         },
         Case {
             name: "HTML 200",
             reply: Reply::raw(200, "text/html", "<html><body>proxy login</body></html>"),
             expect: Err((ErrorKind::InvalidResponse, "not JSON")),
-            posts: 1,
+            posts: 1..=1,
         },
         Case {
             name: "truncated JSON",
             reply: Reply::json(200, r#"{"access_token":"tok-secret-1","expires_in":86"#),
             expect: Err((ErrorKind::InvalidResponse, "truncated JSON")),
-            posts: 1,
+            posts: 1..=1,
         },
         Case {
             name: "missing access_token",
             reply: Reply::json(200, r#"{"expires_in":86400,"token_type":"Bearer"}"#),
             expect: Err((ErrorKind::InvalidResponse, "without access_token")),
-            posts: 1,
+            posts: 1..=1,
         },
         Case {
             name: "token_type mac",
             reply: Reply::json(200, r#"{"access_token":"tok-secret-1","token_type":"mac"}"#),
             expect: Err((ErrorKind::InvalidResponse, "expected Bearer")),
-            posts: 1,
+            posts: 1..=1,
         },
         Case {
             name: "CR/LF in the token",
@@ -118,58 +119,68 @@ fn cases() -> Vec<Case> {
                 r#"{"access_token":"tok-secret-1\r\nX-Injected: yes","token_type":"Bearer"}"#,
             ),
             expect: Err((ErrorKind::InvalidResponse, "control characters")),
-            posts: 1,
+            posts: 1..=1,
         },
         Case {
             name: "expires_in 0",
             reply: token("0"),
             expect: Ok("Bearer tok-ok"),
-            posts: 1,
+            posts: 1..=1,
         },
         Case {
             name: "expires_in -1",
             reply: token("-1"),
             expect: Ok("Bearer tok-ok"),
-            posts: 1,
+            posts: 1..=1,
         },
         Case {
             name: "expires_in 10^12",
             reply: token("1000000000000"),
             expect: Ok("Bearer tok-ok"),
-            posts: 1,
+            posts: 1..=1,
         },
         Case {
             name: "5 MB body",
             reply: Reply::raw(200, "application/json", vec![b' '; 5 << 20]),
             expect: Err((ErrorKind::InvalidResponse, "more than 65536 bytes")),
-            posts: 1,
+            posts: 1..=1,
         },
         Case {
             name: "hang",
             reply: Reply::hang(),
             expect: Err((ErrorKind::Unavailable, "token timeout of 2s")),
-            posts: 1,
+            posts: 1..=1,
         },
         Case {
             name: "closed connection",
             reply: Reply::close(),
             expect: Err((ErrorKind::Unavailable, "sending the token request failed")),
-            posts: 4,
+            posts: UNTIL_DEADLINE,
         },
     ]
 }
 
+/// The token timeout of these tests: 10 s.
+const TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Token requests a transient failure gets within [`TIMEOUT`]: retried after
+/// back-offs of 0.1–0.2, 0.2–0.4, 0.4–0.8, 0.8–1.6, 1.6–3.2, then 2.5–5 s while the
+/// next attempt would start before the deadline — 6 with the longest draws, 8 with
+/// the shortest.
+const UNTIL_DEADLINE: std::ops::RangeInclusive<usize> = 6..=8;
+
 async fn one_request(url: &str) -> Result<Response<String>, BoxError> {
+    one_request_within(url, TIMEOUT).await
+}
+
+async fn one_request_within(url: &str, timeout: Duration) -> Result<Response<String>, BoxError> {
     let layer = EshopboxAuthLayer::builder(credentials())
         .token_url(url)
-        .token_timeout(Duration::from_secs(2))
+        .token_timeout(timeout)
         .build()?;
     let api = EchoApi::default();
     let svc = ServiceBuilder::new().layer(layer).service(api);
-    let req = Request::get("https://acme.myeshopbox.com/api/v2/inventoryListing")
-        .body(Empty::<Bytes>::new())
-        .unwrap();
-    svc.oneshot(req).await
+    svc.oneshot(get()).await
 }
 
 #[tokio::test]
@@ -177,9 +188,14 @@ async fn every_kind_of_answer_maps_to_a_result_or_a_typed_error() {
     let mut runs = Vec::new();
     for case in cases() {
         let reply = case.reply.clone();
+        // Only the hanging endpoint is waited out: with a short timeout.
+        let timeout = match reply.action {
+            Action::Hang => Duration::from_secs(2),
+            _ => TIMEOUT,
+        };
         let server = TokenServer::start(move |_| reply.clone()).await;
         runs.push(tokio::spawn(async move {
-            let result = one_request(&server.url()).await;
+            let result = one_request_within(&server.url(), timeout).await;
             (case, server.posts(), result)
         }));
     }
@@ -199,13 +215,23 @@ async fn every_kind_of_answer_maps_to_a_result_or_a_typed_error() {
             }
             (expected, got) => panic!("{name}: expected {expected:?}, got {got:?}"),
         }
-        assert_eq!(posts, case.posts, "{name}: token requests");
+        assert!(
+            case.posts.contains(&posts),
+            "{name}: {posts} token requests"
+        );
     }
+}
+
+/// The gap between the first two token requests `server` received.
+fn gap(server: &TokenServer) -> Duration {
+    let seen = server.seen();
+    seen[1].at - seen[0].at
 }
 
 #[tokio::test]
 async fn retry_after_as_an_http_date_is_honoured() {
-    let date = httpdate::fmt_http_date(std::time::SystemTime::now() + Duration::from_secs(1));
+    // An HTTP-date has whole seconds: 4 s ahead is at least 3 s from now.
+    let date = httpdate::fmt_http_date(std::time::SystemTime::now() + Duration::from_secs(4));
     let server = TokenServer::start(move |n| match n {
         1 => Reply::raw(429, "text/plain", "slow down").with_header("retry-after", date.clone()),
         _ => Reply::token("tok-after-wait", 86400),
@@ -214,6 +240,31 @@ async fn retry_after_as_an_http_date_is_honoured() {
     let res = one_request(&server.url()).await.unwrap();
     assert_eq!(res.body(), "Bearer tok-after-wait");
     assert_eq!(server.posts(), 2);
+    // The back-off alone would have been 100–200 ms.
+    assert!(gap(&server) >= Duration::from_secs(3), "{:?}", gap(&server));
+}
+
+#[tokio::test]
+async fn retry_after_applies_to_429_and_503_only() {
+    // 503 with Retry-After: 3 waits 3 s.
+    let server = TokenServer::start(|n| match n {
+        1 => Reply::raw(503, "text/plain", "down").with_header("retry-after", "3"),
+        _ => Reply::token("tok-503", 86400),
+    })
+    .await;
+    let res = one_request(&server.url()).await.unwrap();
+    assert_eq!(res.body(), "Bearer tok-503");
+    assert!(gap(&server) >= Duration::from_secs(3), "{:?}", gap(&server));
+
+    // 500 with Retry-After: 5 is retried after the usual back-off (100–200 ms).
+    let server = TokenServer::start(|n| match n {
+        1 => Reply::raw(500, "text/plain", "oops").with_header("retry-after", "5"),
+        _ => Reply::token("tok-500", 86400),
+    })
+    .await;
+    let res = one_request(&server.url()).await.unwrap();
+    assert_eq!(res.body(), "Bearer tok-500");
+    assert!(gap(&server) < Duration::from_secs(4), "{:?}", gap(&server));
 }
 
 #[tokio::test]
@@ -228,6 +279,7 @@ async fn an_endpoint_that_comes_back_serves_the_next_request() {
         }
     })
     .await;
+    // A 2 s budget: shorter than the outage, so requests fail while it lasts.
     let layer = EshopboxAuthLayer::builder(credentials())
         .token_url(&server.url())
         .token_timeout(Duration::from_secs(2))
@@ -235,11 +287,6 @@ async fn an_endpoint_that_comes_back_serves_the_next_request() {
         .unwrap();
     let api = EchoApi::default();
     let svc = ServiceBuilder::new().layer(layer).service(api);
-    let get = || {
-        Request::get("/api/v2/inventoryListing")
-            .body(Empty::<Bytes>::new())
-            .unwrap()
-    };
 
     for _ in 0..3 {
         let err = svc.clone().oneshot(get()).await.unwrap_err();
@@ -248,10 +295,34 @@ async fn an_endpoint_that_comes_back_serves_the_next_request() {
             ErrorKind::Unavailable
         );
     }
+    // The first refresh tried until its 2 s deadline (4 or 5 attempts); the next ones
+    // went on with its back-off, so no two calls came closer than it allows: 0.1,
+    // 0.2, 0.4, 0.8, 1.6, then 2.5 s at least.
     let failed_posts = server.posts();
-    assert_eq!(failed_posts, 3 * 4);
+    assert!((4..=3 * 5).contains(&failed_posts), "{failed_posts}");
+    assert_eq!(server.max_in_flight(), 1, "one token request at a time");
+    let seen = server.seen();
+    for (i, pair) in seen.windows(2).enumerate() {
+        let least =
+            (Duration::from_millis(100) * 2u32.pow(i as u32)).min(Duration::from_millis(2500));
+        let gap = pair[1].at - pair[0].at;
+        assert!(
+            gap >= least,
+            "call {} came {gap:?} after the one before",
+            i + 2
+        );
+    }
 
     up.store(1, Ordering::SeqCst);
-    let res = svc.clone().oneshot(get()).await.unwrap();
+    // Requests made while the back-off still runs past their 2 s wait fail; the first
+    // one after it gets the token.
+    let res = support::within(async {
+        loop {
+            if let Ok(res) = svc.clone().oneshot(get()).await {
+                return res;
+            }
+        }
+    })
+    .await;
     assert_eq!(*res.body(), format!("Bearer tok-{}", failed_posts + 1));
 }

@@ -7,21 +7,10 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
 use eshopbox_auth::source::{source_fn, FetchedToken, OAuth2Source};
 use eshopbox_auth::{Error, ErrorKind, EshopboxAuthLayer};
-use http::Request;
-use http_body_util::Empty;
-use support::{EchoApi, Reply, TokenServer};
+use support::{get, EchoApi, Reply, TokenServer};
 use tower::{Layer, ServiceExt};
-
-fn api(refused: &'static str) -> EchoApi {
-    EchoApi::refusing(refused)
-}
-
-fn get() -> Request<Empty<Bytes>> {
-    Request::get("/resource").body(Empty::new()).unwrap()
-}
 
 /// An endpoint that answers `tok-n` with a new refresh token `rt-n` each time, and
 /// an OAuth 2 refresh-grant source on it that starts from `rt-0`.
@@ -52,7 +41,11 @@ async fn client_credentials_with_basic_auth_and_scope() {
         .build()
         .unwrap();
     let layer = EshopboxAuthLayer::with_source(source).build().unwrap();
-    let res = layer.layer(api("")).oneshot(get()).await.unwrap();
+    let res = layer
+        .layer(EchoApi::refusing(""))
+        .oneshot(get())
+        .await
+        .unwrap();
     assert_eq!(res.body(), "Bearer tok-1");
 
     let seen = &server.seen()[0];
@@ -80,7 +73,7 @@ async fn refresh_token_grant_in_the_body_uses_a_rotated_token() {
     let layer = EshopboxAuthLayer::with_source(source).build().unwrap();
     // tok-1 is refused: a second grant is made, with the rotated refresh token.
     let res = layer
-        .layer(api("Bearer tok-1"))
+        .layer(EchoApi::refusing("Bearer tok-1"))
         .oneshot(get())
         .await
         .unwrap();
@@ -105,7 +98,7 @@ async fn a_closure_source_gets_single_flight_and_401_handling() {
     }))
     .build()
     .unwrap();
-    let svc = layer.layer(api("Bearer fn-1"));
+    let svc = layer.layer(EchoApi::refusing("Bearer fn-1"));
     let tasks: Vec<_> = (0..100)
         .map(|_| tokio::spawn(svc.clone().oneshot(get())))
         .collect();
@@ -129,7 +122,7 @@ async fn a_rejecting_closure_source_is_not_hammered() {
     }))
     .build()
     .unwrap();
-    let svc = layer.layer(api(""));
+    let svc = layer.layer(EchoApi::refusing(""));
     for _ in 0..20 {
         let err = svc.clone().oneshot(get()).await.unwrap_err();
         assert_eq!(
@@ -176,7 +169,11 @@ async fn a_rotated_refresh_token_reported_by_a_source_reaches_the_hook() {
     })
     .build()
     .unwrap();
-    layer.layer(api("")).oneshot(get()).await.unwrap();
+    layer
+        .layer(EchoApi::refusing(""))
+        .oneshot(get())
+        .await
+        .unwrap();
     assert_eq!(*seen.lock().unwrap(), ["rt-next"]);
 }
 
@@ -195,6 +192,10 @@ async fn an_oauth2_rotation_reaches_the_layer_hook_too() {
         })
         .build()
         .unwrap();
-    layer.layer(api("")).oneshot(get()).await.unwrap();
+    layer
+        .layer(EchoApi::refusing(""))
+        .oneshot(get())
+        .await
+        .unwrap();
     assert_eq!(*seen.lock().unwrap(), ["rt-1"]);
 }

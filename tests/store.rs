@@ -3,14 +3,13 @@
 
 mod support;
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use eshopbox_auth::source::BoxFuture;
-use eshopbox_auth::store::{InProcessStore, SharedRefreshToken, SharedToken, TokenStore};
+use eshopbox_auth::store::{InProcessStore, TokenStore};
 use eshopbox_auth::{Error, EshopboxAuthLayer};
-use support::replicas::{self, burst, counting};
+use support::replicas::{self, burst, counting, Fate, Hooked, StoreCall};
 use support::EchoApi;
 
 /// One in-process store, which every replica of a scenario shares.
@@ -19,17 +18,20 @@ fn in_process() -> impl Fn() -> InProcessStore {
     move || store.clone()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+// In-process only: on paused time.
+#[tokio::test(start_paused = true)]
 async fn eight_cold_layers_sharing_a_store_make_one_token_call() {
     replicas::cold_start(in_process()).await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+// In-process only: on paused time.
+#[tokio::test(start_paused = true)]
 async fn a_401_for_the_shared_token_makes_one_token_call_for_all_layers() {
     replicas::shared_401(in_process()).await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+// In-process only: on paused time.
+#[tokio::test(start_paused = true)]
 async fn a_stalled_lock_holder_is_taken_over_after_its_lease() {
     replicas::stalled_holder(in_process()).await;
 }
@@ -73,7 +75,7 @@ async fn a_rotation_in_an_unusable_answer_is_shared_too() {
     );
 
     // The other replica sends the rotated refresh token, not the spent one.
-    assert!(burst_result(&second).await.is_ok());
+    assert_eq!(burst_result(&second).await.unwrap(), "Bearer tok-2");
     let sent = support::sent_refresh_tokens(&endpoint);
     assert_eq!(sent, [support::REFRESH_TOKEN, "rt-1"]);
 }
@@ -122,72 +124,20 @@ async fn burst_result(layer: &EshopboxAuthLayer) -> Result<String, tower::BoxErr
     Ok(response.into_body())
 }
 
-/// A store that is down: every call fails at once, as with a refused connection, or
-/// never answers, as with a server that stopped responding. Counts its calls.
-#[derive(Clone)]
-struct Broken {
-    hangs: bool,
-    calls: Arc<AtomicUsize>,
+/// A store that is down: every call fails at once, as with a refused connection.
+fn refusing() -> Hooked<InProcessStore> {
+    Hooked::new(InProcessStore::new(), |_| Fate::Fail)
 }
 
-impl Broken {
-    fn refusing() -> Self {
-        Broken {
-            hangs: false,
-            calls: Arc::default(),
-        }
-    }
-
-    fn hanging() -> Self {
-        Broken {
-            hangs: true,
-            calls: Arc::default(),
-        }
-    }
-
-    fn answer<T: Send + 'static>(&self) -> BoxFuture<'_, Result<T, Error>> {
-        self.calls.fetch_add(1, Ordering::SeqCst);
-        if self.hangs {
-            Box::pin(std::future::pending())
-        } else {
-            Box::pin(async { Err(Error::unavailable("connection refused")) })
-        }
-    }
-}
-
-impl TokenStore for Broken {
-    fn load(&self) -> BoxFuture<'_, Result<Option<SharedToken>, Error>> {
-        self.answer()
-    }
-    fn save<'a>(&'a self, _: &'a SharedToken) -> BoxFuture<'a, Result<(), Error>> {
-        self.answer()
-    }
-    fn remove(&self, _: u64) -> BoxFuture<'_, Result<bool, Error>> {
-        self.answer()
-    }
-    fn try_lock<'a>(&'a self, _: &'a str, _: Duration) -> BoxFuture<'a, Result<bool, Error>> {
-        self.answer()
-    }
-    fn unlock<'a>(&'a self, _: &'a str) -> BoxFuture<'a, Result<(), Error>> {
-        self.answer()
-    }
-    fn load_refresh_token(&self) -> BoxFuture<'_, Result<Option<SharedRefreshToken>, Error>> {
-        self.answer()
-    }
-    fn save_refresh_token<'a>(
-        &'a self,
-        _: &'a SharedRefreshToken,
-        _: Option<u64>,
-    ) -> BoxFuture<'a, Result<bool, Error>> {
-        self.answer()
-    }
+/// A store that never answers, as with a server that stopped responding.
+fn hanging() -> Hooked<InProcessStore> {
+    Hooked::new(InProcessStore::new(), |_| Fate::Hang)
 }
 
 #[tokio::test(start_paused = true)]
 async fn a_failing_store_costs_no_request() {
     let calls = Arc::new(AtomicUsize::new(0));
-    let store = Broken::refusing();
-    let store_calls = store.calls.clone();
+    let store = refusing();
     let layers = replicas::replicas(3, || counting(calls.clone()), || store.clone());
     let seen = burst(&layers, &EchoApi::default(), 100).await;
 
@@ -198,9 +148,9 @@ async fn a_failing_store_costs_no_request() {
         assert_eq!(layer.handle().stats().store_failures, 1);
     }
     // After a failure the store is left alone: a forced refresh does not touch it.
-    let before = store_calls.load(Ordering::SeqCst);
+    let before = store.calls();
     layers[0].handle().refresh().await.unwrap();
-    assert_eq!(store_calls.load(Ordering::SeqCst), before);
+    assert_eq!(store.calls(), before);
     assert_eq!(calls.load(Ordering::SeqCst), 4);
 }
 
@@ -208,7 +158,7 @@ async fn a_failing_store_costs_no_request() {
 async fn a_store_that_does_not_answer_is_given_up_on_after_the_store_timeout() {
     let calls = Arc::new(AtomicUsize::new(0));
     let layer = EshopboxAuthLayer::with_source(counting(calls.clone()))
-        .token_store(Broken::hanging())
+        .token_store(hanging())
         .store_timeout(Duration::from_millis(250))
         .build()
         .unwrap();
@@ -253,57 +203,21 @@ async fn a_lock_left_by_a_dead_replica_is_taken_over_when_its_lease_runs_out() {
 
 /// An in-process store that loses the answer to the first refresh-token write: the
 /// write happens, the writer is told it failed (a timeout, a dropped connection).
-#[derive(Clone)]
-struct LosesAnswer {
-    inner: InProcessStore,
-    lost: Arc<std::sync::atomic::AtomicBool>,
-}
-
-impl TokenStore for LosesAnswer {
-    fn load(&self) -> BoxFuture<'_, Result<Option<SharedToken>, Error>> {
-        self.inner.load()
-    }
-    fn save<'a>(&'a self, token: &'a SharedToken) -> BoxFuture<'a, Result<(), Error>> {
-        self.inner.save(token)
-    }
-    fn remove(&self, id: u64) -> BoxFuture<'_, Result<bool, Error>> {
-        self.inner.remove(id)
-    }
-    fn try_lock<'a>(
-        &'a self,
-        owner: &'a str,
-        lease: Duration,
-    ) -> BoxFuture<'a, Result<bool, Error>> {
-        self.inner.try_lock(owner, lease)
-    }
-    fn unlock<'a>(&'a self, owner: &'a str) -> BoxFuture<'a, Result<(), Error>> {
-        self.inner.unlock(owner)
-    }
-    fn load_refresh_token(&self) -> BoxFuture<'_, Result<Option<SharedRefreshToken>, Error>> {
-        self.inner.load_refresh_token()
-    }
-    fn save_refresh_token<'a>(
-        &'a self,
-        token: &'a SharedRefreshToken,
-        replaces: Option<u64>,
-    ) -> BoxFuture<'a, Result<bool, Error>> {
-        Box::pin(async move {
-            let saved = self.inner.save_refresh_token(token, replaces).await?;
-            if self.lost.swap(false, Ordering::SeqCst) {
-                return Err(Error::unavailable("the answer was lost"));
-            }
-            Ok(saved)
-        })
-    }
+fn loses_first_refresh_token_answer() -> Hooked<InProcessStore> {
+    let lost = AtomicBool::new(false);
+    Hooked::new(InProcessStore::new(), move |call| {
+        if call == StoreCall::SaveRefreshToken && !lost.swap(true, Ordering::SeqCst) {
+            Fate::LoseAnswer
+        } else {
+            Fate::Pass
+        }
+    })
 }
 
 #[tokio::test(start_paused = true)]
 async fn a_late_refresh_token_write_never_puts_back_a_spent_one() {
     let provider = replicas::RotatingProvider::default();
-    let store = LosesAnswer {
-        inner: InProcessStore::new(),
-        lost: Arc::new(std::sync::atomic::AtomicBool::new(true)),
-    };
+    let store = loses_first_refresh_token_answer();
     let layer = || {
         EshopboxAuthLayer::with_source(provider.client())
             .token_store(store.clone())
@@ -345,45 +259,17 @@ async fn a_late_refresh_token_write_never_puts_back_a_spent_one() {
 
 /// A store whose refresh lock cannot be taken: `try_lock` fails, everything else
 /// works (as when the lock's key sits on an unreachable node).
-#[derive(Clone)]
-struct LockUnavailable {
-    inner: InProcessStore,
-}
-
-impl TokenStore for LockUnavailable {
-    fn load(&self) -> BoxFuture<'_, Result<Option<SharedToken>, Error>> {
-        self.inner.load()
-    }
-    fn save<'a>(&'a self, token: &'a SharedToken) -> BoxFuture<'a, Result<(), Error>> {
-        self.inner.save(token)
-    }
-    fn remove(&self, id: u64) -> BoxFuture<'_, Result<bool, Error>> {
-        self.inner.remove(id)
-    }
-    fn try_lock<'a>(&'a self, _: &'a str, _: Duration) -> BoxFuture<'a, Result<bool, Error>> {
-        Box::pin(async { Err(Error::unavailable("the lock's node is down")) })
-    }
-    fn unlock<'a>(&'a self, owner: &'a str) -> BoxFuture<'a, Result<(), Error>> {
-        self.inner.unlock(owner)
-    }
-    fn load_refresh_token(&self) -> BoxFuture<'_, Result<Option<SharedRefreshToken>, Error>> {
-        self.inner.load_refresh_token()
-    }
-    fn save_refresh_token<'a>(
-        &'a self,
-        token: &'a SharedRefreshToken,
-        replaces: Option<u64>,
-    ) -> BoxFuture<'a, Result<bool, Error>> {
-        self.inner.save_refresh_token(token, replaces)
-    }
+fn lock_unavailable() -> Hooked<InProcessStore> {
+    Hooked::new(InProcessStore::new(), |call| match call {
+        StoreCall::TryLock => Fate::Fail,
+        _ => Fate::Pass,
+    })
 }
 
 #[tokio::test(start_paused = true)]
 async fn a_lock_the_store_cannot_take_is_a_store_failure_and_a_direct_refresh() {
     let calls = Arc::new(AtomicUsize::new(0));
-    let store = LockUnavailable {
-        inner: InProcessStore::new(),
-    };
+    let store = lock_unavailable();
     let layers = replicas::replicas(3, || counting(calls.clone()), || store.clone());
     let seen = burst(&layers, &EchoApi::default(), 50).await;
 

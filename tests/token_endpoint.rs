@@ -3,16 +3,11 @@
 
 mod support;
 
-use bytes::Bytes;
 use eshopbox_auth::{Error, ErrorKind, EshopboxAuthLayer, RequestFormat};
-use http::{Request, Response, StatusCode};
-use http_body_util::Empty;
-use support::{assert_no_secret, credentials, full_report, EchoApi, Reply, TokenServer};
-use tower::{BoxError, Layer, Service, ServiceBuilder, ServiceExt};
+use http::{Response, StatusCode};
 
-fn api(rejected: &'static str) -> EchoApi {
-    EchoApi::refusing(rejected)
-}
+use support::{assert_no_secret, credentials, full_report, get, EchoApi, Reply, TokenServer};
+use tower::{BoxError, Layer, Service, ServiceBuilder, ServiceExt};
 
 /// A layer with default settings on the loopback endpoint.
 fn layer_for(server: &TokenServer) -> EshopboxAuthLayer {
@@ -22,16 +17,10 @@ fn layer_for(server: &TokenServer) -> EshopboxAuthLayer {
         .unwrap()
 }
 
-fn get() -> Request<Empty<Bytes>> {
-    Request::get("https://acme.myeshopbox.com/api/v2/inventoryListing")
-        .body(Empty::new())
-        .unwrap()
-}
-
 async fn one_request(server: &TokenServer) -> Result<Response<String>, BoxError> {
     let mut svc = ServiceBuilder::new()
         .layer(layer_for(server))
-        .service(api(""));
+        .service(EchoApi::refusing(""));
     svc.ready().await?.call(get()).await
 }
 
@@ -66,7 +55,7 @@ async fn form_encoding_sends_the_same_fields() {
         .request_format(RequestFormat::Form)
         .build()
         .unwrap();
-    let mut svc = layer.layer(api(""));
+    let mut svc = layer.layer(EchoApi::refusing(""));
     svc.ready().await.unwrap().call(get()).await.unwrap();
 
     let seen = &server.seen()[0];
@@ -91,7 +80,7 @@ async fn form_encoding_sends_the_same_fields() {
 async fn a_thousand_concurrent_cold_requests_make_one_post() {
     let server = TokenServer::counting(86400).await;
     let layer = layer_for(&server);
-    let api = api("");
+    let api = EchoApi::refusing("");
     let svc = layer.layer(api.clone());
 
     let tasks: Vec<_> = (0..1000)
@@ -111,7 +100,7 @@ async fn a_thousand_concurrent_cold_requests_make_one_post() {
 async fn a_401_fetches_a_new_token_and_resends() {
     let server = TokenServer::counting(86400).await;
     let layer = layer_for(&server);
-    let api = api("Bearer tok-1");
+    let api = EchoApi::refusing("Bearer tok-1");
     let mut svc = layer.layer(api.clone());
     let res = svc.ready().await.unwrap().call(get()).await.unwrap();
     assert_eq!(res.status(), StatusCode::OK);
@@ -131,7 +120,7 @@ async fn a_rotated_refresh_token_is_used_from_then_on() {
     .await;
     let layer = layer_for(&server);
     // tok-1 is refused, so a second token request is made.
-    let mut svc = layer.layer(api("Bearer tok-1"));
+    let mut svc = layer.layer(EchoApi::refusing("Bearer tok-1"));
     svc.ready().await.unwrap().call(get()).await.unwrap();
     let sent: Vec<String> = server
         .seen()
@@ -150,12 +139,15 @@ async fn an_unreachable_endpoint_is_unavailable() {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap();
     drop(listener);
+    // The refused connections are retried until the (short) token timeout.
     let layer = EshopboxAuthLayer::builder(credentials())
         .token_url(&format!("http://{addr}/api/v1/generateToken"))
+        .token_timeout(std::time::Duration::from_secs(2))
         .build()
         .unwrap();
-    let mut svc = layer.layer(api(""));
+    let mut svc = layer.layer(EchoApi::refusing(""));
     let err = svc.ready().await.unwrap().call(get()).await.unwrap_err();
+    assert!(layer.handle().stats().token_requests >= 4);
     let eshopbox = err.downcast_ref::<Error>().unwrap();
     assert_eq!(eshopbox.kind(), ErrorKind::Unavailable);
     assert!(eshopbox.is_transient());
@@ -171,7 +163,7 @@ async fn debug_output_never_shows_a_secret() {
     let builder = EshopboxAuthLayer::builder(creds.clone()).token_url(&server.url());
     let builder_shown = format!("{builder:?}");
     let layer = builder.build().unwrap();
-    let mut svc = layer.layer(api(""));
+    let mut svc = layer.layer(EchoApi::refusing(""));
     let res = svc.ready().await.unwrap().call(get()).await.unwrap();
     assert_eq!(res.body(), "Bearer tok-secret-access");
 

@@ -199,8 +199,8 @@ use std::time::{Duration, SystemTime};
 use secrecy::SecretString;
 use tokio::time::Instant;
 
+use crate::boxed::BoxFuture;
 use crate::error::Error;
-use crate::source::BoxFuture;
 
 #[cfg(feature = "redis")]
 #[cfg_attr(docsrs, doc(cfg(feature = "redis")))]

@@ -19,8 +19,8 @@ use self::scripts::{
     LOAD_TOKEN, RELEASE, REMOVE_IF_ID, SAVE_REFRESH, SAVE_UNLESS_LATER, TAKE_OR_RENEW,
 };
 use super::{SharedRefreshToken, SharedToken, TokenStore};
+use crate::boxed::BoxFuture;
 use crate::error::Error;
-use crate::source::BoxFuture;
 
 mod connection;
 mod scripts;

@@ -10,7 +10,8 @@ use secrecy::{ExposeSecret, SecretString};
 use serde::Serialize;
 
 use super::response::{oauth_error_code, parse, rotated_refresh_token};
-use super::{Source, SourceFuture, TokenResponse};
+use super::source::{FetchedToken, TokenSource};
+use crate::boxed::BoxFuture;
 use crate::credentials::Credentials;
 use crate::error::{Error, ErrorKind};
 
@@ -106,8 +107,8 @@ impl GrantEndpoint {
     }
 }
 
-impl Source for GrantEndpoint {
-    fn fetch(&self) -> SourceFuture<'_> {
+impl TokenSource for GrantEndpoint {
+    fn fetch(&self) -> BoxFuture<'_, Result<FetchedToken, Error>> {
         let inner = self.inner.clone();
         Box::pin(async move { inner.fetch().await })
     }
@@ -164,7 +165,7 @@ impl Inner {
         }
     }
 
-    async fn fetch(&self) -> Result<TokenResponse, Error> {
+    async fn fetch(&self) -> Result<FetchedToken, Error> {
         let (body, content_type) = self.body()?;
         let config = &self.config;
         let mut request = config
@@ -227,7 +228,7 @@ impl Inner {
             self.rotate(rotated);
         }
         let mut token = parse(&bytes)?;
-        token.rotated = rotated;
+        token.refresh_token = rotated;
         Ok(token)
     }
 }

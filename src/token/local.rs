@@ -12,12 +12,12 @@ use arc_swap::{ArcSwapOption, Cache};
 use bytes::Bytes;
 use http::HeaderValue;
 
-use super::cache::TokenCache;
-use super::Token;
+use super::cell::TokenCell;
+use super::value::Token;
 
-/// Lets an `arc_swap::Cache` reach the shared token cell through the shared cache.
+/// Lets an `arc_swap::Cache` reach the token cell's `ArcSwapOption`.
 #[derive(Clone)]
-pub(crate) struct Current(pub(crate) Arc<TokenCache>);
+pub(crate) struct Current(pub(crate) Arc<TokenCell>);
 
 impl Deref for Current {
     type Target = ArcSwapOption<Token>;
@@ -28,7 +28,7 @@ impl Deref for Current {
 
 #[derive(Clone)]
 pub(crate) struct LocalToken {
-    cache: Arc<TokenCache>,
+    cell: Arc<TokenCell>,
     swap: Cache<Current, Option<Arc<Token>>>,
     /// This clone's copy of the header, and the generation it was copied from (0: no
     /// copy yet; generations start at 1).
@@ -37,30 +37,30 @@ pub(crate) struct LocalToken {
 }
 
 impl LocalToken {
-    pub(crate) fn new(cache: Arc<TokenCache>) -> Self {
+    pub(crate) fn new(cell: Arc<TokenCell>) -> Self {
         LocalToken {
-            swap: Cache::new(Current(cache.clone())),
-            cache,
+            swap: Cache::new(Current(cell.clone())),
+            cell,
             header: HeaderValue::from_static(""),
             copied: 0,
         }
     }
 
-    pub(crate) fn cache(&self) -> &Arc<TokenCache> {
-        &self.cache
+    pub(crate) fn cell(&self) -> &Arc<TokenCell> {
+        &self.cell
     }
 
-    /// Like [`TokenCache::get`], from this clone's cache: the header and generation of
+    /// Like [`TokenCell::get`], from this clone's `arc_swap::Cache`: the header and generation of
     /// a usable token, or `None` when the request must wait for a refresh.
     #[inline]
     pub(crate) fn get(&mut self) -> Option<(HeaderValue, u64)> {
         let token = self.swap.load().as_ref()?;
-        if !self.cache.admit(token) {
+        if !self.cell.admit(token) {
             return None;
         }
         let generation = token.generation;
         if self.copied != generation {
-            self.header = own_copy(&token.header);
+            self.header = own_copy(token.header());
             self.copied = generation;
         }
         Some((self.header.clone(), generation))

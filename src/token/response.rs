@@ -5,11 +5,11 @@
 
 use std::time::Duration;
 
-use http::HeaderValue;
 use secrecy::SecretString;
 use serde::Deserialize;
 
-use super::TokenResponse;
+use super::source::FetchedToken;
+use super::value::check_access_token;
 use crate::error::Error;
 
 /// Lifetime assumed when the answer has no `expires_in`: Eshopbox issues 24 h tokens.
@@ -28,8 +28,9 @@ struct Raw {
     scope: Option<String>,
 }
 
-/// Parses a successful (2xx) answer.
-pub(crate) fn parse(body: &[u8]) -> Result<TokenResponse, Error> {
+/// Parses a successful (2xx) answer. The access token is checked here (it must be
+/// sendable in a header); its header is built when the token is installed.
+pub(crate) fn parse(body: &[u8]) -> Result<FetchedToken, Error> {
     let raw: Raw = serde_json::from_slice(body).map_err(|e| {
         let what = match e.classify() {
             serde_json::error::Category::Data => "JSON of the wrong shape",
@@ -59,18 +60,15 @@ pub(crate) fn parse(body: &[u8]) -> Result<TokenResponse, Error> {
             )));
         }
     }
-    let header = bearer_header(&access_token)?;
+    check_access_token(&access_token)?;
     let lifetime = match raw.expires_in {
         None | Some(serde_json::Value::Null) => DEFAULT_LIFETIME,
         Some(value) => lifetime(&value)?,
     };
-    Ok(TokenResponse {
-        header,
-        lifetime,
-        scope: raw.scope,
-        has_id_token: raw.id_token.is_some(),
-        rotated: None,
-    })
+    let mut token = FetchedToken::new(access_token).expires_in(lifetime);
+    token.scope = raw.scope;
+    token.has_id_token = raw.id_token.is_some();
+    Ok(token)
 }
 
 /// A rotated `refresh_token` in a 2xx answer, read on its own so that it is kept even
@@ -85,28 +83,6 @@ pub(crate) fn rotated_refresh_token(body: &[u8]) -> Option<SecretString> {
         .refresh_token
         .filter(|rt| !rt.trim().is_empty())
         .map(SecretString::from)
-}
-
-/// `Bearer <token>`, marked sensitive. The token must be a single run of visible
-/// characters: no whitespace or control characters (which also rules out CR/LF header
-/// injection).
-pub(crate) fn bearer_header(token: &str) -> Result<HeaderValue, Error> {
-    if token
-        .bytes()
-        .any(|b| b.is_ascii_whitespace() || b.is_ascii_control())
-    {
-        return Err(Error::invalid_response(
-            "token endpoint answered an access_token with whitespace or control characters, \
-             which cannot be sent in an Authorization header",
-        ));
-    }
-    let mut value = HeaderValue::try_from(format!("Bearer {token}")).map_err(|_| {
-        Error::invalid_response(
-            "token endpoint answered an access_token that is not a valid header value",
-        )
-    })?;
-    value.set_sensitive(true);
-    Ok(value)
 }
 
 /// A lifetime clamped to [`MAX_LIFETIME`].
@@ -157,8 +133,22 @@ fn truncate(s: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::token::value::Bearer;
     use crate::ErrorKind;
+    use http::HeaderValue;
     use secrecy::ExposeSecret;
+
+    /// The header the cell builds for a parsed token.
+    fn header(t: &FetchedToken) -> HeaderValue {
+        Bearer::new(t.access_token.clone())
+            .unwrap()
+            .header()
+            .clone()
+    }
+
+    fn lifetime_of(t: &FetchedToken) -> Duration {
+        t.expires_in.expect("parse always sets the lifetime")
+    }
 
     const SAMPLE: &str = r#"{
         "access_token": "eyJhbGciOiJSUzI1N.InR5cCI6IkpXVCIsI",
@@ -171,9 +161,9 @@ mod tests {
     #[test]
     fn parses_the_documented_sample() {
         let t = parse(SAMPLE.as_bytes()).unwrap();
-        assert_eq!(t.header, "Bearer eyJhbGciOiJSUzI1N.InR5cCI6IkpXVCIsI");
-        assert!(t.header.is_sensitive());
-        assert_eq!(t.lifetime, Duration::from_secs(86400));
+        assert_eq!(header(&t), "Bearer eyJhbGciOiJSUzI1N.InR5cCI6IkpXVCIsI");
+        assert!(header(&t).is_sensitive());
+        assert_eq!(lifetime_of(&t), Duration::from_secs(86400));
         assert_eq!(t.scope.as_deref(), Some("openid profile offline_access"));
         assert!(t.has_id_token);
         assert!(rotated_refresh_token(SAMPLE.as_bytes()).is_none());
@@ -196,7 +186,7 @@ mod tests {
 
     #[test]
     fn expires_in_defaults_clamps_and_accepts_strings() {
-        let life = |json: &str| parse(json.as_bytes()).map(|t| t.lifetime);
+        let life = |json: &str| parse(json.as_bytes()).map(|t| lifetime_of(&t));
         assert_eq!(life(r#"{"access_token":"a"}"#).unwrap(), DEFAULT_LIFETIME);
         assert_eq!(
             life(r#"{"access_token":"a","expires_in":null}"#).unwrap(),
@@ -306,11 +296,12 @@ mod tests {
                     Ok(t) => {
                         prop_assert!(clean && bearer);
                         let expected = format!("Bearer {token}");
-                        prop_assert_eq!(t.header.as_bytes(), expected.as_bytes());
-                        prop_assert!(t.header.is_sensitive());
-                        prop_assert!(t.lifetime <= MAX_LIFETIME);
+                        let built = header(&t);
+                        prop_assert_eq!(built.as_bytes(), expected.as_bytes());
+                        prop_assert!(header(&t).is_sensitive());
+                        prop_assert!(lifetime_of(&t) <= MAX_LIFETIME);
                         if let Some(e) = expires_in {
-                            prop_assert_eq!(t.lifetime.is_zero(), e <= 0);
+                            prop_assert_eq!(lifetime_of(&t).is_zero(), e <= 0);
                         }
                     }
                     Err(e) => {

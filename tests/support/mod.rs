@@ -117,6 +117,9 @@ type Script = Box<dyn FnMut(usize, &Seen) -> Reply + Send>;
 
 struct State {
     posts: AtomicUsize,
+    /// Token requests being answered now, and the most ever at once.
+    in_flight: AtomicUsize,
+    max_in_flight: AtomicUsize,
     seen: Mutex<Vec<Seen>>,
     script: Mutex<Script>,
 }
@@ -140,6 +143,8 @@ impl TokenServer {
         let addr = listener.local_addr().unwrap();
         let state = Arc::new(State {
             posts: AtomicUsize::new(0),
+            in_flight: AtomicUsize::new(0),
+            max_in_flight: AtomicUsize::new(0),
             seen: Mutex::new(Vec::new()),
             script: Mutex::new(Box::new(script)),
         });
@@ -177,12 +182,36 @@ impl TokenServer {
     pub fn seen(&self) -> Vec<Seen> {
         self.state.seen.lock().unwrap().clone()
     }
+
+    /// The most token requests this endpoint was answering at one moment.
+    pub fn max_in_flight(&self) -> usize {
+        self.state.max_in_flight.load(Ordering::SeqCst)
+    }
+}
+
+/// Counts a token request as in flight from its arrival until its answer is ready
+/// (or its connection is closed without one).
+struct InFlight(Arc<State>);
+
+impl InFlight {
+    fn enter(state: &Arc<State>) -> Self {
+        let now = state.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+        state.max_in_flight.fetch_max(now, Ordering::SeqCst);
+        InFlight(state.clone())
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 async fn answer(
     state: Arc<State>,
     req: Request<Incoming>,
 ) -> Result<Response<Full<Bytes>>, std::io::Error> {
+    let _in_flight = InFlight::enter(&state);
     let (parts, body) = req.into_parts();
     let body = body
         .collect()
@@ -280,6 +309,24 @@ pub fn sent_refresh_tokens(server: &TokenServer) -> Vec<String> {
         .iter()
         .map(|seen| sent_refresh_token(seen).unwrap_or_default())
         .collect()
+}
+
+/// The bound on any wait in a test that should end: a regression fails the test
+/// instead of hanging it.
+pub const WAIT_LIMIT: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// `future`'s output, or a panic if it takes longer than [`WAIT_LIMIT`].
+pub async fn within<F: std::future::Future>(future: F) -> F::Output {
+    tokio::time::timeout(WAIT_LIMIT, future)
+        .await
+        .expect("a wait that should end did not end within the limit")
+}
+
+/// A GET of the inventory listing, with an empty body.
+pub fn get() -> Request<http_body_util::Empty<Bytes>> {
+    Request::get("https://acme.myeshopbox.com/api/v2/inventoryListing")
+        .body(http_body_util::Empty::new())
+        .unwrap()
 }
 
 /// Credentials matching the constants above.

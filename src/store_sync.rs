@@ -1,8 +1,13 @@
-//! A refresh coordinated through a [`TokenStore`]: adopt another replica's token, or
-//! take the store's lock and make the one token call for everybody.
+//! [`StoreSync`]: refreshes coordinated through a [`TokenStore`] — adopt another
+//! replica's token, or take the store's lock and make the one token call for
+//! everybody.
+//!
+//! This is the step between the token core and the store: it implements the core's
+//! [`Coordinator`] and sees a refresh only through its [`Job`]; it answers with what
+//! it [`Obtained`], which the cell installs.
 //!
 //! - Every store call is bounded by a timeout. A store failure before the token call
-//!   hands the refresh back to the cache, which then calls the token endpoint directly.
+//!   hands the refresh back to the cell, which then calls the token endpoint directly.
 //!   After the token call, the first store failure ends the store work for this
 //!   refresh (the token is already in use here). Either way the store is left alone
 //!   for a short while, so a dead store does not slow every refresh down.
@@ -24,10 +29,12 @@ use std::time::Duration;
 use secrecy::SecretString;
 use tokio::time::Instant;
 
-use super::cache::{Reason, TokenCache};
-use super::Token;
+use crate::boxed::BoxFuture;
 use crate::error::Error;
+use crate::stats::Counters;
 use crate::store::{SharedRefreshToken, SharedToken, TokenStore};
+use crate::token::fetch::Fetched;
+use crate::token::refresh::{Adopted, Coordinator, Job, Obtained, StoredToken};
 
 /// First pause between two looks at the store while another replica refreshes.
 const POLL_MIN: Duration = Duration::from_millis(10);
@@ -38,8 +45,12 @@ const STORE_PAUSE: Duration = Duration::from_secs(3);
 /// How often a rotation the store missed is offered to it again, a pause apart.
 const FLUSH_ATTEMPTS: u32 = 20;
 
-/// The store side of a layer's token cache.
-pub(crate) struct Shared {
+/// The store side of a layer's token cell.
+pub(crate) struct StoreSync {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
     store: Arc<dyn TokenStore>,
     /// This layer's id as a lock owner.
     owner: String,
@@ -66,30 +77,55 @@ struct Rotation {
 }
 
 /// The store failed; the refresh goes on without it.
-pub(crate) struct StoreFailed(Error);
+struct StoreFailed(Error);
 
 /// A refresh made holding the lock.
 struct Locked {
-    outcome: Result<Arc<Token>, Error>,
+    outcome: Result<Obtained, Error>,
     /// False if the store failed after the token call (the lock is left to its lease).
     store_ok: bool,
 }
 
-impl Shared {
+impl StoreSync {
     pub(crate) fn new(store: Arc<dyn TokenStore>, lease: Duration, call_timeout: Duration) -> Self {
-        Shared {
-            store,
-            owner: format!("{:016x}{:016x}", fastrand::u64(..), fastrand::u64(..)),
-            lease,
-            call_timeout,
-            paused_until: Mutex::new(None),
-            rotation: Mutex::default(),
-            flushing: AtomicBool::new(false),
+        StoreSync {
+            inner: Arc::new(Inner {
+                store,
+                owner: format!("{:016x}{:016x}", fastrand::u64(..), fastrand::u64(..)),
+                lease,
+                call_timeout,
+                paused_until: Mutex::new(None),
+                rotation: Mutex::default(),
+                flushing: AtomicBool::new(false),
+            }),
         }
     }
+}
 
+impl Coordinator for StoreSync {
+    fn obtain<'a>(&'a self, job: Job<'a>) -> BoxFuture<'a, Option<Result<Obtained, Error>>> {
+        Box::pin(async move {
+            if !self.inner.available() {
+                return None;
+            }
+            match self.inner.refresh(&job).await {
+                Ok(outcome) => Some(outcome),
+                Err(failure) => {
+                    self.inner.failed(job.counters(), failure);
+                    None
+                }
+            }
+        })
+    }
+
+    fn rotated_directly(&self, refresh_token: SecretString) {
+        self.inner.rotated_directly(refresh_token);
+    }
+}
+
+impl Inner {
     /// Whether the store is in use now (not paused after a failure).
-    pub(crate) fn available(&self) -> bool {
+    fn available(&self) -> bool {
         let mut paused = self
             .paused_until
             .lock()
@@ -107,9 +143,9 @@ impl Shared {
 
     /// Notes a store failure: logged, counted, and the store is left alone for a
     /// while.
-    pub(crate) fn failed(&self, cache: &TokenCache, StoreFailed(error): StoreFailed) {
+    fn failed(&self, counters: &Counters, StoreFailed(error): StoreFailed) {
         tracing::warn!(%error, "token store unavailable; requesting tokens directly for now");
-        cache.counters.store_failure();
+        counters.store_failure();
         *self
             .paused_until
             .lock()
@@ -122,7 +158,7 @@ impl Shared {
 
     /// A token call made without the store rotated the refresh token: remember the new
     /// version and offer it to the store until it takes it (or has a newer one).
-    pub(crate) fn rotated_directly(self: &Arc<Self>, refresh_token: SecretString) {
+    fn rotated_directly(self: &Arc<Self>, refresh_token: SecretString) {
         self.rotated(refresh_token);
         self.offer_later();
     }
@@ -167,43 +203,38 @@ impl Shared {
 
     /// One refresh through the store. `Err` means the store failed before any token
     /// call was made; the caller then refreshes directly.
-    pub(crate) async fn refresh(
+    async fn refresh(
         self: &Arc<Self>,
-        cache: &TokenCache,
-        reason: Reason,
-        deadline: Instant,
-    ) -> Result<Result<Arc<Token>, Error>, StoreFailed> {
+        job: &Job<'_>,
+    ) -> Result<Result<Obtained, Error>, StoreFailed> {
         self.flush_rotation().await?;
         // The token being replaced, and one a 401 refused: stored tokens with these
         // ids are no use.
-        let replacing = cache.peek().map(|t| t.shared_id);
-        let failed = match reason {
-            Reason::Invalidated => cache.failed_shared_id(),
-            _ => None,
-        };
+        let replacing = job.replacing();
+        let failed = job.refused();
         if let Some(id) = failed {
             self.call(self.store.remove(id)).await?;
-            cache.forget_failed_shared_id(id);
+            job.forget_refused(id);
         }
         let usable =
             |stored: &SharedToken| Some(stored.id()) != replacing && Some(stored.id()) != failed;
         let mut pause = POLL_MIN;
         loop {
-            if let Some(token) = self.adopt(cache, reason, &usable).await? {
-                return Ok(Ok(token));
+            if let Some(adopted) = self.adopt(job, &usable).await? {
+                return Ok(Ok(Obtained::Adopted(adopted)));
             }
             if self
                 .call(self.store.try_lock(&self.owner, self.lease))
                 .await?
             {
-                let result = self.refresh_locked(cache, reason, &usable).await;
+                let result = self.refresh_locked(job, &usable).await;
                 // After a store failure the lock is left to its lease.
                 if matches!(result, Ok(Locked { store_ok: true, .. })) {
                     self.release().await;
                 }
                 return result.map(|locked| locked.outcome);
             }
-            if Instant::now() + pause >= deadline {
+            if Instant::now() + pause >= job.deadline() {
                 // The holder is alive (it renews its lease) but slow. Calling the
                 // endpoint now could spend the refresh token it is using.
                 return Ok(Err(Error::unavailable(
@@ -216,21 +247,20 @@ impl Shared {
         }
     }
 
-    /// The stored token, installed in `cache`, if it is usable for this refresh.
+    /// The stored token, if it is usable for this refresh.
     async fn adopt(
         &self,
-        cache: &TokenCache,
-        reason: Reason,
+        job: &Job<'_>,
         usable: &impl Fn(&SharedToken) -> bool,
-    ) -> Result<Option<Arc<Token>>, StoreFailed> {
+    ) -> Result<Option<Adopted>, StoreFailed> {
         let stored = self.call(self.store.load()).await?;
         let adopted = stored
             .filter(usable)
-            .and_then(|stored| cache.adopt(&stored, reason));
+            .and_then(|stored| job.adopt(from_store(&stored)));
         if adopted.is_some() {
             // Also take the refresh token it may have rotated, so this layer knows the
             // newest one even if the store later loses it.
-            let _ = self.sync_refresh_token(cache).await;
+            let _ = self.sync_refresh_token(job).await;
         }
         Ok(adopted)
     }
@@ -240,38 +270,39 @@ impl Shared {
     /// call.
     async fn refresh_locked(
         self: &Arc<Self>,
-        cache: &TokenCache,
-        reason: Reason,
+        job: &Job<'_>,
         usable: &impl Fn(&SharedToken) -> bool,
     ) -> Result<Locked, StoreFailed> {
-        if let Some(token) = self.adopt(cache, reason, usable).await? {
+        if let Some(adopted) = self.adopt(job, usable).await? {
             return Ok(Locked {
-                outcome: Ok(token),
+                outcome: Ok(Obtained::Adopted(adopted)),
                 store_ok: true,
             });
         }
-        self.sync_refresh_token(cache).await?;
-        let before = cache.refresh_token();
-        // The store calls above must not eat into the token call's time.
-        let deadline = Instant::now() + cache.token_timeout();
-        let fetched = self.renewing(cache.fetch(reason, deadline)).await;
+        self.sync_refresh_token(job).await?;
+        let before = job.refresh_token();
+        // The token call gets the whole token timeout: the store calls above do not
+        // eat into it.
+        let fetched = self.renewing(job.fetch()).await;
         // The source may have switched to a rotated refresh token even if the answer
         // was otherwise unusable: share it either way.
-        if let Some(rotated) = cache.rotated_since(before) {
+        if let Some(rotated) = job.rotated_since(before) {
             self.rotated(rotated);
         }
-        let outcome = fetched.map(|(response, sent_at)| cache.install(response, sent_at));
-        let store_ok = match self.publish(outcome.as_ref().ok()).await {
+        let store_ok = match self.publish(fetched.as_ref().ok()).await {
             Ok(()) => true,
             Err(failure) => {
-                self.failed(cache, failure);
+                self.failed(job.counters(), failure);
                 if self.rotation().unsaved {
                     self.offer_later();
                 }
                 false
             }
         };
-        Ok(Locked { outcome, store_ok })
+        Ok(Locked {
+            outcome: fetched.map(Obtained::Fetched),
+            store_ok,
+        })
     }
 
     /// Runs `work` while renewing the lock's lease every third of it. If a renewal
@@ -339,14 +370,14 @@ impl Shared {
     /// Before a token call: the refresh token to send is the newest one. Ours, if the
     /// store had not taken it yet, is offered first; then the stored version is used.
     /// A store that lost its copy (a restart without persistence) gets ours back.
-    async fn sync_refresh_token(&self, cache: &TokenCache) -> Result<(), StoreFailed> {
+    async fn sync_refresh_token(&self, job: &Job<'_>) -> Result<(), StoreFailed> {
         self.flush_rotation().await?;
         match self.call(self.store.load_refresh_token()).await? {
             Some(stored) => {
                 let mut rotation = self.rotation();
                 let known = rotation.current.as_ref().map(SharedRefreshToken::id);
                 if known != Some(stored.id()) {
-                    cache.use_refresh_token(stored.refresh_token().clone());
+                    job.use_refresh_token(stored.refresh_token().clone());
                     rotation.current = Some(stored);
                     rotation.unsaved = false;
                 }
@@ -364,10 +395,11 @@ impl Shared {
 
     /// After a token call: writes a rotated refresh token and the new access token to
     /// the store (a later token already stored stays).
-    async fn publish(&self, token: Option<&Arc<Token>>) -> Result<(), StoreFailed> {
+    async fn publish(&self, fetched: Option<&Fetched>) -> Result<(), StoreFailed> {
         self.flush_rotation().await?;
-        if let Some(shared) = token.and_then(|t| t.to_shared()) {
-            self.call(self.store.save(&shared)).await?;
+        if let Some(fetched) = fetched {
+            self.call(self.store.save(&to_store(fetched.stored())))
+                .await?;
         }
         Ok(())
     }
@@ -395,11 +427,30 @@ impl Shared {
     }
 }
 
-impl std::fmt::Debug for Shared {
+impl std::fmt::Debug for StoreSync {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Shared")
-            .field("lease", &self.lease)
-            .field("call_timeout", &self.call_timeout)
+        f.debug_struct("StoreSync")
+            .field("lease", &self.inner.lease)
+            .field("call_timeout", &self.inner.call_timeout)
             .finish_non_exhaustive()
     }
+}
+
+/// A stored token in the cell's terms.
+fn from_store(stored: &SharedToken) -> StoredToken {
+    StoredToken {
+        id: stored.id(),
+        access_token: stored.access_token().clone(),
+        issued_at: stored.issued_at(),
+        lifetime: stored.lifetime(),
+        expires_at: stored.expires_at(),
+    }
+}
+
+/// A fetched token as the store keeps it: its remaining life by this process's
+/// monotonic clock is what replicas exchange.
+fn to_store(token: StoredToken) -> SharedToken {
+    let remaining = token.expires_at.saturating_duration_since(Instant::now());
+    SharedToken::new(token.id, token.access_token, token.lifetime, remaining)
+        .with_issued_at(token.issued_at)
 }

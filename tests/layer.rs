@@ -1,5 +1,8 @@
-//! Behaviour tests of the layer with a scripted token source, tower-test mocks and
-//! paused time. The network-facing parts are tested in `tests/`.
+//! The layer's behaviour through its public API: a scripted token source
+//! (`with_source`), tower-test mocks and echo services, and paused time. The
+//! network-facing parts are tested in the other files of `tests/`.
+
+mod support;
 
 use std::collections::VecDeque;
 use std::convert::Infallible;
@@ -8,31 +11,34 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
+use eshopbox_auth::source::{source_fn, BoxFuture, FetchedToken, TokenSource};
+use eshopbox_auth::{
+    CloneBodies, EmptyBodies, Error, ErrorKind, EshopboxAuthBuilder, EshopboxAuthLayer,
+    ReplayPolicy, TokenHandle,
+};
 use http::{HeaderValue, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Empty, Full};
 use tokio::sync::{watch, Semaphore};
+use tokio::time::Instant;
 use tokio_test::{assert_pending, assert_ready};
 use tower::{service_fn, BoxError, Layer, Service, ServiceExt};
 
-use crate::replay::{CloneBodies, EmptyBodies, ReplayPolicy};
-use crate::token::cache::{Timing, TokenCache};
-use crate::token::{Source, SourceFuture, TokenResponse};
-use crate::{Error, ErrorKind, EshopboxAuthLayer};
+use support::{get, within};
 
-const MARGIN: Duration = Duration::from_secs(300);
+const DAY: Duration = Duration::from_secs(86400);
 
 /// A token source that hands out `tok-1`, `tok-2`, … and can be held at a gate or told
 /// to fail.
 #[derive(Clone)]
 struct Script {
-    shared: Arc<ScriptState>,
+    state: Arc<ScriptState>,
 }
 
 struct ScriptState {
     calls: watch::Sender<usize>,
     /// When each fetch started.
-    times: Mutex<Vec<tokio::time::Instant>>,
-    lifetime: Mutex<Duration>,
+    times: Mutex<Vec<Instant>>,
+    lifetime: Duration,
     failures: Mutex<VecDeque<Error>>,
     gate: Option<Semaphore>,
 }
@@ -49,10 +55,10 @@ impl Script {
 
     fn build(lifetime: Duration, gate: Option<Semaphore>) -> Self {
         Script {
-            shared: Arc::new(ScriptState {
+            state: Arc::new(ScriptState {
                 calls: watch::channel(0).0,
                 times: Mutex::new(Vec::new()),
-                lifetime: Mutex::new(lifetime),
+                lifetime,
                 failures: Mutex::new(VecDeque::new()),
                 gate,
             }),
@@ -60,74 +66,65 @@ impl Script {
     }
 
     fn calls(&self) -> usize {
-        *self.shared.calls.borrow()
+        *self.state.calls.borrow()
     }
 
+    /// Waits (bounded) until at least `n` fetches have started.
     async fn wait_calls(&self, n: usize) {
-        let mut rx = self.shared.calls.subscribe();
-        rx.wait_for(|c| *c >= n).await.unwrap();
+        let mut rx = self.state.calls.subscribe();
+        within(rx.wait_for(|c| *c >= n)).await.unwrap();
     }
 
     fn release(&self, n: usize) {
-        if let Some(gate) = &self.shared.gate {
+        if let Some(gate) = &self.state.gate {
             gate.add_permits(n);
         }
     }
 
+    /// When each fetch started.
+    fn times(&self) -> Vec<Instant> {
+        self.state.times.lock().unwrap().clone()
+    }
+
     /// The gaps between consecutive fetches.
     fn gaps(&self) -> Vec<Duration> {
-        let times = self.shared.times.lock().unwrap();
-        times.windows(2).map(|w| w[1] - w[0]).collect()
+        self.times().windows(2).map(|w| w[1] - w[0]).collect()
     }
 
     fn fail_next(&self, error: Error) {
-        self.shared.failures.lock().unwrap().push_back(error);
+        self.state.failures.lock().unwrap().push_back(error);
+    }
+
+    /// The builder every test starts from: a 5 min margin, 30 s timeout, 2 s cooldown.
+    fn builder(&self) -> EshopboxAuthBuilder {
+        EshopboxAuthLayer::with_source(self.clone())
+            .refresh_margin(Duration::from_secs(300))
+            .token_timeout(Duration::from_secs(30))
+            .failure_cooldown(Duration::from_secs(2))
     }
 
     fn layer(&self) -> EshopboxAuthLayer {
-        self.layer_with(true, EmptyBodies)
-    }
-
-    fn layer_with<P>(&self, retry: bool, replay: P) -> EshopboxAuthLayer<P> {
-        let cache = TokenCache::new(Box::new(self.clone()), None, timing());
-        EshopboxAuthLayer::from_parts(
-            Arc::new(cache),
-            shape(retry),
-            replay,
-            crate::classify::Http401,
-        )
+        self.builder().build().unwrap()
     }
 }
 
-impl Source for Script {
-    fn fetch(&self) -> SourceFuture<'_> {
-        let shared = self.shared.clone();
+impl TokenSource for Script {
+    fn fetch(&self) -> BoxFuture<'_, Result<FetchedToken, Error>> {
+        let state = self.state.clone();
         Box::pin(async move {
             let mut n = 0;
-            shared
-                .times
-                .lock()
-                .unwrap()
-                .push(tokio::time::Instant::now());
-            shared.calls.send_modify(|c| {
+            state.times.lock().unwrap().push(Instant::now());
+            state.calls.send_modify(|c| {
                 *c += 1;
                 n = *c;
             });
-            if let Some(gate) = &shared.gate {
+            if let Some(gate) = &state.gate {
                 gate.acquire().await.unwrap().forget();
             }
-            if let Some(error) = shared.failures.lock().unwrap().pop_front() {
+            if let Some(error) = state.failures.lock().unwrap().pop_front() {
                 return Err(error);
             }
-            let mut header = HeaderValue::try_from(format!("Bearer tok-{n}")).unwrap();
-            header.set_sensitive(true);
-            Ok(TokenResponse {
-                header,
-                lifetime: *shared.lifetime.lock().unwrap(),
-                scope: None,
-                has_id_token: false,
-                rotated: None,
-            })
+            Ok(FetchedToken::new(format!("tok-{n}")).expires_in(state.lifetime))
         })
     }
 }
@@ -205,23 +202,25 @@ impl Api {
     }
 }
 
-fn get() -> Request<Empty<Bytes>> {
-    Request::get("https://acme.myeshopbox.com/api/v2/inventoryListing")
-        .body(Empty::new())
-        .unwrap()
-}
-
 fn post(body: &'static str) -> Request<Full<Bytes>> {
     Request::post("https://acme.myeshopbox.com/api/v1/orders")
         .body(Full::new(Bytes::from_static(body.as_bytes())))
         .unwrap()
 }
 
-async fn send<S, B>(svc: &mut S, req: Request<B>) -> Result<Response<String>, BoxError>
+async fn send<S, B, R>(svc: &mut S, req: Request<B>) -> Result<Response<R>, BoxError>
 where
-    S: Service<Request<B>, Response = Response<String>, Error = BoxError>,
+    S: Service<Request<B>, Response = Response<R>, Error = BoxError>,
 {
     svc.ready().await?.call(req).await
+}
+
+/// [`send`] for a service moved into a spawned task.
+async fn send_owned<S, B, R>(mut svc: S, req: Request<B>) -> Result<Response<R>, BoxError>
+where
+    S: Service<Request<B>, Response = Response<R>, Error = BoxError>,
+{
+    send(&mut svc, req).await
 }
 
 fn error_kind(err: &BoxError) -> ErrorKind {
@@ -230,19 +229,57 @@ fn error_kind(err: &BoxError) -> ErrorKind {
         .kind()
 }
 
-// 2. Header ------------------------------------------------------------------------
+fn unauthorized() -> Response<()> {
+    let mut res = Response::new(());
+    *res.status_mut() = StatusCode::UNAUTHORIZED;
+    res
+}
+
+/// Lets the paused clock run on by `by` (firing every timer on the way, in order),
+/// then lets the tasks the last timers woke run.
+async fn pass(by: Duration) {
+    tokio::time::sleep(by).await;
+    for _ in 0..4 {
+        tokio::task::yield_now().await;
+    }
+}
+
+/// Waits (bounded) until the handle's token has at least this generation.
+async fn generation(handle: &TokenHandle, n: u64) {
+    let mut changes = handle.subscribe();
+    within(changes.wait_for(|info| info.is_some_and(|i| i.generation >= n)))
+        .await
+        .unwrap();
+}
+
+/// Lets spawned tasks run until `done` holds; fails after a bounded number of turns.
+async fn until(mut done: impl FnMut() -> bool) {
+    for _ in 0..10_000 {
+        if done() {
+            return;
+        }
+        tokio::task::yield_now().await;
+    }
+    panic!("the condition never held");
+}
+
+fn down() -> Error {
+    Error::unavailable("endpoint down").with_status(StatusCode::SERVICE_UNAVAILABLE, None)
+}
+
+// Header ---------------------------------------------------------------------------
 
 #[tokio::test(start_paused = true)]
 async fn header_replaces_any_authorization_and_is_sensitive() {
-    let script = Script::new(Duration::from_secs(86400));
+    let script = Script::new(DAY);
     let (mock, mut handle) = tower_test::mock::pair::<Request<Empty<Bytes>>, Response<()>>();
     let svc = script.layer().layer(mock);
 
     let mut req = get();
     req.headers_mut()
         .insert("authorization", HeaderValue::from_static("Basic old"));
-    let fut = tokio::spawn(send_unit(svc.clone(), req));
-    let (seen, reply) = handle.next_request().await.unwrap();
+    let fut = tokio::spawn(send_owned(svc.clone(), req));
+    let (seen, reply) = within(handle.next_request()).await.unwrap();
     let values: Vec<_> = seen.headers().get_all("authorization").iter().collect();
     assert_eq!(values, ["Bearer tok-1"]);
     assert!(values[0].is_sensitive());
@@ -250,26 +287,19 @@ async fn header_replaces_any_authorization_and_is_sensitive() {
     fut.await.unwrap().unwrap();
 
     // The second request reuses the header built for the token.
-    let fut = tokio::spawn(send_unit(svc.clone(), get()));
-    let (seen, reply) = handle.next_request().await.unwrap();
+    let fut = tokio::spawn(send_owned(svc.clone(), get()));
+    let (seen, reply) = within(handle.next_request()).await.unwrap();
     assert_eq!(seen.headers()["authorization"], "Bearer tok-1");
     reply.send_response(Response::new(()));
     fut.await.unwrap().unwrap();
     assert_eq!(script.calls(), 1);
 }
 
-async fn send_unit<S>(mut svc: S, req: Request<Empty<Bytes>>) -> Result<Response<()>, BoxError>
-where
-    S: Service<Request<Empty<Bytes>>, Response = Response<()>, Error = BoxError>,
-{
-    svc.ready().await?.call(req).await
-}
-
-// 3. Lock-free read: a warm token makes no token call ------------------------------
+// Lock-free read: a warm token makes no token call ----------------------------------
 
 #[tokio::test(start_paused = true)]
 async fn warm_token_is_read_without_token_calls() {
-    let script = Script::new(Duration::from_secs(86400));
+    let script = Script::new(DAY);
     let api = Api::new();
     let mut svc = script.layer().layer(api.service());
     send(&mut svc, get()).await.unwrap();
@@ -282,19 +312,16 @@ async fn warm_token_is_read_without_token_calls() {
     assert_eq!(api.calls(), 501);
 }
 
-// 4. Single flight -----------------------------------------------------------------
+// Single flight --------------------------------------------------------------------
 
 #[tokio::test(start_paused = true)]
 async fn a_thousand_cold_requests_make_one_token_call() {
-    let script = Script::gated(Duration::from_secs(86400));
+    let script = Script::gated(DAY);
     let api = Api::new();
     let svc = script.layer().layer(api.service());
 
     let tasks: Vec<_> = (0..1000)
-        .map(|_| {
-            let mut svc = svc.clone();
-            tokio::spawn(async move { send(&mut svc, get()).await })
-        })
+        .map(|_| tokio::spawn(send_owned(svc.clone(), get())))
         .collect();
     script.wait_calls(1).await;
     script.release(1);
@@ -308,7 +335,7 @@ async fn a_thousand_cold_requests_make_one_token_call() {
 
 #[tokio::test(start_paused = true)]
 async fn services_from_clones_of_one_layer_share_the_token() {
-    let script = Script::new(Duration::from_secs(86400));
+    let script = Script::new(DAY);
     let layer = script.layer();
     let api = Api::new();
     let mut a = layer.clone().layer(api.service());
@@ -319,19 +346,18 @@ async fn services_from_clones_of_one_layer_share_the_token() {
     assert_eq!(script.calls(), 1);
 }
 
-// 5. Cancellation-safe -------------------------------------------------------------
+// Cancellation-safe ----------------------------------------------------------------
 
 #[tokio::test(start_paused = true)]
 async fn dropping_every_waiter_does_not_abort_the_refresh() {
-    let script = Script::gated(Duration::from_secs(86400));
+    let script = Script::gated(DAY);
     let api = Api::new();
-    let svc = script.layer().layer(api.service());
+    let layer = script.layer();
+    let handle = layer.handle();
+    let svc = layer.layer(api.service());
 
     let waiters: Vec<_> = (0..10)
-        .map(|_| {
-            let mut svc = svc.clone();
-            tokio::spawn(async move { send(&mut svc, get()).await })
-        })
+        .map(|_| tokio::spawn(send_owned(svc.clone(), get())))
         .collect();
     script.wait_calls(1).await;
     for waiter in &waiters {
@@ -342,7 +368,7 @@ async fn dropping_every_waiter_does_not_abort_the_refresh() {
     }
     // The refresh was started by requests that are gone; it still finishes.
     script.release(1);
-    cache_of_service(&svc).settled().await;
+    generation(&handle, 1).await;
 
     let mut svc = svc;
     let res = send(&mut svc, get()).await.unwrap();
@@ -351,32 +377,30 @@ async fn dropping_every_waiter_does_not_abort_the_refresh() {
     assert_eq!(api.calls(), 1);
 }
 
-fn cache_of_service<S, P, C>(svc: &crate::EshopboxAuth<S, P, C>) -> Arc<TokenCache> {
-    svc.shared().clone()
-}
-
-// 6. Before expiry -----------------------------------------------------------------
+// Before expiry --------------------------------------------------------------------
 
 #[tokio::test(start_paused = true)]
 async fn short_token_is_refreshed_after_half_its_life_not_on_every_request() {
     let script = Script::new(Duration::from_secs(2));
     let api = Api::new();
-    let mut svc = script.layer().layer(api.service());
+    let layer = script.layer();
+    let handle = layer.handle();
+    let mut svc = layer.layer(api.service());
     send(&mut svc, get()).await.unwrap();
 
     // The 5 min margin is capped at half of the 2 s lifetime.
-    pass(&svc, Duration::from_millis(999)).await;
+    pass(Duration::from_millis(999)).await;
     for _ in 0..10 {
         send(&mut svc, get()).await.unwrap();
     }
     assert_eq!(script.calls(), 1);
 
     // Past half-life plus the largest jitter, one request starts one refresh.
-    pass(&svc, Duration::from_millis(150)).await;
+    pass(Duration::from_millis(150)).await;
     for _ in 0..10 {
         send(&mut svc, get()).await.unwrap();
     }
-    cache_of_service(&svc).settled().await;
+    generation(&handle, 2).await;
     assert_eq!(script.calls(), 2);
     let res = send(&mut svc, get()).await.unwrap();
     assert_eq!(res.body(), "Bearer tok-2");
@@ -386,12 +410,14 @@ async fn short_token_is_refreshed_after_half_its_life_not_on_every_request() {
 async fn early_refresh_runs_in_background_while_requests_use_the_old_token() {
     let script = Script::gated(Duration::from_secs(3600));
     let api = Api::new();
-    let mut svc = script.layer().layer(api.service());
+    let layer = script.layer();
+    let handle = layer.handle();
+    let mut svc = layer.layer(api.service());
     script.release(1);
     send(&mut svc, get()).await.unwrap();
 
     // Into the soft window (margin 300 s, jitter ≤ 30 s).
-    pass(&svc, Duration::from_secs(3600 - 200)).await;
+    pass(Duration::from_secs(3600 - 200)).await;
     // The refresh is held at the gate, yet every request, including the one that
     // noticed, completes at once with the old token.
     for _ in 0..20 {
@@ -403,7 +429,7 @@ async fn early_refresh_runs_in_background_while_requests_use_the_old_token() {
     assert_eq!(script.calls(), 2, "exactly one background refresh");
 
     script.release(1);
-    cache_of_service(&svc).settled().await;
+    generation(&handle, 2).await;
     let res = send(&mut svc, get()).await.unwrap();
     assert_eq!(res.body(), "Bearer tok-2");
 }
@@ -412,14 +438,16 @@ async fn early_refresh_runs_in_background_while_requests_use_the_old_token() {
 async fn failed_early_refresh_keeps_the_valid_token_and_backs_off() {
     let script = Script::new(Duration::from_secs(3600));
     let api = Api::new();
-    let mut svc = script.layer().layer(api.service());
+    let layer = script.layer();
+    let handle = layer.handle();
+    let mut svc = layer.layer(api.service());
     send(&mut svc, get()).await.unwrap();
 
-    script.fail_next(Error::new(ErrorKind::Rejected, "refused"));
-    pass(&svc, Duration::from_secs(3600 - 200)).await;
+    script.fail_next(Error::rejected("refused"));
+    pass(Duration::from_secs(3600 - 200)).await;
     let res = send(&mut svc, get()).await.unwrap();
     assert_eq!(res.body(), "Bearer tok-1");
-    cache_of_service(&svc).settled().await;
+    until(|| handle.stats().failures_rejected == 1).await;
     assert_eq!(script.calls(), 2);
 
     // The failure left tok-1 in place, and the next attempt is not made at once.
@@ -428,11 +456,16 @@ async fn failed_early_refresh_keeps_the_valid_token_and_backs_off() {
         assert_eq!(res.body(), "Bearer tok-1");
     }
     assert_eq!(script.calls(), 2);
-
-    // After the back-off (half the remaining 200 s, capped at 30 s) it tries again.
-    pass(&svc, Duration::from_secs(31)).await;
+    // Nor just before the back-off (half the remaining 200 s, capped at 30 s) ends.
+    pass(Duration::from_millis(29_900)).await;
     send(&mut svc, get()).await.unwrap();
-    cache_of_service(&svc).settled().await;
+    pass(Duration::ZERO).await;
+    assert_eq!(script.calls(), 2);
+
+    // After it, the next request tries again.
+    pass(Duration::from_millis(200)).await;
+    send(&mut svc, get()).await.unwrap();
+    generation(&handle, 2).await;
     assert_eq!(script.calls(), 3);
     let res = send(&mut svc, get()).await.unwrap();
     assert_eq!(res.body(), "Bearer tok-3");
@@ -442,28 +475,29 @@ async fn failed_early_refresh_keeps_the_valid_token_and_backs_off() {
 async fn expiry_counts_from_when_the_token_request_was_sent() {
     let script = Script::gated(Duration::from_secs(2));
     let api = Api::new();
-    let mut svc = script.layer().layer(api.service());
-    let cache = cache_of_service(&svc);
+    let layer = script.layer();
+    let handle = layer.handle();
+    let mut svc = layer.layer(api.service());
 
     let mut other = svc.clone();
     let mut first = tokio_test::task::spawn(send(&mut other, get()));
     assert_pending!(first.poll());
     script.wait_calls(1).await;
     // The endpoint takes 500 ms to answer.
-    pass(&svc, Duration::from_millis(500)).await;
+    pass(Duration::from_millis(500)).await;
     script.release(1);
-    cache.settled().await;
+    generation(&handle, 1).await;
     assert_eq!(assert_ready!(first.poll()).unwrap().body(), "Bearer tok-1");
     drop(first);
 
     // 1.5 s after the answer, 2 s after the request was sent: the token has expired,
     // so the next request waits for a new one (held at the gate).
-    pass(&svc, Duration::from_millis(1500)).await;
+    pass(Duration::from_millis(1500)).await;
     let mut next = tokio_test::task::spawn(send(&mut svc, get()));
     assert_pending!(next.poll());
     script.wait_calls(2).await;
     script.release(1);
-    cache.settled().await;
+    generation(&handle, 2).await;
     assert_eq!(assert_ready!(next.poll()).unwrap().body(), "Bearer tok-2");
 }
 
@@ -471,28 +505,30 @@ async fn expiry_counts_from_when_the_token_request_was_sent() {
 async fn expired_token_makes_requests_wait() {
     let script = Script::gated(Duration::from_secs(60));
     let api = Api::new();
-    let mut svc = script.layer().layer(api.service());
+    let layer = script.layer();
+    let handle = layer.handle();
+    let mut svc = layer.layer(api.service());
     script.release(1);
     send(&mut svc, get()).await.unwrap();
 
-    pass(&svc, Duration::from_secs(61)).await;
+    pass(Duration::from_secs(61)).await;
     let mut clone = svc.clone();
     let mut waiting = tokio_test::task::spawn(send(&mut clone, get()));
     assert_pending!(waiting.poll());
     assert_eq!(api.calls(), 1, "no request went out with the expired token");
     script.release(1);
-    cache_of_service(&svc).settled().await;
+    generation(&handle, 2).await;
     assert_eq!(
         assert_ready!(waiting.poll()).unwrap().body(),
         "Bearer tok-2"
     );
 }
 
-// 7. 401 once ----------------------------------------------------------------------
+// 401 once -------------------------------------------------------------------------
 
 #[tokio::test(start_paused = true)]
 async fn unauthorized_get_is_resent_once_with_a_new_token() {
-    let script = Script::new(Duration::from_secs(86400));
+    let script = Script::new(DAY);
     let api = Api::new();
     api.reject("Bearer tok-1");
     let mut svc = script.layer().layer(api.service());
@@ -506,21 +542,20 @@ async fn unauthorized_get_is_resent_once_with_a_new_token() {
 
 #[tokio::test(start_paused = true)]
 async fn two_hundred_concurrent_401s_cause_one_refresh() {
-    let script = Script::gated(Duration::from_secs(86400));
+    let script = Script::gated(DAY);
     let mut api = Api::new();
     api.reject("Bearer tok-1");
     // All 200 first attempts are answered 401 together.
     api.hold_rejected = Some(Arc::new(tokio::sync::Barrier::new(200)));
-    let svc = script.layer().layer(api.service());
-    // Warm the cache with tok-1 without sending a request.
+    let layer = script.layer();
+    let handle = layer.handle();
+    let svc = layer.layer(api.service());
+    // Warm the cell with tok-1 without sending a request.
     script.release(1);
-    cache_of_service(&svc).wait().await.unwrap();
+    handle.refresh().await.unwrap();
 
     let tasks: Vec<_> = (0..200)
-        .map(|_| {
-            let mut svc = svc.clone();
-            tokio::spawn(async move { send(&mut svc, get()).await })
-        })
+        .map(|_| tokio::spawn(send_owned(svc.clone(), get())))
         .collect();
     script.wait_calls(2).await;
     script.release(1);
@@ -535,29 +570,25 @@ async fn two_hundred_concurrent_401s_cause_one_refresh() {
 
 #[tokio::test(start_paused = true)]
 async fn late_401s_for_a_replaced_token_do_not_refresh_again() {
-    let script = Script::new(Duration::from_secs(86400));
+    let script = Script::new(DAY);
     let (mock, mut handle) = tower_test::mock::pair::<Request<Empty<Bytes>>, Response<()>>();
     handle.allow(1000);
-    let svc = script.layer().layer(mock);
-    cache_of_service(&svc).wait().await.unwrap();
+    let layer = script.layer();
+    layer.handle().refresh().await.unwrap();
+    let svc = layer.layer(mock);
 
     let tasks: Vec<_> = (0..50)
-        .map(|_| tokio::spawn(send_unit_owned(svc.clone(), get())))
+        .map(|_| tokio::spawn(send_owned(svc.clone(), get())))
         .collect();
     let mut pending = Vec::new();
     for _ in 0..50 {
-        let (req, reply) = handle.next_request().await.unwrap();
+        let (req, reply) = within(handle.next_request()).await.unwrap();
         assert_eq!(req.headers()["authorization"], "Bearer tok-1");
         pending.push(reply);
     }
-    let unauthorized = || {
-        let mut res = Response::new(());
-        *res.status_mut() = StatusCode::UNAUTHORIZED;
-        res
-    };
     // The first 401 replaces tok-1 with tok-2 ...
     pending.remove(0).send_response(unauthorized());
-    let (req, reply) = handle.next_request().await.unwrap();
+    let (req, reply) = within(handle.next_request()).await.unwrap();
     assert_eq!(req.headers()["authorization"], "Bearer tok-2");
     reply.send_response(Response::new(()));
     assert_eq!(script.calls(), 2);
@@ -566,7 +597,7 @@ async fn late_401s_for_a_replaced_token_do_not_refresh_again() {
         reply.send_response(unauthorized());
     }
     for _ in 0..49 {
-        let (req, reply) = handle.next_request().await.unwrap();
+        let (req, reply) = within(handle.next_request()).await.unwrap();
         assert_eq!(req.headers()["authorization"], "Bearer tok-2");
         reply.send_response(Response::new(()));
     }
@@ -578,7 +609,7 @@ async fn late_401s_for_a_replaced_token_do_not_refresh_again() {
 
 #[tokio::test(start_paused = true)]
 async fn body_that_cannot_be_replayed_gets_the_401_and_the_token_is_dropped() {
-    let script = Script::new(Duration::from_secs(86400));
+    let script = Script::new(DAY);
     let api = Api::new();
     api.reject("Bearer tok-1");
     let mut svc = script.layer().layer(api.service());
@@ -594,10 +625,11 @@ async fn body_that_cannot_be_replayed_gets_the_401_and_the_token_is_dropped() {
 
 #[tokio::test(start_paused = true)]
 async fn clone_policy_replays_a_full_body() {
-    let script = Script::new(Duration::from_secs(86400));
+    let script = Script::new(DAY);
     let api = Api::new();
     api.reject("Bearer tok-1");
-    let mut svc = script.layer_with(true, CloneBodies).layer(api.service());
+    let layer = script.builder().replay_bodies(CloneBodies).build().unwrap();
+    let mut svc = layer.layer(api.service());
 
     let res = send(&mut svc, post(r#"{"sku":"A1"}"#)).await.unwrap();
     assert_eq!(res.status(), StatusCode::OK);
@@ -608,10 +640,16 @@ async fn clone_policy_replays_a_full_body() {
 
 #[tokio::test(start_paused = true)]
 async fn retry_off_returns_the_401_and_drops_the_token() {
-    let script = Script::new(Duration::from_secs(86400));
+    let script = Script::new(DAY);
     let api = Api::new();
     api.reject("Bearer tok-1");
-    let mut svc = script.layer_with(false, EmptyBodies).layer(api.service());
+    let layer = script
+        .builder()
+        .retry_on_unauthorized(false)
+        .replay_bodies(EmptyBodies)
+        .build()
+        .unwrap();
+    let mut svc = layer.layer(api.service());
 
     let res = send(&mut svc, get()).await.unwrap();
     assert_eq!(res.status(), StatusCode::UNAUTHORIZED);
@@ -623,11 +661,14 @@ async fn retry_off_returns_the_401_and_drops_the_token() {
 
 #[tokio::test(start_paused = true)]
 async fn second_401_is_returned_and_does_not_drop_the_new_token() {
-    let script = Script::new(Duration::from_secs(86400));
+    use eshopbox_auth::secrecy::ExposeSecret;
+    let script = Script::new(DAY);
     let api = Api::new();
     api.reject("Bearer tok-1");
     api.reject("Bearer tok-2");
-    let mut svc = script.layer().layer(api.service());
+    let layer = script.layer();
+    let handle = layer.handle();
+    let mut svc = layer.layer(api.service());
 
     let res = send(&mut svc, get()).await.unwrap();
     assert_eq!(res.status(), StatusCode::UNAUTHORIZED);
@@ -639,14 +680,15 @@ async fn second_401_is_returned_and_does_not_drop_the_new_token() {
     assert_eq!(api.calls(), 2, "resent exactly once");
     assert_eq!(script.calls(), 2);
     // tok-2 was not invalidated by the second 401: it is still the current token.
-    let (header, _) = cache_of_service(&svc).get().unwrap();
-    assert_eq!(header, "Bearer tok-2");
+    let token = handle.token().expect("tok-2 is still current");
+    assert_eq!(token.secret().expose_secret(), "tok-2");
+    assert_eq!(handle.stats().invalidations, 1);
     assert_eq!(script.calls(), 2);
 }
 
 #[tokio::test(start_paused = true)]
 async fn a_closure_policy_decides_which_bodies_are_replayed() {
-    let script = Script::new(Duration::from_secs(86400));
+    let script = Script::new(DAY);
     let api = Api::new();
     api.reject("Bearer tok-1");
     let small_only = |body: &Full<Bytes>| {
@@ -658,7 +700,8 @@ async fn a_closure_policy_decides_which_bodies_are_replayed() {
             .1
             .is_some()
     );
-    let mut svc = script.layer_with(true, small_only).layer(api.service());
+    let layer = script.builder().replay_bodies(small_only).build().unwrap();
+    let mut svc = layer.layer(api.service());
     let res = send(&mut svc, post("{}")).await.unwrap();
     assert_eq!(res.status(), StatusCode::OK);
     api.reject("Bearer tok-2");
@@ -666,361 +709,12 @@ async fn a_closure_policy_decides_which_bodies_are_replayed() {
     assert_eq!(res.status(), StatusCode::UNAUTHORIZED);
 }
 
-// 8. poll_ready contract (tower-test's Mock panics on an unready clone) ---------------
-
-#[tokio::test(start_paused = true)]
-async fn waiting_first_call_uses_the_service_that_was_polled_ready() {
-    let script = Script::gated(Duration::from_secs(86400));
-    let (mock, mut handle) = tower_test::mock::pair::<Request<Empty<Bytes>>, Response<()>>();
-    let mut svc = script.layer().layer(mock);
-
-    handle.allow(1);
-    svc.ready().await.unwrap();
-    let mut call = tokio_test::task::spawn(svc.call(get()));
-    assert_pending!(call.poll());
-    script.wait_calls(1).await;
-    script.release(1);
-    cache_of_service(&svc).settled().await;
-    assert_pending!(call.poll());
-    let (req, reply) = handle.next_request().await.unwrap();
-    assert_eq!(req.headers()["authorization"], "Bearer tok-1");
-    reply.send_response(Response::new(()));
-    assert_ready!(call.poll()).unwrap();
-
-    // The service left behind is a fresh clone that must be polled ready again.
-    handle.allow(1);
-    svc.ready().await.unwrap();
-    let call = svc.call(get());
-    let (_, reply) = handle.next_request().await.unwrap();
-    reply.send_response(Response::new(()));
-    call.await.unwrap();
-}
-
-#[tokio::test(start_paused = true)]
-async fn resend_polls_the_inner_service_ready_again() {
-    let script = Script::new(Duration::from_secs(86400));
-    let (mock, mut handle) = tower_test::mock::pair::<Request<Empty<Bytes>>, Response<()>>();
-    let mut svc = script.layer().layer(mock);
-    cache_of_service(&svc).wait().await.unwrap();
-
-    handle.allow(1);
-    svc.ready().await.unwrap();
-    let mut call = tokio_test::task::spawn(svc.call(get()));
-    assert_pending!(call.poll());
-    let (req, reply) = handle.next_request().await.unwrap();
-    assert_eq!(req.headers()["authorization"], "Bearer tok-1");
-    let mut unauthorized = Response::new(());
-    *unauthorized.status_mut() = StatusCode::UNAUTHORIZED;
-    reply.send_response(unauthorized);
-
-    // The 401 dropped tok-1; the resend waits for tok-2 ...
-    assert_pending!(call.poll());
-    cache_of_service(&svc).settled().await;
-    // ... and then for the inner service to be ready again.
-    assert_pending!(call.poll());
-    assert!(handle.poll_request().is_pending());
-    handle.allow(1);
-    assert!(call.is_woken());
-    assert_pending!(call.poll());
-    let (req, reply) = handle.next_request().await.unwrap();
-    assert_eq!(req.headers()["authorization"], "Bearer tok-2");
-    reply.send_response(Response::new(()));
-    let res = assert_ready!(call.poll()).unwrap();
-    assert_eq!(res.status(), StatusCode::OK);
-}
-
-#[tokio::test(start_paused = true)]
-async fn inner_errors_pass_through_boxed() {
-    let script = Script::new(Duration::from_secs(86400));
-    let (mock, mut handle) = tower_test::mock::pair::<Request<Empty<Bytes>>, Response<()>>();
-    let svc = script.layer().layer(mock);
-    handle.allow(1);
-    let call = tokio::spawn(send_unit_owned(svc.clone(), get()));
-    let (_, reply) = handle.next_request().await.unwrap();
-    reply.send_error("connection reset by peer");
-    let err = call.await.unwrap().unwrap_err();
-    assert!(err.downcast_ref::<Error>().is_none());
-    assert_eq!(err.to_string(), "connection reset by peer");
-}
-
-async fn send_unit_owned<S>(svc: S, req: Request<Empty<Bytes>>) -> Result<Response<()>, BoxError>
-where
-    S: Service<Request<Empty<Bytes>>, Response = Response<()>, Error = BoxError>,
-{
-    send_unit(svc, req).await
-}
-
-// 9. Errors, not panics ------------------------------------------------------------
-
-#[tokio::test(start_paused = true)]
-async fn token_failure_fails_every_waiter_with_the_typed_error() {
-    let script = Script::gated(Duration::from_secs(86400));
-    let api = Api::new();
-    let svc = script.layer().layer(api.service());
-    script.fail_next(
-        Error::new(ErrorKind::Rejected, "refused")
-            .with_status(StatusCode::BAD_REQUEST, Some("invalid_grant".into())),
-    );
-    let tasks: Vec<_> = (0..50)
-        .map(|_| {
-            let mut svc = svc.clone();
-            tokio::spawn(async move { send(&mut svc, get()).await })
-        })
-        .collect();
-    script.wait_calls(1).await;
-    script.release(1);
-    for task in tasks {
-        let err = task.await.unwrap().unwrap_err();
-        assert_eq!(error_kind(&err), ErrorKind::Rejected);
-        let err = err.downcast_ref::<Error>().unwrap();
-        assert_eq!(err.oauth_error(), Some("invalid_grant"));
-    }
-    assert_eq!(script.calls(), 1);
-    assert_eq!(api.calls(), 0);
-
-    // The permanent failure is remembered for 1 to 5 s: a burst right after it
-    // gets the same error without a new token request ...
-    for _ in 0..20 {
-        let err = send(&mut svc.clone(), get()).await.unwrap_err();
-        assert_eq!(error_kind(&err), ErrorKind::Rejected);
-    }
-    assert_eq!(script.calls(), 1);
-    // ... and after that, the next request tries again (and here succeeds).
-    pass(&svc, Duration::from_secs(5)).await;
-    script.release(1);
-    let res = send(&mut svc.clone(), get()).await.unwrap();
-    assert_eq!(res.body(), "Bearer tok-2");
-}
-
-#[tokio::test(start_paused = true)]
-async fn a_hanging_endpoint_fails_waiters_at_the_timeout() {
-    let script = Script::gated(Duration::from_secs(86400));
-    let api = Api::new();
-    let mut svc = script.layer().layer(api.service());
-    // The gate is never opened: the token request hangs until the 30 s timeout.
-    let err = send(&mut svc, get()).await.unwrap_err();
-    assert_eq!(error_kind(&err), ErrorKind::Unavailable);
-    assert!(err.to_string().contains("token timeout of 30s"), "{err}");
-}
-
-// 10. Debug shows no secret ---------------------------------------------------------
-
-#[tokio::test(start_paused = true)]
-async fn debug_of_layer_and_service_shows_no_token() {
-    let script = Script::new(Duration::from_secs(86400));
-    let layer = script.layer();
-    let api = Api::new();
-    let mut svc = layer.layer(api.service());
-    send(&mut svc, get()).await.unwrap();
-    let shown = format!("{layer:?} {:?}", cache_of_service(&svc));
-    assert!(shown.contains("generation: 1"), "{shown}");
-    assert!(!shown.contains("tok-1"), "{shown}");
-}
-
-// Resilience ------------------------------------------------------------------------
-
-fn down() -> Error {
-    Error::unavailable("endpoint down").with_status(StatusCode::SERVICE_UNAVAILABLE, None)
-}
-
-#[tokio::test(start_paused = true)]
-async fn transient_failures_are_retried_with_backoff_inside_one_refresh() {
-    let script = Script::new(Duration::from_secs(86400));
-    let api = Api::new();
-    let mut svc = script.layer().layer(api.service());
-    script.fail_next(down());
-    script.fail_next(down());
-    let res = send(&mut svc, get()).await.unwrap();
-    assert_eq!(res.body(), "Bearer tok-3");
-    let gaps = script.gaps();
-    // 200 ms then 400 ms, each scaled by ½ to 1.
-    assert!(gaps[0] >= Duration::from_millis(100) && gaps[0] <= Duration::from_millis(200));
-    assert!(gaps[1] >= Duration::from_millis(200) && gaps[1] <= Duration::from_millis(400));
-}
-
-#[tokio::test(start_paused = true)]
-async fn transient_failures_stop_after_max_attempts_and_recover_later() {
-    let script = Script::new(Duration::from_secs(86400));
-    let api = Api::new();
-    let mut svc = script.layer().layer(api.service());
-    for _ in 0..crate::token::cache::MAX_ATTEMPTS {
-        script.fail_next(down());
-    }
-    let err = send(&mut svc, get()).await.unwrap_err();
-    assert_eq!(error_kind(&err), ErrorKind::Unavailable);
-    assert_eq!(script.calls(), 4);
-    // The endpoint is back: the very next request succeeds (no "failed forever").
-    let res = send(&mut svc, get()).await.unwrap();
-    assert_eq!(res.body(), "Bearer tok-5");
-}
-
-#[tokio::test(start_paused = true)]
-async fn retry_after_is_honoured_between_attempts() {
-    let script = Script::new(Duration::from_secs(86400));
-    let api = Api::new();
-    let mut svc = script.layer().layer(api.service());
-    script.fail_next(down().with_retry_after(Some(Duration::from_secs(7))));
-    let res = send(&mut svc, get()).await.unwrap();
-    assert_eq!(res.body(), "Bearer tok-2");
-    assert_eq!(script.gaps(), [Duration::from_secs(7)]);
-}
-
-#[tokio::test(start_paused = true)]
-async fn retry_after_beyond_the_budget_fails_now_and_is_remembered() {
-    let script = Script::new(Duration::from_secs(86400));
-    let api = Api::new();
-    let mut svc = script.layer().layer(api.service());
-    script.fail_next(down().with_retry_after(Some(Duration::from_secs(60))));
-    let start = tokio::time::Instant::now();
-    let err = send(&mut svc, get()).await.unwrap_err();
-    assert_eq!(
-        start.elapsed(),
-        Duration::ZERO,
-        "no waiting past the budget"
-    );
-    let eshopbox = err.downcast_ref::<Error>().unwrap();
-    assert_eq!(eshopbox.retry_after(), Some(Duration::from_secs(60)));
-    // Requests within the minute get the error without a token request.
-    pass(&svc, Duration::from_secs(59)).await;
-    let err = send(&mut svc, get()).await.unwrap_err();
-    assert_eq!(error_kind(&err), ErrorKind::Unavailable);
-    assert_eq!(script.calls(), 1);
-    pass(&svc, Duration::from_secs(1)).await;
-    let res = send(&mut svc, get()).await.unwrap();
-    assert_eq!(res.body(), "Bearer tok-2");
-}
-
-#[tokio::test(start_paused = true)]
-async fn stale_token_is_served_through_an_outage_until_it_expires() {
-    let script = Script::new(Duration::from_secs(3600));
-    let api = Api::new();
-    let mut svc = script.layer().layer(api.service());
-    send(&mut svc, get()).await.unwrap();
-    // From here on, the endpoint fails every request.
-    for _ in 0..1000 {
-        script.fail_next(down());
-    }
-    pass(&svc, Duration::from_secs(3600 - 200)).await;
-    let mut served = 0;
-    while tokio::time::Instant::now() + Duration::from_secs(1) < script_expiry(&svc) {
-        let res = send(&mut svc, get()).await.unwrap();
-        assert_eq!(res.body(), "Bearer tok-1");
-        served += 1;
-        pass(&svc, Duration::from_secs(1)).await;
-    }
-    assert!(served > 100);
-    let attempts = script.calls() - 1;
-    // Refreshes are spaced by back-off (≥ 1 s between refreshes, ≤ 4 attempts each).
-    assert!(
-        attempts <= 4 * 200,
-        "{attempts} token requests during a 200 s outage"
-    );
-    // Once the token has expired, requests see the error.
-    pass(&svc, Duration::from_secs(2)).await;
-    let err = send(&mut svc, get()).await.unwrap_err();
-    assert_eq!(error_kind(&err), ErrorKind::Unavailable);
-}
-
-fn script_expiry<S, P, C>(svc: &crate::EshopboxAuth<S, P, C>) -> tokio::time::Instant {
-    svc.shared().expiry().unwrap()
-}
-
-#[tokio::test(start_paused = true)]
-async fn a_token_dead_on_arrival_is_used_for_a_second_not_refetched_per_request() {
-    let script = Script::new(Duration::ZERO);
-    let api = Api::new();
-    let mut svc = script.layer().layer(api.service());
-    for _ in 0..50 {
-        let res = send(&mut svc, get()).await.unwrap();
-        assert_eq!(res.body(), "Bearer tok-1");
-    }
-    assert_eq!(script.calls(), 1);
-    pass(&svc, crate::token::cache::MIN_LIFETIME).await;
-    let res = send(&mut svc, get()).await.unwrap();
-    assert_eq!(res.body(), "Bearer tok-2");
-    assert_eq!(script.calls(), 2);
-}
-
-/// A source whose first fetch panics.
-struct PanicsOnce(AtomicUsize);
-
-impl Source for PanicsOnce {
-    fn fetch(&self) -> SourceFuture<'_> {
-        let n = self.0.fetch_add(1, Ordering::SeqCst);
-        Box::pin(async move {
-            assert!(n > 0, "source panics on its first fetch");
-            Ok(TokenResponse {
-                header: HeaderValue::from_static("Bearer after-panic"),
-                lifetime: Duration::from_secs(60),
-                scope: None,
-                has_id_token: false,
-                rotated: None,
-            })
-        })
-    }
-}
-
-#[tokio::test(start_paused = true)]
-async fn a_panicking_refresh_fails_its_waiters_and_does_not_wedge_the_cache() {
-    let cache = TokenCache::new(Box::new(PanicsOnce(AtomicUsize::new(0))), None, timing());
-    let layer = EshopboxAuthLayer::from_parts(
-        Arc::new(cache),
-        shape(true),
-        EmptyBodies,
-        crate::classify::Http401,
-    );
-    let api = Api::new();
-    let mut svc = layer.layer(api.service());
-    let err = send(&mut svc, get()).await.unwrap_err();
-    assert_eq!(error_kind(&err), ErrorKind::Unavailable);
-    assert!(err.to_string().contains("cancelled or panicked"), "{err}");
-    let res = send(&mut svc, get()).await.unwrap();
-    assert_eq!(res.body(), "Bearer after-panic");
-}
-
-#[test]
-fn a_refresh_cancelled_with_its_runtime_does_not_wedge_the_cache() {
-    let script = Script::gated(Duration::from_secs(86400));
-    let api = Api::new();
-    let svc = script.layer().layer(api.service());
-    let runtime = || {
-        tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap()
-    };
-
-    // The first runtime starts a refresh (held at the gate) and is shut down.
-    let first = runtime();
-    let mut waiting = svc.clone();
-    first.block_on(async {
-        tokio::spawn(async move { send(&mut waiting, get()).await });
-        script.wait_calls(1).await;
-    });
-    drop(first);
-
-    // Another runtime gets a token: the dead refresh was cleared, not joined.
-    runtime().block_on(async {
-        script.release(1);
-        let res = send(&mut svc.clone(), get()).await.unwrap();
-        assert_eq!(res.body(), "Bearer tok-2");
-    });
-    assert_eq!(script.calls(), 2);
-}
-
-/// Advances the paused clock and lets the token's phase timer catch up.
-async fn pass<S, P, C>(svc: &crate::EshopboxAuth<S, P, C>, by: Duration) {
-    tokio::time::advance(by).await;
-    svc.shared().catch_up().await;
-}
-
 #[tokio::test(start_paused = true)]
 async fn a_custom_classifier_decides_what_counts_as_unauthorized() {
-    let script = Script::new(Duration::from_secs(86400));
-    let cache = TokenCache::new(Box::new(script.clone()), None, timing());
+    let script = Script::new(DAY);
     // This API answers 200 with "expired" in the body's place: a header says it.
     let expired = |res: &Response<String>| res.headers().contains_key("x-token-expired");
-    let layer = EshopboxAuthLayer::from_parts(Arc::new(cache), shape(true), EmptyBodies, expired);
+    let layer = script.builder().unauthorized_when(expired).build().unwrap();
     let api = service_fn(|req: Request<Empty<Bytes>>| async move {
         let auth = req.headers()["authorization"].to_str().unwrap().to_owned();
         let mut res = Response::new(auth.clone());
@@ -1036,12 +730,623 @@ async fn a_custom_classifier_decides_what_counts_as_unauthorized() {
     assert_eq!(script.calls(), 2);
 }
 
+// poll_ready contract (tower-test's Mock panics on an unready clone) ------------------
+
+#[tokio::test(start_paused = true)]
+async fn waiting_first_call_uses_the_service_that_was_polled_ready() {
+    let script = Script::gated(DAY);
+    let (mock, mut handle) = tower_test::mock::pair::<Request<Empty<Bytes>>, Response<()>>();
+    let layer = script.layer();
+    let tokens = layer.handle();
+    let mut svc = layer.layer(mock);
+
+    handle.allow(1);
+    svc.ready().await.unwrap();
+    let mut call = tokio_test::task::spawn(svc.call(get()));
+    assert_pending!(call.poll());
+    script.wait_calls(1).await;
+    script.release(1);
+    generation(&tokens, 1).await;
+    assert_pending!(call.poll());
+    let (req, reply) = within(handle.next_request()).await.unwrap();
+    assert_eq!(req.headers()["authorization"], "Bearer tok-1");
+    reply.send_response(Response::new(()));
+    assert_ready!(call.poll()).unwrap();
+
+    // The service left behind is a fresh clone that must be polled ready again.
+    handle.allow(1);
+    svc.ready().await.unwrap();
+    let call = svc.call(get());
+    let (_, reply) = within(handle.next_request()).await.unwrap();
+    reply.send_response(Response::new(()));
+    call.await.unwrap();
+}
+
+#[tokio::test(start_paused = true)]
+async fn resend_polls_the_inner_service_ready_again() {
+    let script = Script::new(DAY);
+    let (mock, mut handle) = tower_test::mock::pair::<Request<Empty<Bytes>>, Response<()>>();
+    let layer = script.layer();
+    let tokens = layer.handle();
+    tokens.refresh().await.unwrap();
+    let mut svc = layer.layer(mock);
+
+    handle.allow(1);
+    svc.ready().await.unwrap();
+    let mut call = tokio_test::task::spawn(svc.call(get()));
+    assert_pending!(call.poll());
+    let (req, reply) = within(handle.next_request()).await.unwrap();
+    assert_eq!(req.headers()["authorization"], "Bearer tok-1");
+    reply.send_response(unauthorized());
+
+    // The 401 dropped tok-1; the resend waits for tok-2 ...
+    assert_pending!(call.poll());
+    generation(&tokens, 2).await;
+    // ... and then for the inner service to be ready again.
+    assert_pending!(call.poll());
+    assert!(handle.poll_request().is_pending());
+    handle.allow(1);
+    assert!(call.is_woken());
+    assert_pending!(call.poll());
+    let (req, reply) = within(handle.next_request()).await.unwrap();
+    assert_eq!(req.headers()["authorization"], "Bearer tok-2");
+    reply.send_response(Response::new(()));
+    let res = assert_ready!(call.poll()).unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+}
+
+#[tokio::test(start_paused = true)]
+async fn inner_errors_pass_through_boxed() {
+    let script = Script::new(DAY);
+    let (mock, mut handle) = tower_test::mock::pair::<Request<Empty<Bytes>>, Response<()>>();
+    let svc = script.layer().layer(mock);
+    handle.allow(1);
+    let call = tokio::spawn(send_owned(svc.clone(), get()));
+    let (_, reply) = within(handle.next_request()).await.unwrap();
+    reply.send_error("connection reset by peer");
+    let err = call.await.unwrap().unwrap_err();
+    assert!(err.downcast_ref::<Error>().is_none());
+    assert_eq!(err.to_string(), "connection reset by peer");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_response_future_polled_after_a_token_failure_errs_instead_of_panicking() {
+    let script = Script::new(DAY);
+    script.fail_next(Error::rejected("refused"));
+    let api = Api::new();
+    let mut svc = script.layer().layer(api.service());
+    let mut call = tokio_test::task::spawn(svc.ready().await.unwrap().call(get()));
+    let err = within(&mut call).await.unwrap_err();
+    assert_eq!(error_kind(&err), ErrorKind::Rejected);
+    let again = assert_ready!(call.poll()).unwrap_err();
+    assert!(
+        again.to_string().contains("polled after completion"),
+        "{again}"
+    );
+    assert_eq!(api.calls(), 0);
+}
+
+// Errors, not panics ---------------------------------------------------------------
+
+#[tokio::test(start_paused = true)]
+async fn token_failure_fails_every_waiter_with_the_typed_error() {
+    let script = Script::gated(DAY);
+    let api = Api::new();
+    let svc = script.layer().layer(api.service());
+    script.fail_next(
+        Error::rejected("refused")
+            .with_status(StatusCode::BAD_REQUEST, Some("invalid_grant".into())),
+    );
+    let tasks: Vec<_> = (0..50)
+        .map(|_| tokio::spawn(send_owned(svc.clone(), get())))
+        .collect();
+    script.wait_calls(1).await;
+    script.release(1);
+    for task in tasks {
+        let err = task.await.unwrap().unwrap_err();
+        assert_eq!(error_kind(&err), ErrorKind::Rejected);
+        let err = err.downcast_ref::<Error>().unwrap();
+        assert_eq!(err.oauth_error(), Some("invalid_grant"));
+    }
+    assert_eq!(script.calls(), 1);
+    assert_eq!(api.calls(), 0);
+
+    // The permanent failure is remembered for 1 to 5 s (the 2 s cooldown, jittered
+    // ×½ to ×2½): a burst right after it, and a request just under the 1 s floor, get
+    // the same error without a new token request ...
+    for _ in 0..20 {
+        let err = send(&mut svc.clone(), get()).await.unwrap_err();
+        assert_eq!(error_kind(&err), ErrorKind::Rejected);
+    }
+    pass(Duration::from_millis(999)).await;
+    let err = send(&mut svc.clone(), get()).await.unwrap_err();
+    assert_eq!(error_kind(&err), ErrorKind::Rejected);
+    assert_eq!(script.calls(), 1);
+    // ... and after at most 5 s, the next request tries again (and here succeeds).
+    pass(Duration::from_secs(5) - Duration::from_millis(999)).await;
+    script.release(1);
+    let res = send(&mut svc.clone(), get()).await.unwrap();
+    assert_eq!(res.body(), "Bearer tok-2");
+    assert_eq!(script.calls(), 2);
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_cooldown_is_drawn_between_half_and_two_and_a_half_times_the_setting() {
+    // 200 layers fail at the same instant, each drawing its own cooldown from the
+    // default 2 s: every one still refuses just under 1 s, every one tries again by 5 s.
+    let scripts: Vec<Script> = (0..200).map(|_| Script::new(DAY)).collect();
+    let mut services: Vec<_> = scripts
+        .iter()
+        .map(|script| {
+            script.fail_next(Error::rejected("refused"));
+            script.layer().layer(Api::new().service())
+        })
+        .collect();
+    for svc in &mut services {
+        send(svc, get()).await.unwrap_err();
+    }
+    pass(Duration::from_millis(999)).await;
+    for svc in &mut services {
+        let err = send(svc, get()).await.unwrap_err();
+        assert_eq!(error_kind(&err), ErrorKind::Rejected);
+    }
+    assert!(
+        scripts.iter().all(|s| s.calls() == 1),
+        "a call inside the 1 s floor"
+    );
+    pass(Duration::from_millis(4_001)).await;
+    for svc in &mut services {
+        let res = send(svc, get()).await.unwrap();
+        assert_eq!(res.body(), "Bearer tok-2");
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_unusable_answer_is_remembered_like_a_rejection() {
+    let calls = Arc::new(AtomicUsize::new(0));
+    let counted = calls.clone();
+    // A token with a space cannot be sent in a header.
+    let source = source_fn(move || {
+        counted.fetch_add(1, Ordering::SeqCst);
+        async { Ok(FetchedToken::new("not a header value")) }
+    });
+    let layer = EshopboxAuthLayer::with_source(source).build().unwrap();
+    let mut svc = layer.layer(Api::new().service());
+    let err = send(&mut svc, get()).await.unwrap_err();
+    assert_eq!(error_kind(&err), ErrorKind::InvalidResponse);
+    assert_eq!(calls.load(Ordering::SeqCst), 1, "not retried");
+    // Remembered for at least the 1 s floor of the default 2 s cooldown.
+    pass(Duration::from_millis(999)).await;
+    let err = send(&mut svc, get()).await.unwrap_err();
+    assert_eq!(error_kind(&err), ErrorKind::InvalidResponse);
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
+    pass(Duration::from_secs(4)).await;
+    let err = send(&mut svc, get()).await.unwrap_err();
+    assert_eq!(error_kind(&err), ErrorKind::InvalidResponse);
+    assert_eq!(
+        calls.load(Ordering::SeqCst),
+        2,
+        "tried again after the cooldown"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_failure_cooldown_setter_sets_the_window() {
+    // A 10 s cooldown is drawn between 5 and 25 s.
+    let script = Script::new(DAY);
+    let api = Api::new();
+    let layer = script
+        .builder()
+        .failure_cooldown(Duration::from_secs(10))
+        .build()
+        .unwrap();
+    let mut svc = layer.layer(api.service());
+    script.fail_next(Error::rejected("refused"));
+    send(&mut svc, get()).await.unwrap_err();
+    pass(Duration::from_millis(4_999)).await;
+    let err = send(&mut svc, get()).await.unwrap_err();
+    assert_eq!(error_kind(&err), ErrorKind::Rejected);
+    assert_eq!(script.calls(), 1, "still cooling down just under 5 s");
+    pass(Duration::from_secs(20)).await;
+    let res = send(&mut svc, get()).await.unwrap();
+    assert_eq!(res.body(), "Bearer tok-2");
+
+    // Zero turns it off: the next request tries again at once.
+    let script = Script::new(DAY);
+    let layer = script
+        .builder()
+        .failure_cooldown(Duration::ZERO)
+        .build()
+        .unwrap();
+    let mut svc = layer.layer(api.service());
+    script.fail_next(Error::rejected("refused"));
+    send(&mut svc, get()).await.unwrap_err();
+    let res = send(&mut svc, get()).await.unwrap();
+    assert_eq!(res.body(), "Bearer tok-2");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_hanging_endpoint_fails_waiters_at_the_timeout() {
+    let script = Script::gated(DAY);
+    let api = Api::new();
+    let mut svc = script.layer().layer(api.service());
+    // The gate is never opened: every token request hangs. Each attempt is abandoned
+    // after a third of what is left of the 30 s (at least 5 s), then retried after a
+    // back-off: at about 0, 10, 16.8, 22, 27.5 s; the last runs into the deadline.
+    let start = Instant::now();
+    let err = send(&mut svc, get()).await.unwrap_err();
+    assert_eq!(error_kind(&err), ErrorKind::Unavailable);
+    assert!(err.to_string().contains("token timeout of 30s"), "{err}");
+    assert_eq!(start.elapsed(), Duration::from_secs(30));
+    assert_eq!(script.calls(), 5);
+    assert_eq!(api.calls(), 0);
+}
+
+// Debug shows no secret ------------------------------------------------------------
+
+#[tokio::test(start_paused = true)]
+async fn debug_of_layer_and_service_shows_no_token() {
+    let script = Script::new(DAY);
+    let layer = script.layer();
+    let api = Api::new();
+    let mut svc = layer.layer(api.service());
+    send(&mut svc, get()).await.unwrap();
+    let shown = format!("{layer:?} {:?}", layer.handle());
+    assert!(shown.contains("generation: 1"), "{shown}");
+    assert!(!shown.contains("tok-1"), "{shown}");
+}
+
+// Resilience ------------------------------------------------------------------------
+
+#[tokio::test(start_paused = true)]
+async fn transient_failures_are_retried_with_backoff_inside_one_refresh() {
+    let script = Script::new(DAY);
+    let api = Api::new();
+    let mut svc = script.layer().layer(api.service());
+    script.fail_next(down());
+    script.fail_next(down());
+    let res = send(&mut svc, get()).await.unwrap();
+    assert_eq!(res.body(), "Bearer tok-3");
+    let gaps = script.gaps();
+    // 200 ms then 400 ms, each scaled by ½ to 1.
+    assert!(gaps[0] >= Duration::from_millis(100) && gaps[0] <= Duration::from_millis(200));
+    assert!(gaps[1] >= Duration::from_millis(200) && gaps[1] <= Duration::from_millis(400));
+}
+
+/// The back-off after the `n`-th failed attempt: 200 ms doubled per attempt, at most
+/// 5 s, scaled by ½ to 1.
+fn backoff_range(n: u32) -> (Duration, Duration) {
+    let exp = (Duration::from_millis(200) * 2u32.pow((n - 1).min(16))).min(Duration::from_secs(5));
+    (exp / 2, exp)
+}
+
+/// Asserts that each gap between token calls is the back-off of the attempt before.
+fn assert_backoff_gaps(gaps: &[Duration]) {
+    for (i, gap) in gaps.iter().enumerate() {
+        let (low, high) = backoff_range(i as u32 + 1);
+        assert!(
+            *gap >= low && *gap <= high,
+            "gap {} was {gap:?}, not within the back-off {low:?}..={high:?}",
+            i + 1
+        );
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn waiting_requests_succeed_when_the_endpoint_recovers_within_the_budget() {
+    let script = Script::new(DAY);
+    let api = Api::new();
+    let svc = script.layer().layer(api.service());
+    // Seven transient failures: more than the four attempts an early refresh makes.
+    for _ in 0..7 {
+        script.fail_next(down());
+    }
+    let start = Instant::now();
+    let waiters: Vec<_> = (0..20)
+        .map(|_| tokio::spawn(send_owned(svc.clone(), get())))
+        .collect();
+    for waiter in waiters {
+        let res = waiter.await.unwrap().unwrap();
+        assert_eq!(res.body(), "Bearer tok-8");
+    }
+    assert_eq!(script.calls(), 8, "N failures, then the one that succeeds");
+    assert_backoff_gaps(&script.gaps());
+    assert!(start.elapsed() < Duration::from_secs(30));
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_endpoint_that_never_recovers_fails_waiters_when_the_deadline_passes() {
+    let script = Script::new(DAY);
+    let api = Api::new();
+    let layer = script.layer();
+    let handle = layer.handle();
+    let svc = layer.layer(api.service());
+    for _ in 0..1000 {
+        script.fail_next(down());
+    }
+    let start = Instant::now();
+    let waiters: Vec<_> = (0..20)
+        .map(|_| tokio::spawn(send_owned(svc.clone(), get())))
+        .collect();
+    for waiter in waiters {
+        let err = waiter.await.unwrap().unwrap_err();
+        assert_eq!(error_kind(&err), ErrorKind::Unavailable);
+    }
+    // They all waited on one refresh, which tried until the next back-off would have
+    // ended past the 30 s deadline.
+    let gaps = script.gaps();
+    assert_backoff_gaps(&gaps);
+    let last = *script.times().last().unwrap() - start;
+    let (_, longest_next) = backoff_range(script.calls() as u32);
+    assert!(
+        last + longest_next / 2 >= Duration::from_secs(30) - Duration::from_millis(1)
+            || last + longest_next >= Duration::from_secs(30)
+    );
+    assert!(
+        start.elapsed() <= Duration::from_secs(30),
+        "{:?}",
+        start.elapsed()
+    );
+    // Back-offs of 0.1–0.2, 0.2–0.4, 0.4–0.8, 0.8–1.6, 1.6–3.2 s, then 2.5–5 s: between
+    // 10 calls (the longest draws) and 16 (the shortest) fit in 30 s.
+    assert!(
+        (10..=16).contains(&script.calls()),
+        "{} calls",
+        script.calls()
+    );
+    assert_eq!(handle.stats().failures_unavailable, script.calls() as u64);
+    // The failure is not remembered (no Retry-After): the next request tries again,
+    // once the back-off the last refresh stopped in has passed.
+    script.state.failures.lock().unwrap().clear();
+    let failed_at = Instant::now();
+    let mut svc = svc;
+    let res = send(&mut svc, get()).await.unwrap();
+    assert!(res.body().starts_with("Bearer tok-"));
+    let paused = *script.times().last().unwrap() - failed_at;
+    let (low, high) = backoff_range(script.calls() as u32 - 1);
+    assert!(paused >= low && paused <= high, "{paused:?}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_hanging_first_attempt_is_abandoned_and_retried_within_the_budget() {
+    let calls = Arc::new(AtomicUsize::new(0));
+    let counted = calls.clone();
+    let source = source_fn(move || {
+        let n = counted.fetch_add(1, Ordering::SeqCst) + 1;
+        async move {
+            if n == 1 {
+                std::future::pending::<()>().await;
+            }
+            Ok(FetchedToken::new(format!("tok-{n}")))
+        }
+    });
+    let layer = EshopboxAuthLayer::with_source(source).build().unwrap();
+    let mut svc = layer.layer(Api::new().service());
+    let start = Instant::now();
+    let res = send(&mut svc, get()).await.unwrap();
+    assert_eq!(res.body(), "Bearer tok-2");
+    assert_eq!(calls.load(Ordering::SeqCst), 2);
+    // The first attempt was given a third of the 30 s budget, then one back-off.
+    let (low, high) = backoff_range(1);
+    let elapsed = start.elapsed();
+    assert!(
+        elapsed >= Duration::from_secs(10) + low && elapsed <= Duration::from_secs(10) + high,
+        "{elapsed:?}"
+    );
+    assert_eq!(layer.handle().stats().failures_unavailable, 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_attempt_timeout_setter_bounds_each_attempt() {
+    let script = Script::gated(DAY);
+    let layer = script
+        .builder()
+        .attempt_timeout(Duration::from_secs(2))
+        .token_timeout(Duration::from_secs(10))
+        .build()
+        .unwrap();
+    let mut svc = layer.layer(Api::new().service());
+    let start = Instant::now();
+    let err = send(&mut svc, get()).await.unwrap_err();
+    assert_eq!(error_kind(&err), ErrorKind::Unavailable);
+    // Attempts of 2 s each (the last one cut at the 10 s deadline), separated by
+    // back-offs: 4 or 5 fit.
+    let times = script.times();
+    assert!((4..=5).contains(&times.len()), "{} attempts", times.len());
+    let last = *times.last().unwrap() - start;
+    let deadline = Duration::from_secs(10);
+    assert_eq!(
+        start.elapsed(),
+        (last + Duration::from_secs(2)).min(deadline)
+    );
+    for (i, gap) in script.gaps().iter().enumerate() {
+        let (low, high) = backoff_range(i as u32 + 1);
+        let took = *gap - Duration::from_secs(2);
+        assert!(
+            took >= low && took <= high,
+            "attempt {} then {took:?}",
+            i + 1
+        );
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn retry_after_is_honoured_between_attempts() {
+    let script = Script::new(DAY);
+    let api = Api::new();
+    let mut svc = script.layer().layer(api.service());
+    script.fail_next(down().with_retry_after(Some(Duration::from_secs(7))));
+    let res = send(&mut svc, get()).await.unwrap();
+    assert_eq!(res.body(), "Bearer tok-2");
+    assert_eq!(script.gaps(), [Duration::from_secs(7)]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn retry_after_beyond_the_budget_fails_now_and_is_remembered() {
+    let script = Script::new(DAY);
+    let api = Api::new();
+    let mut svc = script.layer().layer(api.service());
+    script.fail_next(down().with_retry_after(Some(Duration::from_secs(60))));
+    let start = Instant::now();
+    let err = send(&mut svc, get()).await.unwrap_err();
+    assert_eq!(
+        start.elapsed(),
+        Duration::ZERO,
+        "no waiting past the budget"
+    );
+    let eshopbox = err.downcast_ref::<Error>().unwrap();
+    assert_eq!(eshopbox.retry_after(), Some(Duration::from_secs(60)));
+    // Requests within the minute get the error without a token request.
+    pass(Duration::from_secs(59)).await;
+    let err = send(&mut svc, get()).await.unwrap_err();
+    assert_eq!(error_kind(&err), ErrorKind::Unavailable);
+    assert_eq!(script.calls(), 1);
+    pass(Duration::from_secs(1)).await;
+    let res = send(&mut svc, get()).await.unwrap();
+    assert_eq!(res.body(), "Bearer tok-2");
+}
+
+/// The back-off after a failed early refresh: half the token's remaining life,
+/// between 1 and 30 s, and never past its expiry.
+fn early_backoff(remaining: Duration) -> Duration {
+    (remaining / 2)
+        .clamp(Duration::from_secs(1), Duration::from_secs(30))
+        .min(remaining)
+}
+
+#[tokio::test(start_paused = true)]
+async fn stale_token_is_served_through_an_outage_until_it_expires() {
+    let script = Script::new(Duration::from_secs(3600));
+    let api = Api::new();
+    let layer = script.layer();
+    let handle = layer.handle();
+    let mut svc = layer.layer(api.service());
+    send(&mut svc, get()).await.unwrap();
+    let expires_at = handle.info().unwrap().expires_at;
+    // From here on, the endpoint fails every request.
+    for _ in 0..1000 {
+        script.fail_next(down());
+    }
+    pass(Duration::from_secs(3600 - 200)).await;
+    let mut served = 0;
+    while Instant::now() + Duration::from_secs(1) < expires_at {
+        let res = send(&mut svc, get()).await.unwrap();
+        assert_eq!(res.body(), "Bearer tok-1");
+        served += 1;
+        pass(Duration::from_secs(1)).await;
+    }
+    assert_eq!(served, 199);
+
+    // Each early refresh makes its 4 attempts (back-offs under 1 s); between two
+    // refreshes lies the back-off, and the next refresh starts with the first request
+    // after it (requests come every second).
+    let times = script.times()[1..].to_vec();
+    let refreshes: Vec<&[Instant]> = times
+        .chunk_by(|a, b| *b - *a < Duration::from_secs(1))
+        .collect();
+    for refresh in &refreshes {
+        assert_eq!(refresh.len(), 4, "{refreshes:?}");
+    }
+    for pair in refreshes.windows(2) {
+        let failed_at = *pair[0].last().unwrap();
+        let backoff = early_backoff(expires_at - failed_at);
+        let gap = pair[1][0] - failed_at;
+        assert!(
+            gap >= backoff && gap < backoff + Duration::from_secs(1),
+            "a refresh {gap:?} after the last failed, within its back-off of {backoff:?}"
+        );
+    }
+    // Derived from that rule: each refresh's 4 attempts take 0.7–1.4 s, then 30 s
+    // back-offs while more than a minute is left, then halving — refreshes at about
+    // 200, 169, 138, 107, 76, 44, 21, 9 and 4 s before expiry; the next would be due
+    // less than 2 s before expiry, after the last request of the loop.
+    assert_eq!(
+        refreshes.len(),
+        9,
+        "refreshes at {:?} before expiry",
+        refreshes
+            .iter()
+            .map(|r| expires_at - r[0])
+            .collect::<Vec<_>>()
+    );
+    // Once the token has expired, requests see the error.
+    pass(Duration::from_secs(2)).await;
+    let err = send(&mut svc, get()).await.unwrap_err();
+    assert_eq!(error_kind(&err), ErrorKind::Unavailable);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_token_dead_on_arrival_is_used_for_a_second_not_refetched_per_request() {
+    let script = Script::new(Duration::ZERO);
+    let api = Api::new();
+    let mut svc = script.layer().layer(api.service());
+    for _ in 0..50 {
+        let res = send(&mut svc, get()).await.unwrap();
+        assert_eq!(res.body(), "Bearer tok-1");
+    }
+    assert_eq!(script.calls(), 1);
+    pass(Duration::from_secs(1)).await;
+    let res = send(&mut svc, get()).await.unwrap();
+    assert_eq!(res.body(), "Bearer tok-2");
+    assert_eq!(script.calls(), 2);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_panicking_refresh_fails_its_waiters_and_does_not_wedge_the_cell() {
+    let calls = Arc::new(AtomicUsize::new(0));
+    let source = source_fn(move || {
+        let n = calls.fetch_add(1, Ordering::SeqCst);
+        async move {
+            assert!(n > 0, "source panics on its first fetch");
+            Ok(FetchedToken::new("after-panic").expires_in(Duration::from_secs(60)))
+        }
+    });
+    let layer = EshopboxAuthLayer::with_source(source).build().unwrap();
+    let api = Api::new();
+    let mut svc = layer.layer(api.service());
+    let err = send(&mut svc, get()).await.unwrap_err();
+    assert_eq!(error_kind(&err), ErrorKind::Unavailable);
+    assert!(err.to_string().contains("cancelled or panicked"), "{err}");
+    let res = send(&mut svc, get()).await.unwrap();
+    assert_eq!(res.body(), "Bearer after-panic");
+}
+
+#[test]
+fn a_refresh_cancelled_with_its_runtime_does_not_wedge_the_cell() {
+    let script = Script::gated(DAY);
+    let api = Api::new();
+    let svc = script.layer().layer(api.service());
+    let runtime = || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+    };
+
+    // The first runtime starts a refresh (held at the gate) and is shut down.
+    let first = runtime();
+    let waiting = svc.clone();
+    first.block_on(async {
+        tokio::spawn(send_owned(waiting, get()));
+        script.wait_calls(1).await;
+    });
+    drop(first);
+
+    // Another runtime gets a token: the dead refresh was cleared, not joined.
+    runtime().block_on(async {
+        script.release(1);
+        let res = send(&mut svc.clone(), get()).await.unwrap();
+        assert_eq!(res.body(), "Bearer tok-2");
+    });
+    assert_eq!(script.calls(), 2);
+}
+
 // Handle and counters ------------------------------------------------------------
 
 #[tokio::test(start_paused = true)]
 async fn handle_refresh_is_single_flight_and_exposes_the_token_redacted() {
-    use secrecy::ExposeSecret;
-    let script = Script::gated(Duration::from_secs(86400));
+    use eshopbox_auth::secrecy::ExposeSecret;
+    let script = Script::gated(DAY);
     let layer = script.layer();
     let handle = layer.handle();
     assert!(handle.token().is_none());
@@ -1069,7 +1374,7 @@ async fn handle_refresh_is_single_flight_and_exposes_the_token_redacted() {
 
 #[tokio::test(start_paused = true)]
 async fn handle_invalidate_and_subscribe() {
-    let script = Script::new(Duration::from_secs(86400));
+    let script = Script::new(DAY);
     let layer = script.layer();
     let handle = layer.handle();
     let mut changes = handle.subscribe();
@@ -1077,23 +1382,23 @@ async fn handle_invalidate_and_subscribe() {
     let mut svc = layer.layer(api.service());
 
     send(&mut svc, get()).await.unwrap();
-    changes.changed().await.unwrap();
+    within(changes.changed()).await.unwrap();
     assert_eq!(changes.borrow_and_update().unwrap().generation, 1);
 
     assert!(handle.invalidate());
     assert!(!handle.invalidate(), "nothing left to invalidate");
-    changes.changed().await.unwrap();
+    within(changes.changed()).await.unwrap();
     assert!(changes.borrow_and_update().is_none());
 
     let res = send(&mut svc, get()).await.unwrap();
     assert_eq!(res.body(), "Bearer tok-2");
-    changes.changed().await.unwrap();
+    within(changes.changed()).await.unwrap();
     assert_eq!(changes.borrow_and_update().unwrap().generation, 2);
 }
 
 #[tokio::test(start_paused = true)]
 async fn stats_count_requests_failures_invalidations_resends_and_waits() {
-    let script = Script::new(Duration::from_secs(86400));
+    let script = Script::new(DAY);
     let layer = script.layer();
     let handle = layer.handle();
     let api = Api::new();
@@ -1114,19 +1419,10 @@ async fn stats_count_requests_failures_invalidations_resends_and_waits() {
     );
 }
 
-fn shape(retry: bool) -> crate::layer::Shape {
-    crate::layer::Shape {
-        retry_on_unauthorized: retry,
-        proxy_host: None,
-        destinations: Default::default(),
-    }
-}
-
 #[tokio::test(start_paused = true)]
 async fn background_refresh_keeps_the_token_fresh_and_stops_with_the_last_user() {
     let script = Script::new(Duration::from_secs(100));
-    let layer = script.layer();
-    crate::token::cache::spawn_background(layer.shared()).unwrap();
+    let layer = script.builder().background_refresh(true).build().unwrap();
     // A token arrives before any request.
     script.wait_calls(1).await;
     let handle = layer.handle();
@@ -1135,7 +1431,7 @@ async fn background_refresh_keeps_the_token_fresh_and_stops_with_the_last_user()
 
     // Refresh time is 45–50 s (margin capped at half of 100 s, less jitter): the task
     // refreshes then, without any request.
-    pass(&svc, Duration::from_secs(60)).await;
+    pass(Duration::from_secs(60)).await;
     script.wait_calls(2).await;
     let res = send(&mut svc, get()).await.unwrap();
     assert_eq!(res.body(), "Bearer tok-2");
@@ -1148,71 +1444,5 @@ async fn background_refresh_keeps_the_token_fresh_and_stops_with_the_last_user()
         "the refresher and a phase timer run"
     );
     drop((svc, layer, handle));
-    for _ in 0..100 {
-        if metrics.num_alive_tasks() == 0 {
-            break;
-        }
-        tokio::task::yield_now().await;
-    }
-    assert_eq!(metrics.num_alive_tasks(), 0);
-}
-
-#[test]
-fn a_refresh_started_on_a_runtime_that_shut_down_fails_instead_of_hanging() {
-    let script = Script::new(Duration::from_secs(86400));
-    let layer = script.layer();
-    let cache = layer.shared().clone();
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    let handle = runtime.handle().clone();
-    runtime.shutdown_background();
-    // On a runtime that shut down, the spawned refresh is dropped at once; its guard
-    // must answer the waiter (a regression would hang, hence the thread and bound).
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let _entered = handle.enter();
-        let mut wait = tokio_test::task::spawn(cache.wait());
-        let _ = tx.send(format!("{:?}", wait.poll()));
-    });
-    let polled = rx
-        .recv_timeout(Duration::from_secs(30))
-        .expect("the refresh did not deadlock");
-    assert!(polled.contains("cancelled or panicked"), "{polled}");
-}
-
-#[test]
-fn a_token_whose_timer_is_gone_falls_back_to_the_clock() {
-    use crate::token::{Token, EXPIRED, FRESH, STALE, UNTIMED};
-    use std::sync::atomic::Ordering as O;
-    let now = tokio::time::Instant::now();
-    let header = HeaderValue::from_static("Bearer t");
-    let hour = Duration::from_secs(3600);
-    let fresh = Arc::new(Token::new(header.clone(), 1, now + hour, now + 2 * hour));
-    let stale = Arc::new(Token::new(header.clone(), 2, now, now + hour));
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    runtime.block_on(async {
-        Token::schedule(&fresh);
-        Token::schedule(&stale);
-    });
-    // The timers never ran: their runtime is dropped with them.
-    drop(runtime);
-    assert_eq!(fresh.phase.load(O::Acquire), UNTIMED);
-    assert_eq!(fresh.phase_now(), FRESH);
-    assert_eq!(stale.phase_now(), STALE);
-    let expired = Token::new(header, 3, now, now);
-    assert_eq!(expired.phase_now(), EXPIRED);
-}
-
-/// The timing every unit test uses: a 5 min margin, 30 s timeout, 2 s cooldown.
-fn timing() -> Timing {
-    Timing {
-        margin: MARGIN,
-        timeout: Duration::from_secs(30),
-        failure_cooldown: Duration::from_secs(2),
-    }
+    until(|| metrics.num_alive_tasks() == 0).await;
 }

@@ -1,0 +1,252 @@
+//! The fetcher: owns the token source and makes one refresh's attempts — retrying
+//! transient failures with capped, jittered exponential back-off or the endpoint's
+//! `Retry-After` until the refresh's deadline would pass. Each attempt has a bound of
+//! its own, so one hung connection cannot eat the whole budget.
+//!
+//! A refresh that requests wait for (no valid token left) keeps trying until its
+//! deadline; an early refresh (a valid token is still served) makes at most
+//! [`EARLY_ATTEMPTS`], since its failure costs nothing. When a refresh runs out of
+//! time, the next one resumes its back-off where it stopped, so refreshes that follow
+//! each other through a long outage call no more often than one refresh would.
+
+use std::sync::{Mutex, PoisonError};
+use std::time::{Duration, SystemTime};
+
+use secrecy::{ExposeSecret, SecretString};
+use tokio::time::Instant;
+
+use super::endpoint::RotationHook;
+use super::refresh::Reason;
+use super::response::{clamp_lifetime, DEFAULT_LIFETIME};
+use super::source::{FetchedToken, TokenSource};
+use super::value::Bearer;
+use crate::error::Error;
+use crate::stats::Counters;
+
+/// Default [`token_timeout`](crate::EshopboxAuthBuilder::token_timeout): 30 seconds.
+pub const DEFAULT_TOKEN_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Attempts an early refresh (made while the current token is still valid) makes at
+/// most when the endpoint fails transiently.
+pub(crate) const EARLY_ATTEMPTS: u32 = 4;
+/// The shortest bound on one attempt (unless less of the budget is left).
+pub(crate) const MIN_ATTEMPT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Shortest time a token is used before the next refresh, whatever `expires_in` says
+/// and however slow the endpoint was: at most one refresh a second.
+pub(crate) const MIN_LIFETIME: Duration = Duration::from_secs(1);
+/// Back-off before the second attempt; doubled for each further one.
+const BACKOFF_BASE: Duration = Duration::from_millis(200);
+/// Longest back-off between two attempts.
+const BACKOFF_MAX: Duration = Duration::from_secs(5);
+
+/// A token the source answered, checked and ready to install.
+pub(crate) struct Fetched {
+    pub(crate) bearer: Bearer,
+    /// How long it lives from `sent_at`: defaulted, clamped, at least [`MIN_LIFETIME`].
+    pub(crate) lifetime: Duration,
+    /// When its request was sent: expiry counts from here.
+    pub(crate) sent_at: Instant,
+    /// The same instant by the wall clock (for a token store).
+    pub(crate) issued_at: SystemTime,
+    /// Identifies it in a token store: random, not derived from the token.
+    pub(crate) store_id: u64,
+}
+
+/// Owns the token source; makes the token requests of a refresh.
+pub(crate) struct Fetcher {
+    source: Box<dyn TokenSource>,
+    /// Told about refresh tokens the source reports as rotated (sources that call
+    /// the application's hook themselves, like Eshopbox's grant, have none here).
+    on_rotated: Option<RotationHook>,
+    /// Bound on one refresh's token requests, retries included.
+    timeout: Duration,
+    /// Bound on one attempt; `None`: a third of what is left of the budget, at least
+    /// [`MIN_ATTEMPT_TIMEOUT`].
+    attempt_timeout: Option<Duration>,
+    /// After a refresh that ran out of time on transient failures: when the next
+    /// token call may be made, and the attempt whose back-off comes after it.
+    resume: Mutex<Option<(Instant, u32)>>,
+}
+
+impl Fetcher {
+    pub(crate) fn new(
+        source: Box<dyn TokenSource>,
+        on_rotated: Option<RotationHook>,
+        timeout: Duration,
+        attempt_timeout: Option<Duration>,
+    ) -> Self {
+        Fetcher {
+            source,
+            on_rotated,
+            timeout,
+            attempt_timeout,
+            resume: Mutex::new(None),
+        }
+    }
+
+    /// The bound on one refresh's token requests.
+    pub(crate) fn timeout(&self) -> Duration {
+        self.timeout
+    }
+
+    /// Token requests until one succeeds, all before `deadline`: transient failures
+    /// are retried with jittered exponential back-off (or the endpoint's
+    /// `Retry-After`) as long as the next attempt would start before the deadline —
+    /// at most [`EARLY_ATTEMPTS`] when `early`. Each attempt is abandoned after its
+    /// own bound ([`Fetcher::attempt_bound`]).
+    pub(crate) async fn fetch(
+        &self,
+        counters: &Counters,
+        reason: Reason,
+        deadline: Instant,
+        early: bool,
+    ) -> Result<Fetched, Error> {
+        let mut attempt = 1;
+        let resume = self
+            .resume
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        let now = Instant::now();
+        // The last refresh ran out of time moments ago: its back-off goes on. (Long
+        // after, a refresh starts afresh.)
+        if let Some((at, next)) = resume.filter(|(at, _)| !early && now < *at + BACKOFF_MAX) {
+            tokio::time::sleep_until(at.min(deadline)).await;
+            if at >= deadline {
+                // No call fits in this refresh's time: the next one goes on waiting.
+                *self.resume.lock().unwrap_or_else(PoisonError::into_inner) = Some((at, next));
+                return Err(Error::unavailable(
+                    "the token endpoint's back-off ran past the token timeout",
+                ));
+            }
+            attempt = next;
+        }
+        loop {
+            tracing::debug!(?reason, attempt, "requesting an access token");
+            counters.token_request();
+            let sent_at = Instant::now();
+            let bound = self.attempt_bound(sent_at, deadline);
+            let result = match tokio::time::timeout_at(bound, self.source.fetch()).await {
+                Ok(result) => result.and_then(|fetched| self.accept(fetched, sent_at)),
+                Err(_) if bound < deadline => Err(Error::unavailable(format!(
+                    "no answer to one token request within {:?}; trying again",
+                    bound - sent_at
+                ))),
+                Err(_) => Err(Error::unavailable(format!(
+                    "no token within the token timeout of {:?}",
+                    self.timeout
+                ))),
+            };
+            let error = match result {
+                Ok(fetched) => return Ok(fetched),
+                Err(error) => error,
+            };
+            counters.failure(error.kind());
+            let more = error.is_transient() && !(early && attempt >= EARLY_ATTEMPTS);
+            let retry_in = more.then(|| {
+                error
+                    .retry_after()
+                    .unwrap_or_else(|| backoff(attempt, fastrand::f64()))
+            });
+            match retry_in {
+                Some(wait) if Instant::now() + wait < deadline => {
+                    tracing::debug!(?reason, attempt, %error, ?wait, "token request failed; retrying");
+                    tokio::time::sleep(wait).await;
+                    attempt += 1;
+                }
+                Some(wait) => {
+                    tracing::warn!(?reason, attempt, %error, "token refresh ran out of time");
+                    if !early {
+                        *self.resume.lock().unwrap_or_else(PoisonError::into_inner) =
+                            Some((Instant::now() + wait, attempt + 1));
+                    }
+                    return Err(error);
+                }
+                None => {
+                    tracing::warn!(?reason, attempt, %error, "token refresh failed");
+                    return Err(error);
+                }
+            }
+        }
+    }
+
+    /// When an attempt started at `now` is abandoned: after the configured attempt
+    /// timeout, or else a third of what is left of the budget (at least
+    /// [`MIN_ATTEMPT_TIMEOUT`]); never after the refresh's deadline.
+    fn attempt_bound(&self, now: Instant, deadline: Instant) -> Instant {
+        let left = deadline.saturating_duration_since(now);
+        let bound = self
+            .attempt_timeout
+            .unwrap_or_else(|| (left / 3).max(MIN_ATTEMPT_TIMEOUT));
+        now + bound.min(left)
+    }
+
+    /// Checks one answer of the source and makes it installable.
+    fn accept(&self, fetched: FetchedToken, sent_at: Instant) -> Result<Fetched, Error> {
+        if let (Some(rotated), Some(hook)) = (&fetched.refresh_token, &self.on_rotated) {
+            hook(rotated);
+        }
+        let bearer = Bearer::new(fetched.access_token)?;
+        // A token that is (nearly) dead on arrival is still used for a moment, so a
+        // broken `expires_in` cannot turn every request into a token request.
+        let lifetime = fetched
+            .expires_in
+            .map_or(DEFAULT_LIFETIME, clamp_lifetime)
+            .max(MIN_LIFETIME);
+        tracing::debug!(
+            lifetime_secs = lifetime.as_secs(),
+            scope = fetched.scope.as_deref().unwrap_or(""),
+            id_token = fetched.has_id_token,
+            "access token received"
+        );
+        Ok(Fetched {
+            bearer,
+            lifetime,
+            sent_at,
+            issued_at: SystemTime::now()
+                .checked_sub(sent_at.elapsed())
+                .unwrap_or_else(SystemTime::now),
+            store_id: fastrand::u64(1..),
+        })
+    }
+
+    /// The refresh token the source sends next, if it has one.
+    pub(crate) fn refresh_token(&self) -> Option<SecretString> {
+        self.source.refresh_token()
+    }
+
+    /// The source's refresh token, if it changed from `before` (it was rotated).
+    pub(crate) fn rotated_since(&self, before: Option<SecretString>) -> Option<SecretString> {
+        let after = self.refresh_token()?;
+        let same = before.is_some_and(|b| b.expose_secret() == after.expose_secret());
+        (!same).then_some(after)
+    }
+
+    /// Sends `refresh_token` with the next token requests (it came from the store).
+    pub(crate) fn use_refresh_token(&self, refresh_token: SecretString) {
+        self.source.use_refresh_token(refresh_token);
+    }
+}
+
+/// Back-off after the `attempt`-th failed attempt: 200 ms doubled per attempt, at most
+/// 5 s, scaled at random by ½ to 1 (`unit` in `[0, 1)`).
+pub(crate) fn backoff(attempt: u32, unit: f64) -> Duration {
+    let exp = BACKOFF_BASE
+        .saturating_mul(1 << attempt.saturating_sub(1).min(16))
+        .min(BACKOFF_MAX);
+    exp.mul_f64(0.5 + 0.5 * unit.clamp(0.0, 1.0))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_up_to_five_seconds_with_jitter() {
+        assert_eq!(backoff(1, 1.0), Duration::from_millis(200));
+        assert_eq!(backoff(2, 1.0), Duration::from_millis(400));
+        assert_eq!(backoff(3, 0.0), Duration::from_millis(400));
+        assert_eq!(backoff(10, 1.0), BACKOFF_MAX);
+        assert_eq!(backoff(u32::MAX, 1.0), BACKOFF_MAX);
+    }
+}
