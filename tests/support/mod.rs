@@ -5,6 +5,7 @@
 #![allow(dead_code)]
 
 pub mod replicas;
+pub mod traffic;
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
