@@ -175,10 +175,15 @@ impl HostPattern {
 
 /// The request path's shortcut for the common case: whether `authority` (user info,
 /// host and port, as `http::Uri` holds it) ends with `eshopbox.com` or
-/// `myeshopbox.com` right after a `.`, an `@` or nothing. Then there is no port, the
-/// host is everything after the last `@`, and it is one of those domains or a
+/// `myeshopbox.com` right after an `@`, nothing, or a `.` ending a non-empty label,
+/// and the part after its last `@` holds no `:` and no bracket. Then the host is everything after the last `@` —
+/// no port follows it, and it is no IP literal — and it is one of those domains or a
 /// subdomain of one. Anything else (a port, a trailing dot, another host) goes the
 /// general way, which reads the host `http::Uri` finds.
+///
+/// The `:` matters: `http::Uri` accepts `evil.com:.eshopbox.com` as host `evil.com`
+/// with a port that does not parse (a connector then uses the scheme's port), and
+/// `[2001:db8::1].eshopbox.com` as the IP literal before the dot.
 ///
 /// Letters are compared by setting their case bit: a byte that becomes `.` that way
 /// would be a control character, which `http::Uri` does not accept in an authority.
@@ -194,7 +199,20 @@ fn is_eshopbox_authority(authority: &str) -> bool {
         Some((before, [m, y])) if m | 0x20 == b'm' && y | 0x20 == b'y' => before,
         _ => rest,
     };
-    matches!(rest.last(), None | Some(b'.' | b'@'))
+    match rest {
+        // The host is the domain itself.
+        [] | [.., b'@'] => {}
+        // A subdomain: a non-empty label before the dot.
+        [.., label, b'.'] if !matches!(label, b'.' | b'@') => {}
+        _ => return false,
+    }
+    // The labels in front of the domain, up to the user info: no port separator, no
+    // IP-literal bracket. A workspace name is a few bytes, so this is short.
+    !rest
+        .iter()
+        .rev()
+        .take_while(|&&byte| byte != b'@')
+        .any(|&byte| matches!(byte, b':' | b'[' | b']'))
 }
 
 /// `host` equals `lower` (lower-case letters and `.`) ignoring ASCII case.
@@ -329,6 +347,14 @@ mod tests {
             "https://myeshopbox.comx/",
             "https://10.0.0.1/",
             "https://[fd00::1]/",
+            // `http::Uri` reads these as host `evil.com` (or an IP literal) with a port
+            // that does not parse: a connector would go to that host.
+            "https://evil.com:.eshopbox.com/",
+            "https://evil.com:443.myeshopbox.com/",
+            "https://evil.com:x.acme.myeshopbox.com/",
+            "https://[2001:db8::1].eshopbox.com/",
+            "https://a@[2001:db8::1].eshopbox.com/",
+            "https://acme.myeshopbox.com@evil.com:.eshopbox.com/",
         ] {
             assert!(!allows(&guard, uri), "{uri}");
         }
@@ -369,12 +395,54 @@ mod tests {
             ("shopbox.com", false),
             ("acme.myeshopbox.com:443", false), // not the shortcut; the general way
             ("acme.myeshopbox.com.", false),
+            ("user:pass@acme.myeshopbox.com", true),
+            ("evil.com:.eshopbox.com", false),
+            ("evil.com:443.myeshopbox.com", false),
+            ("[2001:db8::1].eshopbox.com", false),
+            ("a@[::1].myeshopbox.com", false),
         ] {
             assert_eq!(is_eshopbox_authority(authority), trusted, "{authority}");
             let uri: Uri = format!("https://{authority}/").parse().unwrap();
             let general = default_guard().check_rest(uri.scheme_str(), uri.host().unwrap());
             if trusted {
                 assert!(general.is_ok(), "{authority}");
+            }
+        }
+    }
+
+    mod shortcut {
+        use super::*;
+        use proptest::prelude::*;
+
+        proptest! {
+            #![proptest_config(ProptestConfig { cases: 2048, ..ProptestConfig::default() })]
+
+            /// Whatever authority `http::Uri` accepts, the shortcut trusts it only if
+            /// the general rule — on the host `http::Uri` reports, which is where a
+            /// connector goes — trusts it too.
+            #[test]
+            fn never_trusts_what_the_host_rule_refuses(
+                pieces in proptest::collection::vec(
+                    prop_oneof![
+                        Just("eshopbox.com"), Just("myeshopbox.com"), Just("my"),
+                        Just("evil.com"), Just("acme"), Just("."), Just(":"),
+                        Just("@"), Just("["), Just("]"), Just("::1"), Just("443"),
+                        Just("%3a"), Just("-"),
+                    ],
+                    1..8,
+                ),
+            ) {
+                let authority = pieces.concat();
+                let Ok(uri) = format!("https://{authority}/").parse::<Uri>() else {
+                    return Ok(());
+                };
+                if is_eshopbox_authority(&authority) {
+                    let host = uri.host().unwrap_or("");
+                    prop_assert!(
+                        default_guard().check_rest(Some("https"), host).is_ok(),
+                        "shortcut trusted {authority:?}, whose host is {host:?}"
+                    );
+                }
             }
         }
     }
