@@ -194,6 +194,9 @@ mod stats;
 pub mod store;
 mod store_sync;
 mod token;
+#[cfg(feature = "workspaces")]
+#[cfg_attr(docsrs, doc(cfg(feature = "workspaces")))]
+pub mod workspace;
 
 /// The README's code blocks, compiled and run as doc tests.
 #[cfg(all(
@@ -227,6 +230,8 @@ pub use service::EshopboxAuth;
 pub use stats::Stats;
 pub use token::endpoint::RequestFormat;
 pub use token::value::TokenInfo;
+#[cfg(feature = "workspaces")]
+pub use workspace::{Workspace, WorkspaceAuthBuilder, WorkspaceAuthLayer};
 
 /// Runs the token-response parser on arbitrary bytes, for the fuzz target in `fuzz/`.
 /// Not part of the API.
