@@ -365,7 +365,9 @@ impl<P, C> EshopboxAuthBuilder<P, C> {
             Origin::Custom(source) => (source, self.settings.on_rotated),
             #[cfg(feature = "workspaces")]
             Origin::PerWorkspace => {
-                return Err(Error::config("a per-workspace builder builds no single layer"))
+                return Err(Error::config(
+                    "a per-workspace builder builds no single layer",
+                ))
             }
             Origin::Eshopbox(credentials) => {
                 credentials.validate()?;

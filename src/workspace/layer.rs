@@ -26,7 +26,12 @@ pub struct WorkspaceAuthLayer<P = EmptyBodies, C = Http401> {
 }
 
 impl<P, C> WorkspaceAuthLayer<P, C> {
-    pub(crate) fn from_parts(registry: Arc<Registry>, shape: Shape, replay: P, unauthorized: C) -> Self {
+    pub(crate) fn from_parts(
+        registry: Arc<Registry>,
+        shape: Shape,
+        replay: P,
+        unauthorized: C,
+    ) -> Self {
         WorkspaceAuthLayer {
             registry,
             shape,

@@ -32,8 +32,9 @@ use crate::token::endpoint::{GrantEndpoint, RotationHook};
 use crate::token::refresh::Coordinator;
 
 /// The resolver, boxed: credentials for a workspace, `None` if it is unknown.
-pub(crate) type Resolve =
-    Arc<dyn Fn(Workspace) -> BoxFuture<'static, Result<Option<Credentials>, BoxError>> + Send + Sync>;
+pub(crate) type Resolve = Arc<
+    dyn Fn(Workspace) -> BoxFuture<'static, Result<Option<Credentials>, BoxError>> + Send + Sync,
+>;
 
 /// Called with a workspace's rotated refresh token.
 pub(crate) type WorkspaceRotationHook = Arc<dyn Fn(&Workspace, &SecretString) + Send + Sync>;
@@ -86,6 +87,10 @@ pub(crate) struct Registry {
     cells: CellSettings,
     on_rotated: Option<WorkspaceRotationHook>,
     counters: Arc<Counters>,
+    /// How often the janitor runs the cache's housekeeping; started once, with the
+    /// first lookup (which runs inside a tokio runtime).
+    janitor_every: Duration,
+    janitor: OnceLock<()>,
 }
 
 /// A snapshot of the workspace map's counters.
@@ -124,7 +129,29 @@ impl Registry {
             cells,
             on_rotated,
             counters,
+            janitor_every: (idle_timeout / 2)
+                .clamp(Duration::from_millis(100), Duration::from_secs(60)),
+            janitor: OnceLock::new(),
         }
+    }
+
+    /// The cache evicts while it is used; the janitor makes sure that idle workspaces
+    /// are dropped (and their timers and refreshers end) even when no request comes.
+    /// It holds the registry weakly and ends with it.
+    fn start_janitor(self: &Arc<Self>) {
+        self.janitor.get_or_init(|| {
+            let weak = Arc::downgrade(self);
+            let every = self.janitor_every;
+            tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep(every).await;
+                    let Some(registry) = weak.upgrade() else {
+                        return;
+                    };
+                    registry.cache.run_pending_tasks();
+                }
+            });
+        });
     }
 
     /// The request path: the workspace's entry if it is resolved and kept. No lock.
@@ -135,7 +162,10 @@ impl Registry {
 
     /// The entry, resolving the workspace first if needed; the first of a
     /// workspace's concurrent callers starts one resolution, the others join it.
-    pub(crate) fn resolve(self: &Arc<Self>, workspace: Workspace) -> BoxFuture<'static, Result<Arc<Entry>, Error>> {
+    pub(crate) fn resolve(
+        self: &Arc<Self>,
+        workspace: Workspace,
+    ) -> BoxFuture<'static, Result<Arc<Entry>, Error>> {
         let registry = self.clone();
         Box::pin(async move {
             let proxy_host = match proxy_host(&workspace) {
@@ -191,6 +221,7 @@ impl Registry {
         let (tx, rx) = watch::channel(None);
         *pending = Some(rx.clone());
         drop(pending);
+        self.start_janitor();
         let registry = self.clone();
         let slot = slot.clone();
         let workspace = workspace.clone();
@@ -211,7 +242,11 @@ impl Registry {
     }
 
     /// Asks the resolver and builds the workspace's token cell.
-    async fn lookup(&self, workspace: &Workspace, proxy_host: HeaderValue) -> Result<Arc<Entry>, Error> {
+    async fn lookup(
+        &self,
+        workspace: &Workspace,
+        proxy_host: HeaderValue,
+    ) -> Result<Arc<Entry>, Error> {
         let credentials = match (self.resolve)(workspace.clone()).await {
             Ok(Some(credentials)) => credentials,
             Ok(None) => {

@@ -35,7 +35,13 @@ pub struct WorkspaceAuth<S, P = EmptyBodies, C = Http401> {
 }
 
 impl<S, P, C> WorkspaceAuth<S, P, C> {
-    pub(crate) fn new(inner: S, registry: Arc<Registry>, shape: Shape, replay: P, unauthorized: C) -> Self {
+    pub(crate) fn new(
+        inner: S,
+        registry: Arc<Registry>,
+        shape: Shape,
+        replay: P,
+        unauthorized: C,
+    ) -> Self {
         WorkspaceAuth {
             inner,
             registry,
@@ -110,7 +116,13 @@ where
             None => {
                 entry.cell.counters.waited();
                 let ready = self.take_ready();
-                AuthFuture::waiting(ready, request, entry.cell.clone(), replay, self.unauthorized.clone())
+                AuthFuture::waiting(
+                    ready,
+                    request,
+                    entry.cell.clone(),
+                    replay,
+                    self.unauthorized.clone(),
+                )
             }
         };
         ResponseFuture::auth(future, token_span(&entry.span, waits))
