@@ -121,13 +121,15 @@ where
     #[inline]
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let mut this = self.project();
-        let _entered = this.span.as_ref().map(tracing::Span::enter);
         loop {
             match this.state.as_mut().project() {
-                StateProj::Auth { future } => return future.poll(cx),
+                StateProj::Auth { future } => {
+                    let _entered = this.span.as_ref().map(tracing::Span::enter);
+                    return future.poll(cx);
+                }
                 StateProj::Resolve { resolve, .. } => {
                     let entry = ready!(resolve.as_mut().poll(cx));
-                    resolved(this.state.as_mut(), entry)?;
+                    resolved(this.state.as_mut(), entry, this.span)?;
                 }
                 StateProj::Failed { .. } => return Poll::Ready(Err(failure(this.state.as_mut()))),
                 StateProj::Done => return Poll::Ready(Err(polled_after_completion())),
@@ -143,6 +145,7 @@ where
 fn resolved<S, B, C>(
     mut state: Pin<&mut State<S, B, C>>,
     entry: Result<Arc<Entry>, Error>,
+    span: &mut Option<tracing::Span>,
 ) -> Result<(), BoxError>
 where
     S: Service<Request<B>>,
@@ -168,10 +171,8 @@ where
             .insert(PROXY_HOST, entry.proxy_host.clone());
     }
     entry.cell.counters.waited();
-    let future = {
-        let _span = entry.span.enter();
-        AuthFuture::waiting(service, request, entry.cell.clone(), replay, unauthorized)
-    };
+    let future = AuthFuture::waiting(service, request, entry.cell.clone(), replay, unauthorized);
+    *span = Some(entry.span.clone());
     state.set(State::Auth { future });
     Ok(())
 }
