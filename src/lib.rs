@@ -91,6 +91,8 @@
 //!   `reqwest-middleware`, see the `middleware` module);
 //! - `examples/axum.rs` — one shared authenticated client in axum state;
 //! - `examples/tonic.rs` — a tonic `Channel`, with [`classify::GrpcUnauthenticated`];
+//! - `examples/workspaces.rs` — a stock-sync job for several merchants through one
+//!   per-workspace layer (feature `workspaces`, see the `workspace` module);
 //! - the `eshopbox-token` command (feature `cli`): prints a token for scripts and
 //!   `curl`, taking the fleet's token from a Redis store when one is given
 //!   (`cargo run --features cli --bin eshopbox-token -- --help`).
@@ -98,8 +100,9 @@
 //! Optional features: `test-util` ([`mock`]), `reqwest` ([`reqwest`]),
 //! `reqwest-middleware` (`middleware::EshopboxAuthMiddleware`), `tonic`
 //! (`GrpcBodies`, to resend unary gRPC calls), `redis` (`store::RedisStore`, one token
-//! for all replicas), `metrics` (counters to the `metrics` facade) and `cli` (the
-//! `eshopbox-token` command).
+//! for all replicas), `metrics` (counters to the `metrics` facade), `cli` (the
+//! `eshopbox-token` command) and `workspaces` (`EshopboxAuthLayer::per_workspace`: one
+//! layer for many workspaces, each with its own credentials).
 //!
 //! # Errors
 //!
@@ -205,7 +208,8 @@ pub mod workspace;
     feature = "reqwest",
     feature = "tonic",
     feature = "redis",
-    feature = "reqwest-middleware"
+    feature = "reqwest-middleware",
+    feature = "workspaces"
 ))]
 #[doc = include_str!("../README.md")]
 pub struct ReadmeDoctests;

@@ -151,16 +151,17 @@ impl MockEshopbox {
         Credentials::new(CLIENT_ID, CLIENT_SECRET, REFRESH_TOKEN)
     }
 
-    /// Adds an app for `workspace` and returns its credentials (a client id, secret
-    /// and refresh token of its own). Its tokens are accepted only with
-    /// `ProxyHost: <workspace>`. Adding a workspace again gives the same credentials.
+    /// Adds an app for `workspace` and returns its credentials: client id
+    /// `mock-client-<workspace>`, client secret `mock-secret-<workspace>`, refresh token
+    /// `mock-refresh-<workspace>`. Its tokens are accepted only with
+    /// `ProxyHost: <workspace>`. Adding a workspace again changes nothing.
     pub fn add_workspace(&self, workspace: &str) -> Credentials {
         let client_id = format!("mock-client-{workspace}");
         let mut knobs = self.knobs();
         let app = knobs.apps.entry(client_id.clone()).or_insert_with(|| App {
             workspace: workspace.to_owned(),
-            client_secret: format!("mock-secret-{workspace}-{:016x}", fastrand::u64(..)),
-            refresh_token: format!("mock-refresh-{workspace}-{:016x}", fastrand::u64(..)),
+            client_secret: format!("mock-secret-{workspace}"),
+            refresh_token: format!("mock-refresh-{workspace}"),
             delay: Duration::ZERO,
             token_calls: 0,
         });
