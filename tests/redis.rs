@@ -541,3 +541,15 @@ fn a_bad_url_is_a_config_error_that_does_not_repeat_the_url() {
     let store = RedisStore::new("rediss://:hunter2@redis.example:6380/0").unwrap();
     assert!(!format!("{store:?}").contains("hunter2"));
 }
+
+#[cfg(feature = "workspaces")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_of_a_per_workspace_layer_make_one_token_call_per_workspace() {
+    let redis = RedisServer::start();
+    support::workspaces::one_token_call_per_workspace(|| redis.store(), 3, 4).await;
+    // Each workspace's keys, with the workspace as their hash tag; no shared key.
+    for i in 0..4 {
+        assert!(redis.get(&format!("test:{{shop-{i}}}:token")).is_some());
+    }
+    assert!(redis.get("test:token").is_none());
+}

@@ -701,3 +701,69 @@ fn bad_map_bounds_are_refused() {
         .unwrap_err();
     assert_eq!(err.kind(), ErrorKind::Config);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_sharing_an_in_process_store_make_one_token_call_per_workspace() {
+    let store = eshopbox_auth::store::InProcessStore::new();
+    support::workspaces::one_token_call_per_workspace(|| store.clone(), 3, 5).await;
+}
+
+#[test]
+fn a_store_that_cannot_keep_workspaces_apart_is_refused() {
+    /// A store that keeps one token for everyone (the trait's default).
+    struct Single(eshopbox_auth::store::InProcessStore);
+    impl eshopbox_auth::store::TokenStore for Single {
+        fn load(
+            &self,
+        ) -> eshopbox_auth::source::BoxFuture<
+            '_,
+            Result<Option<eshopbox_auth::store::SharedToken>, Error>,
+        > {
+            self.0.load()
+        }
+        fn save<'a>(
+            &'a self,
+            token: &'a eshopbox_auth::store::SharedToken,
+        ) -> eshopbox_auth::source::BoxFuture<'a, Result<(), Error>> {
+            self.0.save(token)
+        }
+        fn remove(&self, id: u64) -> eshopbox_auth::source::BoxFuture<'_, Result<bool, Error>> {
+            self.0.remove(id)
+        }
+        fn try_lock<'a>(
+            &'a self,
+            owner: &'a str,
+            lease: Duration,
+        ) -> eshopbox_auth::source::BoxFuture<'a, Result<bool, Error>> {
+            self.0.try_lock(owner, lease)
+        }
+        fn unlock<'a>(
+            &'a self,
+            owner: &'a str,
+        ) -> eshopbox_auth::source::BoxFuture<'a, Result<(), Error>> {
+            self.0.unlock(owner)
+        }
+        fn load_refresh_token(
+            &self,
+        ) -> eshopbox_auth::source::BoxFuture<
+            '_,
+            Result<Option<eshopbox_auth::store::SharedRefreshToken>, Error>,
+        > {
+            self.0.load_refresh_token()
+        }
+        fn save_refresh_token<'a>(
+            &'a self,
+            refresh_token: &'a eshopbox_auth::store::SharedRefreshToken,
+            replaces: Option<u64>,
+        ) -> eshopbox_auth::source::BoxFuture<'a, Result<bool, Error>> {
+            self.0.save_refresh_token(refresh_token, replaces)
+        }
+    }
+    let err = Directory::default()
+        .layer()
+        .token_store(Single(eshopbox_auth::store::InProcessStore::new()))
+        .build()
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Config);
+    assert!(err.to_string().contains("workspaces apart"), "{err}");
+}

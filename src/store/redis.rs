@@ -137,6 +137,7 @@ pub struct RedisStore {
 }
 
 struct Keys {
+    prefix: String,
     token: String,
     lock: String,
     refresh_token: String,
@@ -145,6 +146,7 @@ struct Keys {
 impl Keys {
     fn new(prefix: &str) -> Self {
         Keys {
+            prefix: prefix.to_owned(),
             token: format!("{prefix}token"),
             lock: format!("{prefix}lock"),
             refresh_token: format!("{prefix}refresh-token"),
@@ -424,6 +426,14 @@ impl RedisStore {
 }
 
 impl TokenStore for RedisStore {
+    /// The workspace's keys: `<prefix>{<workspace>}:token`, `…:lock` and
+    /// `…:refresh-token`, on the same connection and with the same encryption key.
+    fn for_workspace(&self, workspace: &str) -> Option<Arc<dyn TokenStore>> {
+        let mut part = self.clone();
+        part.keys = Arc::new(Keys::new(&workspace_prefix(&self.keys.prefix, workspace)));
+        Some(Arc::new(part))
+    }
+
     fn load(&self) -> BoxFuture<'_, Result<Option<SharedToken>, Error>> {
         Box::pin(self.load_token())
     }
@@ -494,6 +504,23 @@ impl TokenStore for RedisStore {
     }
 }
 
+/// The prefix of one workspace's keys: `<prefix>{<workspace>}:`. The workspace is a
+/// Redis Cluster hash tag, so a workspace's keys share a slot; `{`, `}` and `%` in
+/// its name are percent-escaped, so that the tag is the whole name and two names
+/// never share keys.
+fn workspace_prefix(prefix: &str, workspace: &str) -> String {
+    let mut tag = String::with_capacity(workspace.len());
+    for c in workspace.chars() {
+        match c {
+            '{' => tag.push_str("%7B"),
+            '}' => tag.push_str("%7D"),
+            '%' => tag.push_str("%25"),
+            c => tag.push(c),
+        }
+    }
+    format!("{prefix}{{{tag}}}:")
+}
+
 impl fmt::Debug for RedisStore {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         // The address only: the URL's password and the values stay out.
@@ -519,4 +546,23 @@ fn unix_ms(time: SystemTime) -> u64 {
 
 fn redis_error(doing: &str, error: redis::RedisError) -> Error {
     Error::unavailable(format!("token store: {doing} failed")).with_source(error)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_workspace_is_the_hash_tag_of_its_keys() {
+        let keys = Keys::new(&workspace_prefix("app:", "acme"));
+        assert_eq!(keys.token, "app:{acme}:token");
+        assert_eq!(keys.lock, "app:{acme}:lock");
+        assert_eq!(keys.refresh_token, "app:{acme}:refresh-token");
+        // Braces cannot end the tag early or make two names share keys.
+        assert_eq!(workspace_prefix("app:", "a}b{"), "app:{a%7Db%7B}:");
+        assert_ne!(
+            workspace_prefix("app:", "a%7D"),
+            workspace_prefix("app:", "a}")
+        );
+    }
 }

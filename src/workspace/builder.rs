@@ -161,7 +161,11 @@ impl<P, C> WorkspaceAuthBuilder<P, C> {
     );
 
     /// Shares each workspace's token with the other replicas through `store`; see
-    /// [`EshopboxAuthBuilder::token_store`]. Each workspace has keys of its own in it.
+    /// [`EshopboxAuthBuilder::token_store`]. Each workspace has a part of its own
+    /// ([`TokenStore::for_workspace`]); with `RedisStore`, the keys
+    /// `<prefix>{<workspace>}:token`, `…:lock` and `…:refresh-token` (the workspace
+    /// is their Redis Cluster hash tag). One token call per workspace per expiry
+    /// across all replicas.
     pub fn token_store(mut self, store: impl TokenStore) -> Self {
         self.base = self.base.token_store(store);
         self
@@ -207,6 +211,15 @@ impl<P, C> WorkspaceAuthBuilder<P, C> {
             return Err(Error::config("idle_timeout must be more than zero"));
         }
         let (cells, shape, replay, unauthorized) = self.base.into_cell_settings()?;
+        if cells
+            .store
+            .as_ref()
+            .is_some_and(|store| store.for_workspace("").is_none())
+        {
+            return Err(Error::config(
+                "the token store cannot keep workspaces apart (TokenStore::for_workspace)",
+            ));
+        }
         let registry = Registry::new(
             self.resolve,
             cells,

@@ -287,13 +287,19 @@ impl Registry {
             credentials,
             on_rotated,
         );
-        let coordinator = settings.store.as_ref().map(|store| {
-            Box::new(StoreSync::new(
-                store.clone(),
-                settings.lock_lease,
-                settings.store_timeout,
-            )) as Box<dyn Coordinator>
-        });
+        let coordinator = match &settings.store {
+            Some(store) => {
+                let part = store
+                    .for_workspace(workspace.name())
+                    .ok_or_else(|| Error::config("the token store cannot keep workspaces apart"))?;
+                Some(Box::new(StoreSync::new(
+                    part,
+                    settings.lock_lease,
+                    settings.store_timeout,
+                )) as Box<dyn Coordinator>)
+            }
+            None => None,
+        };
         let cell = Arc::new(TokenCell::new(
             Box::new(endpoint),
             None,

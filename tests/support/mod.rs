@@ -5,6 +5,8 @@
 #![allow(dead_code)]
 
 pub mod replicas;
+#[cfg(feature = "workspaces")]
+pub mod workspaces;
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
