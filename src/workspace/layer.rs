@@ -42,10 +42,11 @@ impl<P, C> WorkspaceAuthLayer<P, C> {
 
     /// A handle on the workspace's token, if the workspace is resolved and kept: its
     /// token, stats, refresh and invalidation, as [`TokenHandle`] gives them for a
-    /// single account. Looking does not count as a use for the idle timeout.
+    /// single account. Looking counts as a use for the idle timeout. The handle keeps
+    /// the workspace's token cell (not its place in the map) while it lives.
     pub fn handle(&self, workspace: &Workspace) -> Option<TokenHandle> {
         self.registry
-            .peek(workspace)
+            .warm(workspace)
             .map(|entry| TokenHandle::new(entry.cell.clone()))
     }
 

@@ -326,11 +326,6 @@ impl Registry {
             });
     }
 
-    /// The workspace's entry if it is resolved and kept (not counted as a use).
-    pub(crate) fn peek(&self, workspace: &Workspace) -> Option<Arc<Entry>> {
-        self.cache.get(workspace)?.entry.get().cloned()
-    }
-
     /// Drops the workspace at once: its token is invalidated and its cell (with the
     /// credentials) freed when the last request using it ends.
     pub(crate) fn forget(&self, workspace: &Workspace) -> bool {
