@@ -139,7 +139,7 @@ fn warm() {
     let mut times = (Vec::new(), Vec::new());
     let mut next = 0;
     for round in 0..rounds {
-        let mut time = |svc: &mut dyn FnMut(&Workspace), next: &mut usize| {
+        let time = |svc: &mut dyn FnMut(&Workspace), next: &mut usize| {
             let start = Instant::now();
             for _ in 0..batch {
                 svc(&workspaces[*next % workspaces.len()]);

@@ -29,6 +29,9 @@ use support::{within, Reply, TokenServer};
 
 type Req = Request<Empty<Bytes>>;
 
+/// What the test resolver returns.
+type Lookup = std::pin::Pin<Box<dyn Future<Output = Result<Option<Credentials>, BoxError>> + Send>>;
+
 /// A resolver over a fixed table, counting its calls per workspace.
 #[derive(Clone, Default)]
 struct Directory {
@@ -62,15 +65,7 @@ impl Directory {
         *self.failing.lock().unwrap() = failing;
     }
 
-    fn resolver(
-        &self,
-    ) -> impl Fn(
-        Workspace,
-    ) -> std::pin::Pin<
-        Box<dyn Future<Output = Result<Option<Credentials>, BoxError>> + Send>,
-    > + Send
-           + Sync
-           + 'static {
+    fn resolver(&self) -> impl Fn(Workspace) -> Lookup + Send + Sync + 'static {
         let directory = self.clone();
         move |workspace: Workspace| {
             let directory = directory.clone();
