@@ -3,7 +3,7 @@
 //!
 //! A sales channel, OMS or ERP connector serves many merchants, each with its own
 //! Eshopbox workspace and its own custom-app credentials. Build one
-//! [`WorkspaceAuthLayer`] with [`EshopboxAuthLayer::per_workspace`], name the
+//! [`WorkspaceAuthLayer`] with [`EshopboxAuthLayer::per_workspace`](crate::EshopboxAuthLayer::per_workspace), name the
 //! workspace on each request with the [`Workspace`] extension, and the layer looks
 //! the credentials up (once, through your resolver), keeps that workspace's token
 //! fresh, and sends the request with its token and `ProxyHost: <workspace>`.
