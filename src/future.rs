@@ -168,36 +168,63 @@ where
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let mut this = self.project();
         loop {
-            match this.state.as_mut().project() {
-                StateProj::Token { token, .. } => {
-                    let token = ready!(token.as_mut().poll(cx));
-                    with_token(this.state.as_mut(), token, *this.attempt, this.generation)?;
-                }
-                StateProj::Ready { unsent } => {
-                    let ready = ready!(unsent.service.poll_ready(cx));
-                    send(this.state.as_mut(), ready.map_err(Into::into))?;
-                }
-                StateProj::Called { future } => {
-                    let response = ready!(future.poll(cx)).map_err(Into::into)?;
-                    if *this.attempt == Attempt::Resend
-                        || !this.unauthorized.is_unauthorized(&response)
-                    {
-                        return Poll::Ready(Ok(response));
-                    }
-                    // The first attempt was refused: resend it once, if there is a copy.
-                    if !resend_after_401(
-                        this.state.as_mut(),
-                        this.cell,
-                        *this.generation,
-                        this.replay.take(),
-                    ) {
-                        return Poll::Ready(Ok(response));
-                    }
-                    *this.attempt = Attempt::Resend;
-                }
-                StateProj::Refused { .. } => return Poll::Ready(Err(refusal(this.state.as_mut()))),
-                StateProj::Done => return Poll::Ready(Err(polled_after_completion())),
+            // The common case, a request sent with a cached token, is one poll of
+            // `Called`; every other state is handled off this path.
+            let StateProj::Called { future } = this.state.as_mut().project() else {
+                ready!(advance(
+                    this.state.as_mut(),
+                    cx,
+                    *this.attempt,
+                    this.generation
+                ))?;
+                continue;
+            };
+            let response = ready!(future.poll(cx)).map_err(Into::into)?;
+            if *this.attempt == Attempt::Resend || !this.unauthorized.is_unauthorized(&response) {
+                return Poll::Ready(Ok(response));
             }
+            // The first attempt was refused: resend it once, if there is a copy.
+            if !resend_after_401(
+                this.state.as_mut(),
+                this.cell,
+                *this.generation,
+                this.replay.take(),
+            ) {
+                return Poll::Ready(Ok(response));
+            }
+            *this.attempt = Attempt::Resend;
+        }
+    }
+}
+
+/// Drives the states before `Called`: waits for the token, then for the service to
+/// be ready, then sends (`Ready(Ok)` once the state is `Called`); hands out the
+/// destination guard's error, or answers a poll after the end.
+#[cold]
+#[inline(never)]
+fn advance<S, B>(
+    mut state: Pin<&mut State<S, B>>,
+    cx: &mut Context<'_>,
+    attempt: Attempt,
+    generation: &mut u64,
+) -> Poll<Result<(), BoxError>>
+where
+    S: Service<Request<B>>,
+    S::Error: Into<BoxError>,
+{
+    loop {
+        match state.as_mut().project() {
+            StateProj::Token { token, .. } => {
+                let token = ready!(token.as_mut().poll(cx));
+                with_token(state.as_mut(), token, attempt, generation)?;
+            }
+            StateProj::Ready { unsent } => {
+                let ready = ready!(unsent.service.poll_ready(cx));
+                send(state.as_mut(), ready.map_err(Into::into))?;
+            }
+            StateProj::Called { .. } => return Poll::Ready(Ok(())),
+            StateProj::Refused { .. } => return Poll::Ready(Err(refusal(state.as_mut()))),
+            StateProj::Done => return Poll::Ready(Err(polled_after_completion())),
         }
     }
 }
@@ -208,8 +235,6 @@ where
 /// A refresh answered a request that waited (in the `Token` state). With a token,
 /// puts it on the request, then sends it (the first attempt: its service is ready)
 /// or waits for its service to be ready (the resend). With an error, ends.
-#[cold]
-#[inline(never)]
 fn with_token<S, B>(
     mut state: Pin<&mut State<S, B>>,
     token: Result<Arc<Token>, Error>,
@@ -238,8 +263,6 @@ where
 }
 
 /// The service of the `Ready` state was polled ready (or failed): sends the request.
-#[cold]
-#[inline(never)]
 fn send<S, B>(mut state: Pin<&mut State<S, B>>, ready: Result<(), BoxError>) -> Result<(), BoxError>
 where
     S: Service<Request<B>>,
@@ -253,8 +276,6 @@ where
 }
 
 /// The destination guard's error, handed out once.
-#[cold]
-#[inline(never)]
 fn refusal<S, B>(mut state: Pin<&mut State<S, B>>) -> BoxError
 where
     S: Service<Request<B>>,

@@ -442,20 +442,15 @@ fn from_store(stored: &SharedToken) -> StoredToken {
         id: stored.id(),
         access_token: stored.access_token().clone(),
         issued_at: stored.issued_at(),
-        lifetime: stored
-            .expires_at()
-            .duration_since(stored.issued_at())
-            .unwrap_or_default(),
-        remaining: stored.remaining(),
+        lifetime: stored.lifetime(),
+        expires_at: stored.expires_at(),
     }
 }
 
-/// A fetched token as the store keeps it.
+/// A fetched token as the store keeps it: its remaining life by this process's
+/// monotonic clock is what replicas exchange.
 fn to_store(token: StoredToken) -> SharedToken {
-    SharedToken::new(
-        token.id,
-        token.access_token,
-        token.issued_at,
-        token.issued_at + token.lifetime,
-    )
+    let remaining = token.expires_at.saturating_duration_since(Instant::now());
+    SharedToken::new(token.id, token.access_token, token.lifetime, remaining)
+        .with_issued_at(token.issued_at)
 }

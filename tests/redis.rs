@@ -11,14 +11,14 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
-use eshopbox_auth::store::{RedisStore, TokenStore};
-use eshopbox_auth::EshopboxAuthLayer;
-use http::Request;
-use http_body_util::Empty;
+use eshopbox_auth::source::BoxFuture;
+use eshopbox_auth::store::{RedisStore, SharedRefreshToken, SharedToken, TokenStore};
+use eshopbox_auth::{Error, EshopboxAuthLayer};
+use secrecy::ExposeSecret;
 use support::replicas::{self, burst};
+use support::traffic::{endpoint_replicas, gaps, totals, traffic, until};
 use support::{EchoApi, TokenServer};
-use tower::{Layer, ServiceExt};
+use tokio::time::Instant;
 
 /// A `redis-server` on 127.0.0.1, stopped when dropped.
 struct RedisServer {
@@ -135,6 +135,17 @@ impl RedisServer {
         let mut connection = self.client().get_connection().unwrap();
         command.query::<()>(&mut connection).unwrap();
     }
+
+    /// The remaining life of a key in milliseconds (`PTTL`).
+    fn pttl(&self, key: &str) -> i64 {
+        let mut connection = self.client().get_connection().unwrap();
+        redis::cmd("PTTL").arg(key).query(&mut connection).unwrap()
+    }
+
+    /// Replaces a key's value and keeps its TTL.
+    fn replace(&self, key: &str, value: &[u8]) {
+        self.command(redis::cmd("SET").arg(key).arg(value).arg("KEEPTTL"));
+    }
 }
 
 impl Drop for RedisServer {
@@ -173,77 +184,6 @@ async fn a_rotated_refresh_token_is_shared_through_redis() {
     replicas::rotation(|| redis.store()).await;
 }
 
-/// `n` replicas on the loopback token endpoint, refreshing 1 s before expiry.
-fn endpoint_replicas(
-    n: usize,
-    endpoint: &TokenServer,
-    store: impl Fn() -> RedisStore,
-) -> Vec<EshopboxAuthLayer> {
-    (0..n)
-        .map(|_| {
-            EshopboxAuthLayer::builder(support::credentials())
-                .token_url(&endpoint.url())
-                .refresh_margin(Duration::from_secs(1))
-                .token_store(store())
-                .lock_lease(Duration::from_secs(1))
-                .build()
-                .unwrap()
-        })
-        .collect()
-}
-
-/// Requests from every replica, a few milliseconds apart, until `stop` is set;
-/// returns how many succeeded and how many failed.
-fn traffic(
-    layers: &[EshopboxAuthLayer],
-    stop: Arc<AtomicBool>,
-) -> tokio::task::JoinSet<(usize, usize)> {
-    let mut tasks = tokio::task::JoinSet::new();
-    for layer in layers {
-        for _ in 0..4 {
-            let service = layer.layer(EchoApi::default());
-            let stop = stop.clone();
-            tasks.spawn(async move {
-                let (mut ok, mut failed) = (0, 0);
-                while !stop.load(Ordering::Relaxed) {
-                    match service
-                        .clone()
-                        .oneshot(Request::new(Empty::<Bytes>::new()))
-                        .await
-                    {
-                        Ok(_) => ok += 1,
-                        Err(_) => failed += 1,
-                    }
-                    tokio::time::sleep(Duration::from_millis(5)).await;
-                }
-                (ok, failed)
-            });
-        }
-    }
-    tasks
-}
-
-async fn totals(mut tasks: tokio::task::JoinSet<(usize, usize)>) -> (usize, usize) {
-    let (mut ok, mut failed) = (0, 0);
-    while let Some(result) = tasks.join_next().await {
-        let (o, f) = result.unwrap();
-        ok += o;
-        failed += f;
-    }
-    (ok, failed)
-}
-
-/// Waits until `condition` holds, looking every 20 ms, for at most a minute.
-async fn until(what: &str, condition: impl Fn() -> bool) {
-    for _ in 0..3000 {
-        if condition() {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    panic!("gave up waiting until {what}");
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn expiry_under_traffic_costs_one_token_call_per_expiry() {
     let redis = RedisServer::start();
@@ -261,9 +201,7 @@ async fn expiry_under_traffic_costs_one_token_call_per_expiry() {
     // Two replicas refreshing for the same expiry would call within milliseconds of
     // each other; one call per expiry means about a second between calls. Half of
     // that is the bound: well above a duplicate, well below a refresh period.
-    let times: Vec<_> = endpoint.seen().iter().map(|seen| seen.at).collect();
-    for pair in times.windows(2) {
-        let gap = pair[1] - pair[0];
+    for gap in gaps(&endpoint) {
         assert!(
             gap >= Duration::from_millis(450),
             "two token calls {gap:?} apart"
@@ -290,7 +228,7 @@ async fn redis_stopped_and_restarted_under_traffic_fails_no_request() {
     redis.restart();
     // Back with Redis: a token is stored again.
     until("a token was stored in the restarted Redis", || {
-        redis.get("test:token").is_some()
+        redis.get("{test:}token").is_some()
     })
     .await;
     let at_rejoin = endpoint.posts();
@@ -393,7 +331,7 @@ async fn tokens_are_stored_encrypted_with_an_encryption_key() {
         1,
         "the second replica read the encrypted token"
     );
-    let raw = redis.get("test:token").unwrap();
+    let raw = redis.get("{test:}token").unwrap();
     let text = String::from_utf8_lossy(&raw);
     assert!(!text.contains("tok-1"), "stored in the clear: {text}");
 
@@ -418,7 +356,7 @@ async fn lock_and_token_removal_are_owner_and_id_checked() {
         .await
         .unwrap());
     store.unlock("owner-b").await.unwrap();
-    assert_eq!(redis.get("test:lock").as_deref(), Some(&b"owner-a"[..]));
+    assert_eq!(redis.get("{test:}lock").as_deref(), Some(&b"owner-a"[..]));
     store.unlock("owner-a").await.unwrap();
     assert!(store
         .try_lock("owner-b", Duration::from_secs(5))
@@ -428,8 +366,8 @@ async fn lock_and_token_removal_are_owner_and_id_checked() {
     let token = eshopbox_auth::store::SharedToken::new(
         0xfeed,
         "tok".to_owned().into(),
-        std::time::SystemTime::now(),
-        std::time::SystemTime::now() + Duration::from_secs(60),
+        Duration::from_secs(60),
+        Duration::from_secs(60),
     );
     store.save(&token).await.unwrap();
     assert!(!store.remove(0xbeef).await.unwrap());
@@ -506,7 +444,7 @@ async fn replicas_share_a_token_over_tls() {
     let redis = RedisServer::start_with(Some(certificates.clone()));
     replicas::cold_start(|| redis.store()).await;
     // The server speaks TLS only: the token really went through it.
-    assert!(redis.get("test:token").is_some());
+    assert!(redis.get("{test:}token").is_some());
     drop(redis);
     let _ = std::fs::remove_dir_all(certificates);
 }
@@ -515,7 +453,7 @@ async fn replicas_share_a_token_over_tls() {
 async fn a_malformed_value_in_redis_is_replaced() {
     let redis = RedisServer::start();
     for garbage in ["not a token", "0123456789abcdef zzzzzzzzzzzzzzzz x"] {
-        redis.command(redis::cmd("SET").arg("test:token").arg(garbage));
+        redis.command(redis::cmd("SET").arg("{test:}token").arg(garbage));
         let endpoint = TokenServer::counting(3600).await;
         let layers = endpoint_replicas(2, &endpoint, || redis.store());
         let seen = burst(&layers, &EchoApi::default(), 10).await;
@@ -542,6 +480,283 @@ fn a_bad_url_is_a_config_error_that_does_not_repeat_the_url() {
     assert!(!format!("{store:?}").contains("hunter2"));
 }
 
+/// A token as the layer shares it: `lifetime` in all, `remaining` from now.
+fn shared(id: u64, token: &str, lifetime: u64, remaining: u64) -> SharedToken {
+    SharedToken::new(
+        id,
+        token.to_owned().into(),
+        Duration::from_secs(lifetime),
+        Duration::from_secs(remaining),
+    )
+}
+
+fn secret(token: &SharedToken) -> &str {
+    token.access_token().expose_secret()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_late_or_older_token_never_replaces_a_newer_one() {
+    let redis = RedisServer::start();
+    let (first, late) = (redis.store(), redis.store());
+    first.save(&shared(1, "newer", 3600, 3000)).await.unwrap();
+    // Another replica's write arrives late with a token that has less life left.
+    late.save(&shared(2, "older", 3600, 2000)).await.unwrap();
+    let stored = first.load().await.unwrap().unwrap();
+    assert_eq!((stored.id(), secret(&stored)), (1, "newer"));
+    // One with more life left does replace it.
+    late.save(&shared(3, "newest", 3600, 3500)).await.unwrap();
+    let stored = first.load().await.unwrap().unwrap();
+    assert_eq!((stored.id(), secret(&stored)), (3, "newest"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_late_rotated_refresh_token_never_replaces_a_newer_version() {
+    let redis = RedisServer::start();
+    let (a, b) = (redis.store(), redis.store());
+    let version = |id: u64, token: &str| SharedRefreshToken::new(id, token.to_owned().into());
+    assert!(a
+        .save_refresh_token(&version(1, "rt-1"), None)
+        .await
+        .unwrap());
+    assert!(a
+        .save_refresh_token(&version(2, "rt-2"), Some(1))
+        .await
+        .unwrap());
+    // Replica b also rotated from version 1, but later: version 2 stays.
+    assert!(!b
+        .save_refresh_token(&version(3, "rt-3"), Some(1))
+        .await
+        .unwrap());
+    // Nor does a write that claims nothing was stored.
+    assert!(!b
+        .save_refresh_token(&version(4, "rt-4"), None)
+        .await
+        .unwrap());
+    let stored = b.load_refresh_token().await.unwrap().unwrap();
+    assert_eq!(stored.id(), 2);
+    assert_eq!(stored.refresh_token().expose_secret(), "rt-2");
+    // Resending the stored version is fine (the scripts are safe to send twice).
+    assert!(a
+        .save_refresh_token(&version(2, "rt-2"), Some(1))
+        .await
+        .unwrap());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_token_keys_ttl_is_its_remaining_life() {
+    let redis = RedisServer::start();
+    let store = redis.store();
+    let started = Instant::now();
+    // Half of its hour is gone: the key lives the other half, not a whole hour.
+    let token = shared(7, "tok", 3600, 1800);
+    store.save(&token).await.unwrap();
+    let ttl = Duration::from_millis(redis.pttl("{test:}token") as u64);
+    let done = Instant::now();
+    // At most what the token had left when it was saved, at least that less the time
+    // the test took. (Redis counts in whole milliseconds: one of rounding.)
+    let ms = Duration::from_millis(1);
+    assert!(ttl <= token.expires_at() - started + ms, "{ttl:?}");
+    assert!(
+        ttl + (done - started) + ms >= Duration::from_secs(1800),
+        "{ttl:?}"
+    );
+    // What a reader gets back is that TTL, counted from when it asked.
+    let loaded = store.load().await.unwrap().unwrap();
+    let done = Instant::now();
+    assert_eq!(loaded.lifetime(), Duration::from_secs(3600));
+    assert!(loaded.expires_at() <= token.expires_at() + ms);
+    assert!(loaded.expires_at() + (done - started) + ms >= token.expires_at());
+}
+
+/// A store whose writer's wall clock is `ahead` of the others (or behind): what it
+/// writes carries that wall-clock time.
+struct SkewedClock {
+    inner: RedisStore,
+    ahead: Duration,
+    behind: bool,
+}
+
+impl TokenStore for SkewedClock {
+    fn load(&self) -> BoxFuture<'_, Result<Option<SharedToken>, Error>> {
+        self.inner.load()
+    }
+    fn save<'a>(&'a self, token: &'a SharedToken) -> BoxFuture<'a, Result<(), Error>> {
+        let shown = if self.behind {
+            token.issued_at() - self.ahead
+        } else {
+            token.issued_at() + self.ahead
+        };
+        let skewed = token.clone().with_issued_at(shown);
+        Box::pin(async move { self.inner.save(&skewed).await })
+    }
+    fn remove(&self, id: u64) -> BoxFuture<'_, Result<bool, Error>> {
+        self.inner.remove(id)
+    }
+    fn try_lock<'a>(
+        &'a self,
+        owner: &'a str,
+        lease: Duration,
+    ) -> BoxFuture<'a, Result<bool, Error>> {
+        self.inner.try_lock(owner, lease)
+    }
+    fn unlock<'a>(&'a self, owner: &'a str) -> BoxFuture<'a, Result<(), Error>> {
+        self.inner.unlock(owner)
+    }
+    fn load_refresh_token(&self) -> BoxFuture<'_, Result<Option<SharedRefreshToken>, Error>> {
+        self.inner.load_refresh_token()
+    }
+    fn save_refresh_token<'a>(
+        &'a self,
+        token: &'a SharedRefreshToken,
+        replaces: Option<u64>,
+    ) -> BoxFuture<'a, Result<bool, Error>> {
+        self.inner.save_refresh_token(token, replaces)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_with_wall_clocks_minutes_apart_agree_on_the_expiry() {
+    let redis = RedisServer::start();
+    let endpoint = TokenServer::counting(60).await;
+    let api = EchoApi::default();
+    for behind in [false, true] {
+        redis.command(&mut redis::cmd("FLUSHALL"));
+        let at = endpoint.posts();
+        let layer = |ahead: u64| {
+            EshopboxAuthLayer::builder(support::credentials())
+                .token_url(&endpoint.url())
+                .refresh_margin(Duration::from_secs(10))
+                .token_store(SkewedClock {
+                    inner: redis.store(),
+                    ahead: Duration::from_secs(ahead),
+                    behind,
+                })
+                .build()
+                .unwrap()
+        };
+        // The writer's wall clock is ten minutes off; the reader's is right.
+        let writer = [layer(600)];
+        let before = Instant::now();
+        burst(&writer, &api, 1).await;
+        let written = writer[0].handle().info().unwrap();
+        let reader = [layer(0)];
+        burst(&reader, &api, 1).await;
+        let after = Instant::now();
+        let read = reader[0].handle().info().unwrap();
+
+        assert_eq!(endpoint.posts(), at + 1, "the reader took the stored token");
+        // The reader's token expires with the writer's (at most the time the test
+        // took earlier), not ten minutes off.
+        assert!(read.expires_at <= written.expires_at);
+        assert!(read.expires_at + (after - before) >= written.expires_at);
+        // And it refreshes before that expiry, on time.
+        assert!(read.refresh_at < read.expires_at);
+        assert!(read.refresh_at + Duration::from_secs(10) >= read.expires_at);
+    }
+}
+
+/// `n` replicas with an encryption key on the store prefix `prefix`.
+fn sealed_replicas(
+    n: usize,
+    endpoint: &TokenServer,
+    redis: &RedisServer,
+    prefix: &str,
+) -> Vec<EshopboxAuthLayer> {
+    endpoint_replicas(n, endpoint, || {
+        RedisStore::from_client(redis.client())
+            .key_prefix(prefix)
+            .encryption_key([9; 32])
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_swapped_or_altered_sealed_value_is_refused_and_the_replica_refreshes() {
+    let redis = RedisServer::start();
+    let endpoint = TokenServer::counting(3600).await;
+    let api = EchoApi::default();
+    // Two credential sets (two prefixes), each with its token stored, sealed.
+    let seen = burst(&sealed_replicas(1, &endpoint, &redis, "a:"), &api, 1).await;
+    assert_eq!(seen, ["Bearer tok-1"]);
+    let seen = burst(&sealed_replicas(1, &endpoint, &redis, "b:"), &api, 1).await;
+    assert_eq!(seen, ["Bearer tok-2"]);
+    let (a, b) = (
+        redis.get("{a:}token").unwrap(),
+        redis.get("{b:}token").unwrap(),
+    );
+
+    // Swapped: each value is valid, under the other key name.
+    redis.replace("{a:}token", &b);
+    redis.replace("{b:}token", &a);
+    let fresh = sealed_replicas(1, &endpoint, &redis, "a:");
+    let seen = burst(&fresh, &api, 1).await;
+    assert_eq!(
+        seen,
+        ["Bearer tok-3"],
+        "the replica refused tok-2 and refreshed"
+    );
+    assert_eq!(fresh[0].handle().stats().store_failures, 1);
+
+    // The id in the clear header swapped for another: refused too.
+    let mut relabelled = redis.get("{b:}token").unwrap();
+    assert_eq!(relabelled[16], b' ');
+    relabelled[..16].copy_from_slice(b"00000000000000ff");
+    redis.replace("{b:}token", &relabelled);
+    let fresh = sealed_replicas(1, &endpoint, &redis, "b:");
+    let seen = burst(&fresh, &api, 1).await;
+    assert_eq!(seen, ["Bearer tok-4"]);
+    assert_eq!(fresh[0].handle().stats().store_failures, 1);
+
+    // One byte of the ciphertext flipped: refused.
+    let mut flipped = redis.get("{a:}token").unwrap();
+    *flipped.last_mut().unwrap() ^= 1;
+    redis.replace("{a:}token", &flipped);
+    let fresh = sealed_replicas(1, &endpoint, &redis, "a:");
+    let seen = burst(&fresh, &api, 1).await;
+    assert_eq!(seen, ["Bearer tok-5"]);
+    assert_eq!(fresh[0].handle().stats().store_failures, 1);
+    assert_eq!(endpoint.posts(), 5);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_rotated_refresh_token_is_sealed_with_a_fresh_nonce_per_write() {
+    let redis = RedisServer::start();
+    let store = |prefix: &str| {
+        RedisStore::from_client(redis.client())
+            .key_prefix(prefix)
+            .encryption_key([9; 32])
+    };
+    let version = SharedRefreshToken::new(5, "rt-secret-5".to_owned().into());
+    store("a:")
+        .save_refresh_token(&version, None)
+        .await
+        .unwrap();
+    let first = redis.get("{a:}refresh-token").unwrap();
+    assert!(!String::from_utf8_lossy(&first).contains("rt-secret"));
+    // The same version written again: another nonce, another ciphertext.
+    store("a:")
+        .save_refresh_token(&version, Some(5))
+        .await
+        .unwrap();
+    let second = redis.get("{a:}refresh-token").unwrap();
+    assert_eq!(first[..18], second[..18], "same id header and marker");
+    assert_ne!(first[18..42], second[18..42], "a nonce used twice");
+    let stored = store("a:").load_refresh_token().await.unwrap().unwrap();
+    assert_eq!(stored.refresh_token().expose_secret(), "rt-secret-5");
+
+    // Bound to its key name: moved under another prefix, it does not open.
+    redis.command(redis::cmd("SET").arg("{b:}refresh-token").arg(&second));
+    assert!(store("b:").load_refresh_token().await.is_err());
+
+    // Each token write gets a fresh nonce too.
+    let tokens = store("a:");
+    tokens.save(&shared(1, "tok-a", 3600, 1000)).await.unwrap();
+    let one = redis.get("{a:}token").unwrap();
+    tokens.save(&shared(1, "tok-a", 3600, 2000)).await.unwrap();
+    let two = redis.get("{a:}token").unwrap();
+    assert_ne!(one[18..42], two[18..42], "a nonce used twice");
+    assert!(!String::from_utf8_lossy(&two).contains("tok-a"));
+}
+
 #[cfg(feature = "workspaces")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replicas_of_a_per_workspace_layer_make_one_token_call_per_workspace() {
@@ -551,5 +766,5 @@ async fn replicas_of_a_per_workspace_layer_make_one_token_call_per_workspace() {
     for i in 0..4 {
         assert!(redis.get(&format!("test:{{shop-{i}}}:token")).is_some());
     }
-    assert!(redis.get("test:token").is_none());
+    assert!(redis.get("{test:}token").is_none());
 }

@@ -256,3 +256,28 @@ async fn a_late_refresh_token_write_never_puts_back_a_spent_one() {
         "rt-3"
     );
 }
+
+/// A store whose refresh lock cannot be taken: `try_lock` fails, everything else
+/// works (as when the lock's key sits on an unreachable node).
+fn lock_unavailable() -> Hooked<InProcessStore> {
+    Hooked::new(InProcessStore::new(), |call| match call {
+        StoreCall::TryLock => Fate::Fail,
+        _ => Fate::Pass,
+    })
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_lock_the_store_cannot_take_is_a_store_failure_and_a_direct_refresh() {
+    let calls = Arc::new(AtomicUsize::new(0));
+    let store = lock_unavailable();
+    let layers = replicas::replicas(3, || counting(calls.clone()), || store.clone());
+    let seen = burst(&layers, &EchoApi::default(), 50).await;
+
+    // Not "held by another replica" (that would wait): each layer refreshed on its
+    // own, once, and no request failed.
+    assert_eq!(seen.len(), 150);
+    assert_eq!(calls.load(Ordering::SeqCst), 3);
+    for layer in &layers {
+        assert_eq!(layer.handle().stats().store_failures, 1);
+    }
+}

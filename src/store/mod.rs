@@ -50,44 +50,51 @@
 //! # How replicas agree
 //!
 //! The same steps run on any store; with `RedisStore` they are these Redis commands and
-//! keys (`<prefix>` is set by `RedisStore::key_prefix`):
+//! keys (`{prefix}`: the prefix set by `RedisStore::key_prefix`, in braces, which makes
+//! it the keys' Redis Cluster hash tag, so all three keys live in one slot):
 //!
 //! ```text
 //!  requests ──▶ replica A        requests ──▶ replica B        requests ──▶ replica C
 //!               each replica serves requests from its own arc-swap copy of the token;
 //!               the request path never touches Redis
 //!                   │                             │                             │
-//!    ① GET token (none usable)         ① GET token (none usable)       ① GET token
-//!    ② SET lock A NX PX → won          ② SET lock B NX PX → lost       ⑥ GET token → found
-//!    ④ SET token PX ttl,               ⑥ poll GET token → found
+//!    ① GET+PTTL token (none usable)    ① GET+PTTL token (none usable)  ① GET+PTTL token
+//!    ② SET lock A NX PX → won          ② SET lock B NX PX → lost       ⑥ → found, TTL
+//!    ④ SET token PX remaining life,    ⑥ poll GET+PTTL token → found
 //!      SET refresh-token
 //!    ⑤ DEL lock if still A
 //!                   │                             │                             │
 //!                   ▼                             ▼                             ▼
 //!         ┌─────────────────────────────────────────────────────────────────────────┐
-//!         │ Redis   <prefix>token          the token; TTL ends at its expiry        │
-//!         │         <prefix>lock           the refresh lock: owner id + lease        │
-//!         │         <prefix>refresh-token  the latest rotated refresh token          │
+//!         │ Redis   {prefix}token          the token; its TTL is its remaining life │
+//!         │ (one    {prefix}lock           the refresh lock: owner id + lease        │
+//!         │  slot)  {prefix}refresh-token  the latest rotated refresh token          │
 //!         └─────────────────────────────────────────────────────────────────────────┘
 //!
 //!    replica A only:  ③ POST /api/v1/generateToken ──────────────────────────▶ Eshopbox
 //! ```
 //!
 //! 1. A replica that needs a token (cold, expiring, or after a 401) first reads
-//!    `<prefix>token`; a usable token another replica stored is taken as is (and the
-//!    stored refresh token with it, so every replica knows the newest one).
-//! 2. Otherwise it takes the refresh lock (`<prefix>lock` = its owner id, with a lease,
+//!    `{prefix}token` and its remaining life (`PTTL`) in one script; a usable token
+//!    another replica stored is taken as is (and the stored refresh token with it, so
+//!    every replica knows the newest one).
+//! 2. Otherwise it takes the refresh lock (`{prefix}lock` = its owner id, with a lease,
 //!    set only if absent — a Lua script that also renews the owner's own lock).
-//!    Replicas that do not get it poll `<prefix>token` (10 ms, doubling to 200 ms).
+//!    Replicas that do not get it poll `{prefix}token` (10 ms, doubling to 200 ms).
 //! 3. The holder reads the token once more, takes the stored refresh token if another
 //!    replica rotated it, and makes the one token call, renewing its lease every third
 //!    of it meanwhile: a slow but live holder keeps the lock; one that stops (a crash,
 //!    a long pause) loses it when the lease runs out, and another replica takes over.
-//! 4. It stores the token with a TTL ending at its expiry — unless a later token is
-//!    already there — and a rotated refresh token (even one from an otherwise unusable
-//!    answer).
+//! 4. It stores the token with its remaining life as the key's TTL — unless the stored
+//!    token has more life left — and a rotated refresh token (even one from an
+//!    otherwise unusable answer).
 //! 5. It releases the lock with a compare-and-delete script (only its own lock).
 //! 6. The other replicas find the new token and copy it into their own cache.
+//!
+//! Taking the lock has three outcomes ([`TokenStore::try_lock`]): **acquired** — the
+//! replica makes the token call; **held by another replica** — it waits for that
+//! replica's token as above; **store unavailable** (an error, or no answer within
+//! `store_timeout`) — it counts a store failure and refreshes directly.
 //!
 //! A waiting replica never calls the token endpoint while another holds the lock
 //! (with a provider that rotates refresh tokens, that would spend the holder's token):
@@ -95,7 +102,7 @@
 //! a dead holder's lease runs out first. Rotated refresh tokens are versioned and only
 //! stored over the version they replaced, so a write that arrives late (its answer was
 //! lost, the store was down) never puts back a spent refresh token. A 401 deletes
-//! `<prefix>token` only if it still holds the token that failed (compare on the token's
+//! `{prefix}token` only if it still holds the token that failed (compare on the token's
 //! id), so one bad token causes one call across all replicas. Requests never touch
 //! Redis: it is used only around refreshes and 401s.
 //!
@@ -106,24 +113,84 @@
 //! one). Requests only ever see the replica's local token, so none fails because Redis
 //! did. (During an outage each replica refreshes on its own; with a provider that
 //! rotates refresh tokens, replicas can then spend each other's refresh token — the
-//! store cannot help while it is down.)
+//! store cannot help while it is down.) In a Redis Cluster the client follows `MOVED`
+//! and `ASK` redirections and a failover's new master itself, within `store_timeout`;
+//! behind Sentinels the store asks them for the new master when the old one's
+//! connection breaks or it answers `READONLY`.
 //!
 //! **Secrets at rest.** The access token and a rotated refresh token are written to
 //! Redis: protect the server (ACLs, private network), use a `rediss://` URL for TLS, and
 //! set `encryption_key` to store them encrypted (XChaCha20-Poly1305, a random nonce per
 //! value, bound to the key name and to the value's id). A replica with a different key
-//! cannot read them and refreshes on its own. Stored expiry times are wall-clock times,
-//! so replicas' clocks should agree to within a few seconds.
+//! cannot read them and refreshes on its own; so does one that finds a value moved
+//! under another key, relabelled or altered.
 //!
 //! `InProcessStore` does the same between layers of one process; `TokenStore` is a
 //! public trait for other stores. Rotations are shared for the Eshopbox grant,
 //! `OAuth2Source`, and any `TokenSource` that implements `refresh_token` and
-//! `use_refresh_token`. `tests/redis.rs` runs the scenarios against real
-//! `redis-server` processes (8 cold replicas × 500 requests → 1 token call; expiry under
-//! traffic → 1 call per expiry; a stalled lock holder is taken over; Redis stopped and
-//! restarted under traffic → no failed request; a slow Redis → no failed request; a
-//! slow but live lock holder keeps its lock; rotation shared, also across a Redis
-//! restart that lost the data; encryption; TLS).
+//! `use_refresh_token`. `tests/redis.rs` (one server) and `tests/redis_ha.rs` (a
+//! Redis Cluster, Sentinels) run the scenarios against real servers, listed with their
+//! numbers [below](#what-the-tests-show).
+//!
+//! ## Expiry without clock agreement
+//!
+//! Replicas exchange a token's *remaining life* ([`SharedToken`]), not a wall-clock
+//! expiry: the writer sets the key's TTL to what the token has left,
+//! and a reader gets the TTL back in the same script as the value and counts down on
+//! its own monotonic clock, from when it sent the read (so it errs early by at most a
+//! round trip). "Is the stored token newer?" is a comparison of TTLs made inside
+//! Redis. The replicas' wall clocks play no part; the wall-clock time stored with the
+//! token is only for display.
+//!
+//! ## The hash tag
+//!
+//! The keys are `{prefix}token`, `{prefix}lock` and `{prefix}refresh-token` (default prefix `eshopbox-auth:`): the braces make the prefix
+//! a Redis Cluster *hash tag*, so one credential set's keys live in one slot and no
+//! script can fail with `CROSSSLOT`, whichever node serves it. A prefix that already has
+//! a hash tag (`orders:{eshopbox}:`) is used as it is. The same key names are used on a
+//! single server and behind Sentinels, so moving to a cluster needs no migration.
+//!
+//! ## Failover
+//!
+//! - *Cluster:* the client follows `MOVED` and `ASK` redirections during a resharding
+//!   and learns the new master of a slot after a failover; what it gives up on meanwhile
+//!   (a lost node, `TRYAGAIN`, `CLUSTERDOWN`) the store sends again, 50 ms apart doubling
+//!   to 500 ms. What is not done within `store_timeout` is a store failure (a direct
+//!   refresh), never a failed request. Set `store_timeout` longer than your cluster's failover (`cluster-node-timeout` plus the election)
+//!   to ride failovers out through Redis: requests keep using the still-valid token
+//!   meanwhile, and the failover costs at most one extra token call (a write the old
+//!   master had not passed on to its replica yet). With a shorter timeout each replica
+//!   that needs a token during the failover refreshes on its own.
+//! - *Sentinel:* when the master's connection breaks, or the old master answers
+//!   `READONLY` after it was demoted, the store asks the Sentinels for the master again
+//!   and resends the command once. Until the Sentinels have promoted a replica, calls
+//!   fail and replicas refresh directly; afterwards the store works again by itself.
+//! - *Single server:* a dropped connection is re-established and the command resent
+//!   once; a restart that lost the data only costs one token call (and each replica
+//!   puts the newest refresh token it knows back).
+//!
+//! # What the tests show
+//!
+//! Against real servers the tests start on 127.0.0.1:
+//!
+//! | scenario (test file) | result |
+//! |---|---|
+//! | single server (`tests/redis.rs`): 8 cold replicas × 500 requests | 1 token call |
+//! | single server: expiry under traffic (2 s tokens, 8 replicas) | 1 call per expiry |
+//! | single server: stopped and restarted, or paused 3 s, under traffic | 0 failed requests |
+//! | single server: stalled lock holder / slow but live holder | taken over after its lease / keeps its lock |
+//! | single server: rotation shared, also across a restart that lost the data | newest refresh token survives |
+//! | scripts: a late or older token, a late rotated refresh token | never replace a newer one |
+//! | scripts: the token key's TTL | the token's remaining life, not its lifetime |
+//! | a writer whose wall clock is 10 minutes ahead or behind | readers expire the token with the writer, not 10 minutes off |
+//! | encryption: values swapped between prefixes, relabelled, one byte flipped | refused; the replica refreshes (1 store failure) |
+//! | encryption: token and rotated refresh token | sealed, a fresh nonce per write |
+//! | TLS-only server | token shared |
+//! | Cluster, 3 masters + 3 replicas (`tests/redis_ha.rs`): 8 cold replicas × 500 requests | 1 token call |
+//! | Cluster: expiry under traffic (2 s tokens, 8 replicas) | 1 call per expiry, 0 store failures |
+//! | Cluster: the master holding the keys killed under traffic (`store_timeout` 5 s) | 0 failed requests, 0 store failures, no extra token call in our runs (at most 1 allowed) |
+//! | Cluster: the keys' slot resharded under traffic (`ASK`, then `MOVED`) | 0 failed requests, 0 store failures, 1 call per expiry |
+//! | Sentinel, 1 master + 1 replica + 3 Sentinels: master killed under traffic | 0 failed requests; the store writes to the new master afterwards |
 
 use std::collections::HashMap;
 use std::fmt;
@@ -146,29 +213,54 @@ pub use self::redis::RedisStore;
 pub const DEFAULT_LOCK_LEASE: Duration = Duration::from_secs(10);
 
 /// An access token as it is kept in a [`TokenStore`].
+///
+/// Its expiry is kept as a remaining life, counted on this process's monotonic clock
+/// (`tokio::time::Instant`) from when the token was read, never as a wall-clock time:
+/// replicas whose wall clocks disagree still agree on when a shared token expires.
+/// A store hands over how long the token has left (Redis: the key's TTL) and the
+/// reader counts down from there.
 #[derive(Clone)]
 pub struct SharedToken {
     id: u64,
     access_token: SecretString,
+    lifetime: Duration,
+    expires_at: Instant,
     issued_at: SystemTime,
-    expires_at: SystemTime,
 }
 
 impl SharedToken {
     /// A token, identified by `id` (a random number chosen by the layer that fetched
-    /// it), valid from `issued_at` until `expires_at`.
+    /// it), that lived `lifetime` in all and has `remaining` left from now on.
+    ///
+    /// Its [`issued_at`](Self::issued_at) is estimated from this process's wall clock;
+    /// [`with_issued_at`](Self::with_issued_at) sets the one the fetching replica saw.
     pub fn new(
         id: u64,
         access_token: SecretString,
-        issued_at: SystemTime,
-        expires_at: SystemTime,
+        lifetime: Duration,
+        remaining: Duration,
     ) -> Self {
+        let now = Instant::now();
+        let expires_at = now
+            .checked_add(remaining)
+            .unwrap_or_else(|| now + Duration::from_secs(365 * 24 * 3600));
+        let issued_at = SystemTime::now()
+            .checked_sub(lifetime.saturating_sub(remaining))
+            .unwrap_or_else(SystemTime::now);
         SharedToken {
             id,
             access_token,
-            issued_at,
+            lifetime: lifetime.max(remaining),
             expires_at,
+            issued_at,
         }
+    }
+
+    /// The same token, with the wall-clock time it was requested at, as the replica
+    /// that fetched it saw it. For display only: expiry never depends on it.
+    pub fn with_issued_at(mut self, issued_at: SystemTime) -> Self {
+        self.issued_at = issued_at;
+        self
     }
 
     /// Identifies this token, for [`TokenStore::remove`].
@@ -181,21 +273,25 @@ impl SharedToken {
         &self.access_token
     }
 
-    /// When the token was requested.
-    pub fn issued_at(&self) -> SystemTime {
-        self.issued_at
+    /// How long the token lived in all, from its token call to its expiry.
+    pub fn lifetime(&self) -> Duration {
+        self.lifetime
     }
 
-    /// When the token expires; the store may forget it from then on.
-    pub fn expires_at(&self) -> SystemTime {
+    /// When the token expires, on this process's monotonic clock.
+    pub fn expires_at(&self) -> Instant {
         self.expires_at
     }
 
     /// How long until the token expires (zero once it has).
     pub fn remaining(&self) -> Duration {
-        self.expires_at
-            .duration_since(SystemTime::now())
-            .unwrap_or_default()
+        self.expires_at.saturating_duration_since(Instant::now())
+    }
+
+    /// When the token was requested, by a wall clock (see
+    /// [`with_issued_at`](Self::with_issued_at)). For display and logs only.
+    pub fn issued_at(&self) -> SystemTime {
+        self.issued_at
     }
 }
 
@@ -204,8 +300,9 @@ impl fmt::Debug for SharedToken {
         f.debug_struct("SharedToken")
             .field("id", &self.id)
             .field("access_token", &"[redacted]")
+            .field("lifetime", &self.lifetime)
+            .field("remaining", &self.remaining())
             .field("issued_at", &self.issued_at)
-            .field("expires_at", &self.expires_at)
             .finish()
     }
 }
@@ -254,18 +351,27 @@ pub trait TokenStore: Send + Sync + 'static {
     /// The stored token, if any.
     fn load(&self) -> BoxFuture<'_, Result<Option<SharedToken>, Error>>;
 
-    /// Stores `token` in place of the stored one, to be forgotten at its expiry —
-    /// unless the stored one expires later (atomically): a replica that finishes late
-    /// does not replace a newer token.
+    /// Stores `token` in place of the stored one, to be forgotten when its
+    /// [`remaining`](SharedToken::remaining) life runs out — unless the stored one has
+    /// more life left (atomically): a replica that finishes late does not replace a
+    /// newer token. Stores compare and expire tokens by remaining life (a TTL), never
+    /// by wall-clock times, so replicas' clocks need not agree.
     fn save<'a>(&'a self, token: &'a SharedToken) -> BoxFuture<'a, Result<(), Error>>;
 
     /// Removes the stored token if its id is `id` (atomically). Returns whether it did.
     fn remove(&self, id: u64) -> BoxFuture<'_, Result<bool, Error>>;
 
     /// Takes the refresh lock for `owner` for `lease` if no one holds it, or extends
-    /// it to `lease` from now if `owner` holds it (atomically). Returns whether
-    /// `owner` holds the lock now. The layer calls it again every third of the lease
-    /// while its token call runs.
+    /// it to `lease` from now if `owner` holds it (atomically). The layer calls it
+    /// again every third of the lease while its token call runs.
+    ///
+    /// Three outcomes, and what the layer does on each:
+    /// - `Ok(true)`, acquired: it makes the token call and shares the result;
+    /// - `Ok(false)`, held by another replica: it waits for the holder's token
+    ///   (polling the store), and takes the lock over if the holder's lease runs out;
+    /// - `Err(_)`, store unavailable: it counts a store failure
+    ///   ([`Stats::store_failures`](crate::Stats::store_failures)), refreshes directly, and leaves
+    ///   the store alone for a few seconds. The request does not fail.
     fn try_lock<'a>(
         &'a self,
         owner: &'a str,
@@ -362,6 +468,7 @@ impl TokenStore for InProcessStore {
             .token
             .as_ref()
             .is_some_and(|stored| stored.expires_at > token.expires_at);
+        // (Both are instants of this process's monotonic clock.)
         if !later {
             state.token = Some(token.clone());
         }

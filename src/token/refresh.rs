@@ -39,12 +39,12 @@ pub(crate) enum Reason {
 pub(crate) struct StoredToken {
     pub(crate) id: u64,
     pub(crate) access_token: SecretString,
-    /// When it was requested, by the wall clock.
+    /// When it was requested, by the wall clock (shown only; never used for timing).
     pub(crate) issued_at: SystemTime,
-    /// How long it lives from `issued_at`.
+    /// How long it lives in all.
     pub(crate) lifetime: Duration,
-    /// How long it has left.
-    pub(crate) remaining: Duration,
+    /// When it expires, by this process's monotonic clock.
+    pub(crate) expires_at: Instant,
 }
 
 /// A stored token that suits this refresh, ready to install.
@@ -53,7 +53,7 @@ pub(crate) struct Adopted {
     id: u64,
     issued_at: SystemTime,
     lifetime: Duration,
-    remaining: Duration,
+    expires_at: Instant,
 }
 
 /// What a coordinator obtained for the cell to install.
@@ -115,7 +115,8 @@ impl<'a> Job<'a> {
     /// its value can be sent, and for an early or forced refresh it is not due for a
     /// refresh itself.
     pub(crate) fn adopt(&self, stored: StoredToken) -> Option<Adopted> {
-        if stored.remaining < MIN_LIFETIME {
+        let remaining = stored.expires_at.saturating_duration_since(Instant::now());
+        if remaining < MIN_LIFETIME {
             return None;
         }
         let bearer = match Bearer::new(stored.access_token) {
@@ -125,13 +126,13 @@ impl<'a> Job<'a> {
                 return None;
             }
         };
-        let lifetime = stored.lifetime.max(stored.remaining);
-        let due = stored.remaining <= early_by(self.cell.margin(), lifetime, 0.0);
+        let lifetime = stored.lifetime.max(remaining);
+        let due = remaining <= early_by(self.cell.margin(), lifetime, 0.0);
         if due && matches!(self.reason, Reason::Early | Reason::Forced) {
             return None;
         }
         tracing::debug!(
-            remaining_secs = stored.remaining.as_secs(),
+            remaining_secs = remaining.as_secs(),
             "using the access token from the token store"
         );
         self.cell.counters.adopted();
@@ -140,7 +141,7 @@ impl<'a> Job<'a> {
             id: stored.id,
             issued_at: stored.issued_at,
             lifetime,
-            remaining: stored.remaining,
+            expires_at: stored.expires_at,
         })
     }
 
@@ -175,7 +176,7 @@ impl Fetched {
             access_token: SecretString::from(self.bearer.secret().expose_secret().to_owned()),
             issued_at: self.issued_at,
             lifetime: self.lifetime,
-            remaining: self.lifetime.saturating_sub(self.sent_at.elapsed()),
+            expires_at: self.sent_at + self.lifetime,
         }
     }
 }
@@ -220,7 +221,7 @@ impl TokenCell {
             ),
             Obtained::Adopted(adopted) => self.put(
                 adopted.bearer,
-                Instant::now() + adopted.remaining,
+                adopted.expires_at,
                 adopted.lifetime,
                 adopted.issued_at,
                 adopted.id,
