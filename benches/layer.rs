@@ -8,7 +8,7 @@
 //! 5. `EshopboxAuth`, 401 retry on (keeps a copy of each GET for a resend).
 //!
 //! Single-threaded, then 2 OS threads hammering one shared layer, then 4 and 8 tasks
-//! on a 2-worker multi-thread runtime. `INTERLEAVED=1` and `INSTRUCTIONS=<variant>`
+//! on a 2-worker multi-thread runtime (each task cloning the one service). `INTERLEAVED=1` and `INSTRUCTIONS=<variant>`
 //! select the interleaved-ratio and instruction-count modes (see `main` and the
 //! benches/README.md).
 
@@ -255,6 +255,44 @@ fn interleaved() {
     report(&variants, rounds(&variants, 400, 2_000, 1, &uri));
     println!("two threads, one layer");
     report(&variants, rounds(&variants, 100, 20_000, 2, &uri));
+    println!("8 tasks on 2 worker threads, each cloning one service");
+    report(&variants, contended(&variants, 100, 40_000, &uri));
+}
+
+/// Like [`rounds`], with each batch split over 8 tasks on a 2-worker multi-thread
+/// runtime; each task clones the variant's one service and sends its share. Time per
+/// request is the wall time of the batch over its requests.
+fn contended(variants: &[Variant], rounds: usize, batch: u32, uri: &Uri) -> Vec<Vec<f64>> {
+    const TASKS: u32 = 8;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .build()
+        .unwrap();
+    let mut times: Vec<Vec<f64>> = vec![Vec::with_capacity(rounds); variants.len()];
+    for round in 0..rounds {
+        for k in 0..variants.len() {
+            let i = (round + k) % variants.len();
+            let start = Instant::now();
+            rt.block_on(async {
+                let tasks: Vec<_> = (0..TASKS)
+                    .map(|_| {
+                        let mut svc = variants[i].clone();
+                        let uri = uri.clone();
+                        tokio::spawn(async move {
+                            for _ in 0..batch / TASKS {
+                                svc.run(&uri);
+                            }
+                        })
+                    })
+                    .collect();
+                for task in tasks {
+                    task.await.unwrap();
+                }
+            });
+            times[i].push(start.elapsed().as_nanos() as f64 / f64::from(batch));
+        }
+    }
+    times
 }
 
 /// Per variant, the time per request of each round: `batch` requests on each of

@@ -393,7 +393,7 @@ impl<P, C> EshopboxAuthBuilder<P, C> {
                 self.settings.store_timeout,
             )) as Box<dyn Coordinator>
         });
-        let cell = Arc::new(TokenCell::new(
+        let cell = TokenCell::new(
             source,
             on_rotated,
             coordinator,
@@ -403,7 +403,7 @@ impl<P, C> EshopboxAuthBuilder<P, C> {
                 attempt_timeout: self.settings.attempt_timeout,
                 failure_cooldown: self.settings.failure_cooldown,
             },
-        ));
+        );
         if self.settings.background_refresh {
             spawn_background(&cell)?;
         }

@@ -20,6 +20,36 @@
 //!   error is handed out once.
 //! - `Done`: the wait for a token or for readiness failed, the refusal was handed out,
 //!   or a transition is under way; a poll here is answered with an error.
+//!
+//! ## What the common case costs, and why the future holds no `Arc`
+//!
+//! With a warm token and no 401, the future is made, polled once in `Called` and
+//! dropped. It writes no memory that other service clones or other threads write:
+//!
+//! - it names its token cell by a `CellKey` (a copied number) and the token by its
+//!   generation, not by an `Arc<TokenCell>`, whose reference count would be one cache
+//!   line incremented and decremented by every request on every thread;
+//! - the key is resolved to the cell (a registry lookup under a mutex, in
+//!   `token/key.rs`) only after a 401, to invalidate the token the request carried
+//!   (only if it is still the current one). Should every service and handle of the
+//!   layer be gone by then, the key resolves to nothing: there is no token left to
+//!   drop, and the 401 is handed out as it is.
+//! - A request that can be resent (retry on, a replayable body) keeps a copy of
+//!   itself anyway (an allocation); that copy also holds an `Arc` of the cell, for the
+//!   resend's token. So such a request does write the cell's shared count, and is
+//!   resent even when it went out through the last service of its layer
+//!   (`oneshot`). With retry off, nothing is kept.
+//!
+//! The header the request carries is this service clone's own copy (see
+//! `token/local.rs`), so its reference count is not shared with other clones either.
+//!
+//! The slow states hold what they need themselves: the wait for a token owns its
+//! future (which holds the cell), a resend owns its boxed copy of the request.
+//!
+//! The future is generic over the inner service, the request body and the 401
+//! classifier only; which cell it reports to is data (the key), so a layer with
+//! several cells (one per workspace, say) builds it with the key of the cell whose
+//! token the request carries.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -35,6 +65,7 @@ use crate::boxed::BoxFuture;
 use crate::classify::{Http401, UnauthorizedPolicy};
 use crate::error::Error;
 use crate::token::cell::TokenCell;
+use crate::token::key::CellKey;
 use crate::token::value::Token;
 
 /// A request not sent yet, with the service to send it: the first attempt while it
@@ -43,6 +74,12 @@ use crate::token::value::Token;
 pub(crate) struct Unsent<S, B> {
     pub(crate) service: S,
     pub(crate) request: Request<B>,
+    /// In the copy kept for a resend: the token cell the resend takes its token from.
+    /// Only requests that can be resent pay for it (they allocate this copy anyway);
+    /// it keeps the cell alive while the request is out, so that a request sent
+    /// through the last service of a layer (`oneshot`) is still resent. `None` in a
+    /// first attempt that waits for a token (its wait holds the cell).
+    pub(crate) cell: Option<Arc<TokenCell>>,
 }
 
 /// Which attempt the future is on.
@@ -64,7 +101,8 @@ pin_project! {
     {
         #[pin]
         state: State<S, B>,
-        cell: Arc<TokenCell>,
+        // The token cell, resolved only after a 401 (see the module documentation).
+        cell: CellKey,
         unauthorized: C,
         // The generation of the token the first attempt carried.
         generation: u64,
@@ -107,7 +145,7 @@ where
     /// The first attempt was sent at once with the token of this generation.
     pub(crate) fn called(
         future: S::Future,
-        cell: Arc<TokenCell>,
+        cell: CellKey,
         generation: u64,
         replay: Option<Box<Unsent<S, B>>>,
         unauthorized: C,
@@ -123,7 +161,7 @@ where
     }
 
     /// The request fails with `error` without being sent.
-    pub(crate) fn refused(error: Error, cell: Arc<TokenCell>, unauthorized: C) -> Self {
+    pub(crate) fn refused(error: Error, cell: CellKey, unauthorized: C) -> Self {
         ResponseFuture {
             state: State::Refused { error },
             cell,
@@ -138,7 +176,7 @@ where
     pub(crate) fn waiting(
         service: S,
         request: Request<B>,
-        cell: Arc<TokenCell>,
+        cell: &Arc<TokenCell>,
         replay: Option<Box<Unsent<S, B>>>,
         unauthorized: C,
     ) -> Self {
@@ -146,9 +184,13 @@ where
             unauthorized,
             state: State::Token {
                 token: cell.wait(),
-                unsent: Box::new(Unsent { service, request }),
+                unsent: Box::new(Unsent {
+                    service,
+                    request,
+                    cell: None,
+                }),
             },
-            cell,
+            cell: cell.key(),
             generation: 0,
             replay,
             attempt: Attempt::First,
@@ -186,7 +228,7 @@ where
             // The first attempt was refused: resend it once, if there is a copy.
             if !resend_after_401(
                 this.state.as_mut(),
-                this.cell,
+                *this.cell,
                 *this.generation,
                 this.replay.take(),
             ) {
@@ -298,6 +340,7 @@ where
     let Unsent {
         mut service,
         request,
+        cell: _,
     } = unsent;
     let future = service.call(request);
     state.set(State::Called { future });
@@ -305,22 +348,30 @@ where
 
 /// After a 401 for the first attempt: drops its token (only if it is still the
 /// current one) and, if a copy of the request was kept, moves on to resending it.
-/// Returns whether it did.
+/// Returns whether it did. Without a copy, the cell is resolved from its key here, off
+/// the common path; if it is gone (the layer and all its services dropped), there is
+/// no token left to drop.
 #[cold]
 #[inline(never)]
 fn resend_after_401<S, B>(
     mut state: Pin<&mut State<S, B>>,
-    cell: &Arc<TokenCell>,
+    cell: CellKey,
     generation: u64,
     replay: Option<Box<Unsent<S, B>>>,
 ) -> bool
 where
     S: Service<Request<B>>,
 {
-    cell.invalidate(generation);
-    let Some(mut unsent) = replay else {
+    let Some((mut unsent, cell)) = replay.and_then(|mut unsent| {
+        let cell = unsent.cell.take()?;
+        Some((unsent, cell))
+    }) else {
+        if let Some(cell) = cell.resolve() {
+            cell.invalidate(generation);
+        }
         return false;
     };
+    cell.invalidate(generation);
     cell.counters.resend();
     tracing::debug!("request answered 401; resending it once with a new token");
     match cell.get() {

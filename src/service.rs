@@ -103,10 +103,11 @@ where
         match self.token.get() {
             Some((header, generation)) => {
                 request.headers_mut().insert(AUTHORIZATION, header);
-                let cell = self.cell().clone();
+                // The future carries the cell's key, not an `Arc` of it: no shared
+                // reference count is written per request (see `future.rs`).
                 ResponseFuture::called(
                     self.inner.call(request),
-                    cell,
+                    self.token.key(),
                     generation,
                     replay,
                     self.unauthorized.clone(),
@@ -131,7 +132,7 @@ where
         C: Clone,
     {
         tracing::debug!(%error, "request refused before sending");
-        ResponseFuture::refused(error, self.cell().clone(), self.unauthorized.clone())
+        ResponseFuture::refused(error, self.token.key(), self.unauthorized.clone())
     }
 
     /// The first attempt must wait for a token. `self.inner` is the service the caller
@@ -153,7 +154,7 @@ where
         ResponseFuture::waiting(
             ready,
             request,
-            self.cell().clone(),
+            self.cell(),
             replay,
             self.unauthorized.clone(),
         )
@@ -165,7 +166,7 @@ where
     S: Clone,
 {
     /// The request to send and, when the policy can replay its body, a copy of it
-    /// with a service to send it, for one resend after a 401.
+    /// with a service to send it and the token cell, for one resend after a 401.
     #[allow(clippy::type_complexity)]
     fn copy_for_resend<B>(&self, request: Request<B>) -> (Request<B>, Option<Box<Unsent<S, B>>>)
     where
@@ -177,6 +178,7 @@ where
             Box::new(Unsent {
                 service: self.inner.clone(),
                 request: Request::from_parts(parts.clone(), copy),
+                cell: Some(self.cell().clone()),
             })
         });
         (Request::from_parts(parts, body), replay)

@@ -86,7 +86,7 @@ fn warm_request_with_retry_off_allocates_no_more_than_the_bare_service() {
     let mut layered = layer.layer(Noop);
     let warm: Req = Request::get("/warm").body(Empty::new()).unwrap();
     rt.block_on(layered.clone().oneshot(warm)).unwrap();
-    // The first clone of the token's header turns its buffer into a shared one.
+    // The first request makes this service's own copy of the token's header.
     allocations_of(&mut layered);
 
     let mut bare = Noop;

@@ -659,6 +659,63 @@ async fn retry_off_returns_the_401_and_drops_the_token() {
     assert_eq!(res.body(), "Bearer tok-2");
 }
 
+/// With retry off, a response future names the token cell by a key, not by an
+/// `Arc`: it does not keep the cell alive, and a 401 that arrives after the layer, its
+/// services and handles are gone is handed out as it is (no token left to drop).
+#[tokio::test(start_paused = true)]
+async fn with_retry_off_a_pending_response_future_does_not_keep_the_token_alive() {
+    let script = Script::new(DAY);
+    let (answer, answered) = tokio::sync::oneshot::channel::<Response<()>>();
+    let answered = Arc::new(Mutex::new(Some(answered)));
+    let inner = service_fn(move |_: Request<Empty<Bytes>>| {
+        let answered = answered.lock().unwrap().take();
+        async move {
+            let answer = answered.expect("one call").await.expect("an answer");
+            Ok::<_, Infallible>(answer)
+        }
+    });
+    let layer = script
+        .builder()
+        .retry_on_unauthorized(false)
+        .build()
+        .unwrap();
+    let handle = layer.handle();
+    handle.get().await.unwrap();
+    let mut changes = handle.subscribe();
+    let mut svc = layer.layer(inner);
+
+    let mut future = tokio_test::task::spawn(svc.ready().await.unwrap().call(get()));
+    assert_pending!(future.poll());
+    drop((svc, layer, handle));
+    // Every owner of the cell is gone: its change channel closes.
+    assert!(within(changes.changed()).await.is_err());
+
+    answer.send(unauthorized()).unwrap();
+    let res = within(future).await.unwrap();
+    assert_eq!(res.status(), StatusCode::UNAUTHORIZED);
+    assert_eq!(script.calls(), 1);
+}
+
+/// The copy kept for a resend holds the token cell: a request sent through the last
+/// service of its layer (`oneshot` drops the service once it has called it) is still
+/// resent with a new token after a 401.
+#[tokio::test(start_paused = true)]
+async fn a_request_sent_through_the_last_service_of_its_layer_is_still_resent_after_a_401() {
+    let script = Script::new(DAY);
+    let api = Api::new();
+    api.reject("Bearer tok-1");
+    let layer = script.layer();
+    layer.handle().get().await.unwrap();
+    let svc = layer.layer(api.service());
+    drop(layer);
+
+    let res = within(svc.oneshot(get())).await.unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    assert_eq!(res.body(), "Bearer tok-2");
+    assert_eq!(api.calls(), 2);
+    assert_eq!(script.calls(), 2);
+}
+
 #[tokio::test(start_paused = true)]
 async fn second_401_is_returned_and_does_not_drop_the_new_token() {
     use eshopbox_auth::secrecy::ExposeSecret;

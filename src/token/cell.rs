@@ -25,6 +25,7 @@ use tokio::time::Instant;
 use super::endpoint::RotationHook;
 use super::fetch::{Fetched, Fetcher, MIN_LIFETIME};
 use super::flight::Flight;
+use super::key::CellKey;
 use super::refresh::{Coordinator, Reason};
 use super::source::TokenSource;
 use super::value::{Bearer, Phase, Token, TokenInfo};
@@ -64,6 +65,8 @@ pub(crate) struct TokenCell {
     /// Shares refreshes with other layers (a token store), if any.
     coordinator: Option<Box<dyn Coordinator>>,
     timing: Timing,
+    /// This cell's name in the registry of `key.rs`, which response futures carry.
+    key: CellKey,
 }
 
 impl TokenCell {
@@ -72,8 +75,8 @@ impl TokenCell {
         on_rotated: Option<RotationHook>,
         coordinator: Option<Box<dyn Coordinator>>,
         timing: Timing,
-    ) -> Self {
-        TokenCell {
+    ) -> Arc<Self> {
+        CellKey::register(|key| TokenCell {
             current: Aligned(ArcSwapOption::empty()),
             counters: Counters::default(),
             changes: watch::channel(None).0,
@@ -84,7 +87,13 @@ impl TokenCell {
             fetcher: Fetcher::new(source, on_rotated, timing.timeout, timing.attempt_timeout),
             coordinator,
             timing,
-        }
+            key,
+        })
+    }
+
+    /// The key a response future carries to reach this cell after a 401.
+    pub(crate) fn key(&self) -> CellKey {
+        self.key
     }
 
     /// The fast path: the header and generation of a token that may be used now, or
@@ -308,6 +317,12 @@ impl TokenCell {
                 return;
             }
         }
+    }
+}
+
+impl Drop for TokenCell {
+    fn drop(&mut self) {
+        self.key.unregister();
     }
 }
 

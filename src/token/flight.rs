@@ -272,7 +272,7 @@ mod tests {
             attempt_timeout: None,
             failure_cooldown: Duration::from_secs(2),
         };
-        let cell = Arc::new(TokenCell::new(Box::new(source), None, None, timing));
+        let cell = TokenCell::new(Box::new(source), None, None, timing);
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()

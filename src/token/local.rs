@@ -4,6 +4,11 @@
 //! comparison while the token is unchanged. Each clone also keeps its own copy of the
 //! `Authorization` value, so that the reference count bumped for every request lives
 //! in memory that other threads' clones do not touch.
+//!
+//! A clone copies the header when it first sends a request with a token. A clone made
+//! from a service that has already sent requests starts out sharing its original's
+//! copy (cloning a service allocates nothing) until the token changes; services cloned
+//! per request share it that way.
 
 use std::ops::Deref;
 use std::sync::Arc;
@@ -13,6 +18,7 @@ use bytes::Bytes;
 use http::HeaderValue;
 
 use super::cell::TokenCell;
+use super::key::CellKey;
 use super::value::Token;
 
 /// Lets an `arc_swap::Cache` reach the token cell's `ArcSwapOption`.
@@ -29,6 +35,8 @@ impl Deref for Current {
 #[derive(Clone)]
 pub(crate) struct LocalToken {
     cell: Arc<TokenCell>,
+    /// The cell's key, kept here so that the request path reads it from this clone.
+    key: CellKey,
     swap: Cache<Current, Option<Arc<Token>>>,
     /// This clone's copy of the header, and the generation it was copied from (0: no
     /// copy yet; generations start at 1).
@@ -40,6 +48,7 @@ impl LocalToken {
     pub(crate) fn new(cell: Arc<TokenCell>) -> Self {
         LocalToken {
             swap: Cache::new(Current(cell.clone())),
+            key: cell.key(),
             cell,
             header: HeaderValue::from_static(""),
             copied: 0,
@@ -48,6 +57,12 @@ impl LocalToken {
 
     pub(crate) fn cell(&self) -> &Arc<TokenCell> {
         &self.cell
+    }
+
+    /// The key response futures carry to reach the cell after a 401.
+    #[inline]
+    pub(crate) fn key(&self) -> CellKey {
+        self.key
     }
 
     /// Like [`TokenCell::get`], from this clone's `arc_swap::Cache`: the header and generation of
@@ -67,9 +82,12 @@ impl LocalToken {
     }
 }
 
-/// A copy of `value` in a buffer of its own (still marked sensitive).
+/// A copy of `value` in a buffer of its own (still marked sensitive). The buffer is
+/// owned by a reference-counted box from the start (`Bytes::from_owner`), so a clone
+/// is one increment of that count, without the check a `Vec`-backed `Bytes` makes on
+/// every clone to see whether it has been shared yet.
 fn own_copy(value: &HeaderValue) -> HeaderValue {
-    let bytes = Bytes::copy_from_slice(value.as_bytes());
+    let bytes = Bytes::from_owner(Box::<[u8]>::from(value.as_bytes()));
     let mut copy = HeaderValue::from_maybe_shared(bytes).unwrap_or_else(|_| value.clone());
     copy.set_sensitive(true);
     copy

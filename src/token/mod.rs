@@ -14,6 +14,8 @@
 //! - [`fetch`]: the attempt loop — back-off, `Retry-After`, the deadline.
 //! - [`background`]: the optional background refresher.
 //! - [`local`]: a service clone's own view of the cell (the request path's fast lane).
+//! - [`key`]: a cell's copyable key, which response futures carry instead of an
+//!   `Arc` of the cell, and the registry that resolves it after a 401.
 //! - [`source`]: the one [`TokenSource`](source::TokenSource) trait.
 //! - [`endpoint`] and [`response`]: the OAuth 2 token call and its answer; [`client`]:
 //!   the HTTP client for it and the token URL checks.
@@ -24,6 +26,7 @@ pub(crate) mod client;
 pub(crate) mod endpoint;
 pub(crate) mod fetch;
 pub(crate) mod flight;
+pub(crate) mod key;
 pub(crate) mod local;
 pub(crate) mod refresh;
 pub(crate) mod response;
