@@ -158,6 +158,7 @@ where
         unsent: Unsent {
             service,
             mut request,
+            ..
         },
         mut replay,
         unauthorized,
@@ -169,9 +170,10 @@ where
         copy.request
             .headers_mut()
             .insert(PROXY_HOST, entry.proxy_host.clone());
+        copy.cell = Some(entry.cell.clone());
     }
     entry.cell.counters.waited();
-    let future = AuthFuture::waiting(service, request, entry.cell.clone(), replay, unauthorized);
+    let future = AuthFuture::waiting(service, request, &entry.cell, replay, unauthorized);
     *span = Some(entry.span.clone());
     state.set(State::Auth { future });
     Ok(())

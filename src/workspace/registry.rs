@@ -300,12 +300,7 @@ impl Registry {
             }
             None => None,
         };
-        let cell = Arc::new(TokenCell::new(
-            Box::new(endpoint),
-            None,
-            coordinator,
-            settings.timing,
-        ));
+        let cell = TokenCell::new(Box::new(endpoint), None, coordinator, settings.timing);
         if settings.background_refresh {
             spawn_background(&cell)?;
         }

@@ -15,6 +15,7 @@ use crate::classify::{Http401, UnauthorizedPolicy};
 use crate::future::{ResponseFuture as AuthFuture, Unsent};
 use crate::layer::Shape;
 use crate::replay::{EmptyBodies, ReplayPolicy};
+use crate::token::cell::TokenCell;
 
 /// The header Eshopbox reads the workspace from.
 const PROXY_HOST: HeaderName = HeaderName::from_static("proxyhost");
@@ -96,7 +97,7 @@ where
         request
             .headers_mut()
             .insert(PROXY_HOST, entry.proxy_host.clone());
-        let (mut request, replay) = self.copy_for_resend(request);
+        let (mut request, replay) = self.copy_for_resend(request, Some(&entry.cell));
         let token = {
             let _span = entry.span.enter();
             entry.cell.get()
@@ -107,7 +108,7 @@ where
                 request.headers_mut().insert(AUTHORIZATION, header);
                 AuthFuture::called(
                     self.inner.call(request),
-                    entry.cell.clone(),
+                    entry.cell.key(),
                     generation,
                     replay,
                     self.unauthorized.clone(),
@@ -119,7 +120,7 @@ where
                 AuthFuture::waiting(
                     ready,
                     request,
-                    entry.cell.clone(),
+                    &entry.cell,
                     replay,
                     self.unauthorized.clone(),
                 )
@@ -160,13 +161,14 @@ where
             .cloned()
             .unwrap_or_else(|| Workspace::new(""));
         let resolve = self.registry.resolve(workspace);
-        let (request, replay) = self.copy_for_resend(request);
+        let (request, replay) = self.copy_for_resend(request, None);
         let ready = self.take_ready();
         ResponseFuture::resolving(
             resolve,
             Unsent {
                 service: ready,
                 request,
+                cell: None,
             },
             replay,
             self.unauthorized.clone(),
@@ -174,9 +176,14 @@ where
     }
 
     /// The request to send and, when the policy can replay its body, a copy of it
-    /// (headers as set so far) with a service to send it, for one resend after a 401.
+    /// (headers as set so far) with a service to send it and the workspace's token
+    /// cell (`None` until the workspace is resolved), for one resend after a 401.
     #[allow(clippy::type_complexity)]
-    fn copy_for_resend<B>(&self, request: Request<B>) -> (Request<B>, Option<Box<Unsent<S, B>>>)
+    fn copy_for_resend<B>(
+        &self,
+        request: Request<B>,
+        cell: Option<&Arc<TokenCell>>,
+    ) -> (Request<B>, Option<Box<Unsent<S, B>>>)
     where
         P: ReplayPolicy<B>,
     {
@@ -189,6 +196,7 @@ where
             Box::new(Unsent {
                 service: self.inner.clone(),
                 request: Request::from_parts(parts.clone(), copy),
+                cell: cell.cloned(),
             })
         });
         (Request::from_parts(parts, body), replay)
