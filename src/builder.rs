@@ -78,6 +78,9 @@ enum Origin {
     Eshopbox(Credentials),
     /// A caller-supplied source.
     Custom(Box<dyn TokenSource>),
+    /// Credentials per workspace, from a resolver (`crate::workspace`).
+    #[cfg(feature = "workspaces")]
+    PerWorkspace,
 }
 
 impl EshopboxAuthBuilder {
@@ -87,6 +90,12 @@ impl EshopboxAuthBuilder {
 
     pub(crate) fn with_source<T: TokenSource>(source: T) -> Self {
         Self::from_origin(Origin::Custom(Box::new(source)))
+    }
+
+    /// The shared settings of a per-workspace layer (`crate::workspace`).
+    #[cfg(feature = "workspaces")]
+    pub(crate) fn per_workspace() -> Self {
+        Self::from_origin(Origin::PerWorkspace)
     }
 
     fn from_origin(origin: Origin) -> Self {
@@ -343,30 +352,7 @@ impl<P, C> EshopboxAuthBuilder<P, C> {
     /// [`allow_host`](Self::allow_host) pattern, or an HTTP client that cannot be
     /// built.
     pub fn build(self) -> Result<EshopboxAuthLayer<P, C>, Error> {
-        if self.settings.token_timeout.is_zero() {
-            return Err(Error::config("token_timeout must be more than zero"));
-        }
-        if self.settings.attempt_timeout.is_some_and(|t| t.is_zero()) {
-            return Err(Error::config("attempt_timeout must be more than zero"));
-        }
-        if self.settings.lock_lease < Duration::from_millis(1) {
-            return Err(Error::config("lock_lease must be at least a millisecond"));
-        }
-        if self.settings.store.is_some() && self.settings.lock_lease >= self.settings.token_timeout
-        {
-            // Replicas wait for a lock holder at most the token timeout; a dead
-            // holder's lease must run out before that.
-            return Err(Error::config(
-                "lock_lease must be shorter than token_timeout",
-            ));
-        }
-        if self.settings.store_timeout.is_zero() {
-            return Err(Error::config("store_timeout must be more than zero"));
-        }
-        let destinations = Destinations::new(
-            &self.settings.allowed_hosts,
-            self.settings.allow_insecure_http,
-        )?;
+        let destinations = self.settings.check()?;
         let proxy_host = self
             .settings
             .workspace
@@ -377,6 +363,12 @@ impl<P, C> EshopboxAuthBuilder<P, C> {
         // otherwise unusable); for other sources the fetcher does, from what they report.
         let (source, on_rotated): (Box<dyn TokenSource>, _) = match self.settings.origin {
             Origin::Custom(source) => (source, self.settings.on_rotated),
+            #[cfg(feature = "workspaces")]
+            Origin::PerWorkspace => {
+                return Err(Error::config(
+                    "a per-workspace builder builds no single layer",
+                ))
+            }
             Origin::Eshopbox(credentials) => {
                 credentials.validate()?;
                 let url = check_token_url(&self.settings.token_url)?;
@@ -428,6 +420,83 @@ impl<P, C> EshopboxAuthBuilder<P, C> {
     }
 }
 
+impl Settings {
+    /// Checks what does not depend on where tokens come from; returns the
+    /// destination guard.
+    fn check(&self) -> Result<Destinations, Error> {
+        if self.token_timeout.is_zero() {
+            return Err(Error::config("token_timeout must be more than zero"));
+        }
+        if self.attempt_timeout.is_some_and(|t| t.is_zero()) {
+            return Err(Error::config("attempt_timeout must be more than zero"));
+        }
+        if self.lock_lease < Duration::from_millis(1) {
+            return Err(Error::config("lock_lease must be at least a millisecond"));
+        }
+        if self.store.is_some() && self.lock_lease >= self.token_timeout {
+            // Replicas wait for a lock holder at most the token timeout; a dead
+            // holder's lease must run out before that.
+            return Err(Error::config(
+                "lock_lease must be shorter than token_timeout",
+            ));
+        }
+        if self.store_timeout.is_zero() {
+            return Err(Error::config("store_timeout must be more than zero"));
+        }
+        Destinations::new(&self.allowed_hosts, self.allow_insecure_http)
+    }
+}
+
+/// The checked settings every workspace's token cell is made from
+/// (`crate::workspace`): all of the builder's but the credentials.
+#[cfg(feature = "workspaces")]
+pub(crate) struct CellSettings {
+    pub(crate) client: reqwest::Client,
+    pub(crate) url: reqwest::Url,
+    pub(crate) format: RequestFormat,
+    pub(crate) timing: Timing,
+    pub(crate) store: Option<Arc<dyn TokenStore>>,
+    pub(crate) lock_lease: Duration,
+    pub(crate) store_timeout: Duration,
+    pub(crate) background_refresh: bool,
+}
+
+#[cfg(feature = "workspaces")]
+impl<P, C> EshopboxAuthBuilder<P, C> {
+    /// Checks the settings as [`build`](Self::build) does and hands them out for a
+    /// per-workspace layer, with the request shape (without `ProxyHost`: each
+    /// workspace has its own) and both policies.
+    pub(crate) fn into_cell_settings(self) -> Result<(CellSettings, Shape, P, C), Error> {
+        let destinations = self.settings.check()?;
+        let url = check_token_url(&self.settings.token_url)?;
+        let client = match self.settings.http_client {
+            Some(client) => client,
+            None => default_client(self.settings.token_timeout)?,
+        };
+        let settings = CellSettings {
+            client,
+            url,
+            format: self.settings.request_format,
+            timing: Timing {
+                margin: self.settings.refresh_margin,
+                timeout: self.settings.token_timeout,
+                attempt_timeout: self.settings.attempt_timeout,
+                failure_cooldown: self.settings.failure_cooldown,
+            },
+            store: self.settings.store,
+            lock_lease: self.settings.lock_lease,
+            store_timeout: self.settings.store_timeout,
+            background_refresh: self.settings.background_refresh,
+        };
+        let shape = Shape {
+            retry_on_unauthorized: self.settings.retry_on_unauthorized,
+            proxy_host: None,
+            destinations,
+        };
+        Ok((settings, shape, self.replay, self.unauthorized))
+    }
+}
+
 /// The `ProxyHost` value for a workspace name: non-empty, a valid header value.
 fn proxy_host(workspace: &str) -> Result<HeaderValue, Error> {
     let workspace = workspace.trim();
@@ -448,6 +517,8 @@ impl<P: fmt::Debug, C: fmt::Debug> fmt::Debug for EshopboxAuthBuilder<P, C> {
                 match &self.settings.origin {
                     Origin::Eshopbox(credentials) => credentials as &dyn fmt::Debug,
                     Origin::Custom(_) => &"custom token source",
+                    #[cfg(feature = "workspaces")]
+                    Origin::PerWorkspace => &"per workspace",
                 },
             )
             .field("token_url", &self.settings.token_url)

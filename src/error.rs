@@ -35,6 +35,11 @@ pub enum ErrorKind {
     /// [`allow_host`](crate::EshopboxAuthBuilder::allow_host)). The message names the
     /// scheme and host. See [`EshopboxAuthBuilder::allow_host`](crate::EshopboxAuthBuilder::allow_host).
     UntrustedDestination,
+    /// A per-workspace layer got a request it cannot serve: no
+    /// `Workspace` extension, a workspace name that cannot be a header
+    /// value, or one the credentials resolver does not know. The inner service was
+    /// not called.
+    UnknownWorkspace,
 }
 
 impl ErrorKind {
@@ -45,6 +50,7 @@ impl ErrorKind {
             ErrorKind::Unavailable => "token endpoint unavailable",
             ErrorKind::InvalidResponse => "invalid token response",
             ErrorKind::UntrustedDestination => "untrusted destination",
+            ErrorKind::UnknownWorkspace => "unknown workspace",
         }
     }
 }
@@ -131,6 +137,15 @@ impl Error {
     pub fn with_retry_after(mut self, wait: Option<Duration>) -> Self {
         if let Some(inner) = Arc::get_mut(&mut self.inner) {
             inner.retry_after = wait;
+        }
+        self
+    }
+
+    /// Adds an already boxed cause (an application's error).
+    #[cfg(feature = "workspaces")]
+    pub(crate) fn with_boxed_source(mut self, source: Box<dyn StdError + Send + Sync>) -> Self {
+        if let Some(inner) = Arc::get_mut(&mut self.inner) {
+            inner.source = Some(source);
         }
         self
     }

@@ -91,6 +91,8 @@
 //!   `reqwest-middleware`, see the `middleware` module);
 //! - `examples/axum.rs` — one shared authenticated client in axum state;
 //! - `examples/tonic.rs` — a tonic `Channel`, with [`classify::GrpcUnauthenticated`];
+//! - `examples/workspaces.rs` — a stock-sync job for several merchants through one
+//!   per-workspace layer (feature `workspaces`, see the `workspace` module);
 //! - the `eshopbox-token` command (feature `cli`): prints a token for scripts and
 //!   `curl`, taking the fleet's token from a Redis store when one is given
 //!   (`cargo run --features cli --bin eshopbox-token -- --help`).
@@ -98,8 +100,9 @@
 //! Optional features: `test-util` ([`mock`]), `reqwest` ([`reqwest`]),
 //! `reqwest-middleware` (`middleware::EshopboxAuthMiddleware`), `tonic`
 //! (`GrpcBodies`, to resend unary gRPC calls), `redis` (`store::RedisStore`, one token
-//! for all replicas), `metrics` (counters to the `metrics` facade) and `cli` (the
-//! `eshopbox-token` command).
+//! for all replicas), `metrics` (counters to the `metrics` facade), `cli` (the
+//! `eshopbox-token` command) and `workspaces` (`EshopboxAuthLayer::per_workspace`: one
+//! layer for many workspaces, each with its own credentials).
 //!
 //! # Errors
 //!
@@ -194,6 +197,9 @@ mod stats;
 pub mod store;
 mod store_sync;
 mod token;
+#[cfg(feature = "workspaces")]
+#[cfg_attr(docsrs, doc(cfg(feature = "workspaces")))]
+pub mod workspace;
 
 /// The README's code blocks, compiled and run as doc tests.
 #[cfg(all(
@@ -202,7 +208,8 @@ mod token;
     feature = "reqwest",
     feature = "tonic",
     feature = "redis",
-    feature = "reqwest-middleware"
+    feature = "reqwest-middleware",
+    feature = "workspaces"
 ))]
 #[doc = include_str!("../README.md")]
 pub struct ReadmeDoctests;
@@ -227,6 +234,8 @@ pub use service::EshopboxAuth;
 pub use stats::Stats;
 pub use token::endpoint::RequestFormat;
 pub use token::value::TokenInfo;
+#[cfg(feature = "workspaces")]
+pub use workspace::{Workspace, WorkspaceAuthBuilder, WorkspaceAuthLayer};
 
 /// Runs the token-response parser on arbitrary bytes, for the fuzz target in `fuzz/`.
 /// Not part of the API.

@@ -11,6 +11,11 @@
 //!   `{"method": …, "path": …, "received": <body length>, "proxy_host": …}`, to check
 //!   what arrived.
 //!
+//! Besides its own app ([`MockEshopbox::credentials`]), it serves one app per
+//! workspace added with [`MockEshopbox::add_workspace`]: a token issued to a
+//! workspace's app is accepted only with `ProxyHost: <that workspace>`; any other
+//! `ProxyHost` is answered `403` and counted in [`MockEshopbox::mismatches`].
+//!
 //! ```
 //! use eshopbox_auth::mock::MockEshopbox;
 //! use eshopbox_auth::EshopboxAuthLayer;
@@ -75,7 +80,17 @@ struct State {
     token_calls: AtomicU64,
     api_calls: AtomicU64,
     unauthorized: AtomicU64,
+    mismatches: AtomicU64,
     knobs: Mutex<Knobs>,
+}
+
+/// A workspace's app.
+struct App {
+    workspace: String,
+    client_secret: String,
+    refresh_token: String,
+    delay: Duration,
+    token_calls: u64,
 }
 
 struct Knobs {
@@ -83,8 +98,10 @@ struct Knobs {
     delay: Duration,
     failures: Vec<StatusCode>,
     issued: u64,
-    /// Token → (expiry, revoked).
-    tokens: HashMap<String, (Instant, bool)>,
+    /// Token → (expiry, revoked, the workspace it was issued for).
+    tokens: HashMap<String, (Instant, bool, Option<String>)>,
+    /// Client id → the workspace app it belongs to.
+    apps: HashMap<String, App>,
 }
 
 impl Default for Knobs {
@@ -95,6 +112,7 @@ impl Default for Knobs {
             failures: Vec::new(),
             issued: 0,
             tokens: HashMap::new(),
+            apps: HashMap::new(),
         }
     }
 }
@@ -133,6 +151,52 @@ impl MockEshopbox {
         Credentials::new(CLIENT_ID, CLIENT_SECRET, REFRESH_TOKEN)
     }
 
+    /// Adds an app for `workspace` and returns its credentials: client id
+    /// `mock-client-<workspace>`, client secret `mock-secret-<workspace>`, refresh token
+    /// `mock-refresh-<workspace>`. Its tokens are accepted only with
+    /// `ProxyHost: <workspace>`. Adding a workspace again changes nothing.
+    pub fn add_workspace(&self, workspace: &str) -> Credentials {
+        let client_id = format!("mock-client-{workspace}");
+        let mut knobs = self.knobs();
+        let app = knobs.apps.entry(client_id.clone()).or_insert_with(|| App {
+            workspace: workspace.to_owned(),
+            client_secret: format!("mock-secret-{workspace}"),
+            refresh_token: format!("mock-refresh-{workspace}"),
+            delay: Duration::ZERO,
+            token_calls: 0,
+        });
+        Credentials::new(client_id, &*app.client_secret, &*app.refresh_token)
+    }
+
+    /// Delays the token answers for this workspace's app (added with
+    /// [`add_workspace`](Self::add_workspace)) by `delay`, on top of any
+    /// [`set_token_delay`](Self::set_token_delay).
+    pub fn set_workspace_token_delay(&self, workspace: &str, delay: Duration) {
+        if let Some(app) = self
+            .knobs()
+            .apps
+            .values_mut()
+            .find(|app| app.workspace == workspace)
+        {
+            app.delay = delay;
+        }
+    }
+
+    /// Token requests received from this workspace's app with its valid credentials.
+    pub fn workspace_token_calls(&self, workspace: &str) -> u64 {
+        self.knobs()
+            .apps
+            .values()
+            .find(|app| app.workspace == workspace)
+            .map_or(0, |app| app.token_calls)
+    }
+
+    /// API requests refused with `403` because their `ProxyHost` was not the workspace
+    /// their token was issued for.
+    pub fn mismatches(&self) -> u64 {
+        self.state.mismatches.load(Ordering::SeqCst)
+    }
+
     /// The mock's token endpoint, for
     /// [`token_url`](crate::EshopboxAuthBuilder::token_url).
     pub fn token_url(&self) -> String {
@@ -167,7 +231,7 @@ impl MockEshopbox {
 
     /// Revokes every token issued so far: the API answers 401 to them.
     pub fn revoke_tokens(&self) {
-        for (_, revoked) in self.knobs().tokens.values_mut() {
+        for (_, revoked, _) in self.knobs().tokens.values_mut() {
             *revoked = true;
         }
     }
@@ -205,6 +269,7 @@ impl fmt::Debug for MockEshopbox {
             .field("token_calls", &self.token_calls())
             .field("api_calls", &self.api_calls())
             .field("unauthorized", &self.unauthorized())
+            .field("mismatches", &self.mismatches())
             .finish()
     }
 }
@@ -272,27 +337,24 @@ async fn token(state: &State, req: Request<Incoming>) -> Response<Full<Bytes>> {
             r#"{"error":"unsupported_grant_type"}"#.into(),
         );
     }
-    if grant.client_id.as_deref() != Some(CLIENT_ID)
-        || grant.client_secret.as_deref() != Some(CLIENT_SECRET)
-    {
-        return json(
-            StatusCode::UNAUTHORIZED,
-            r#"{"error":"invalid_client"}"#.into(),
-        );
+    let workspace = match check_grant(state, &grant) {
+        Ok(workspace) => workspace,
+        Err(response) => return response,
+    };
+    let delay = workspace
+        .as_ref()
+        .map_or(Duration::ZERO, |(_, delay)| *delay);
+    if !delay.is_zero() {
+        tokio::time::sleep(delay).await;
     }
-    if grant.refresh_token.as_deref() != Some(REFRESH_TOKEN) {
-        return json(
-            StatusCode::BAD_REQUEST,
-            r#"{"error":"invalid_grant"}"#.into(),
-        );
-    }
+    let workspace = workspace.map(|(workspace, _)| workspace);
     let mut knobs = lock(state);
     knobs.issued += 1;
     let token = format!("mock-access-{}-{:016x}", knobs.issued, fastrand::u64(..));
     let lifetime = knobs.lifetime;
     knobs
         .tokens
-        .insert(token.clone(), (Instant::now() + lifetime, false));
+        .insert(token.clone(), (Instant::now() + lifetime, false, workspace));
     let body = serde_json::json!({
         "access_token": token,
         "id_token": "mock-id-token",
@@ -310,15 +372,15 @@ async fn api(state: &State, req: Request<Incoming>) -> Response<Full<Bytes>> {
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "));
-    let verdict = token.map(|t| lock(state).tokens.get(t).copied());
+    let verdict = token.map(|t| lock(state).tokens.get(t).cloned());
     let refusal = match verdict {
         None | Some(None) => Some(
             r#"{"error":{"code":401,"message":"Unauthorized","errors":[{"message":"Invalid token"}]}}"#,
         ),
-        Some(Some((_, true))) => Some(
+        Some(Some((_, true, _))) => Some(
             r#"{"error":{"code":401,"message":"Unauthorized","errors":[{"message":"Token revoked"}]}}"#,
         ),
-        Some(Some((expiry, false))) if Instant::now() >= expiry => {
+        Some(Some((expiry, false, _))) if Instant::now() >= expiry => {
             Some(r#"{"message":"Expired token"}"#)
         }
         Some(Some(_)) => None,
@@ -326,6 +388,16 @@ async fn api(state: &State, req: Request<Incoming>) -> Response<Full<Bytes>> {
     if let Some(body) = refusal {
         state.unauthorized.fetch_add(1, Ordering::SeqCst);
         return json(StatusCode::UNAUTHORIZED, body.into());
+    }
+    if let Some(Some((_, _, Some(workspace)))) = &verdict {
+        let proxy_host = req.headers().get("proxyhost").map(|v| v.as_bytes());
+        if proxy_host != Some(workspace.as_bytes()) {
+            state.mismatches.fetch_add(1, Ordering::SeqCst);
+            return json(
+                StatusCode::FORBIDDEN,
+                r#"{"message":"ProxyHost does not match the token's workspace"}"#.into(),
+            );
+        }
     }
     if req.method() == Method::GET && req.uri().path() == "/api/v2/inventoryListing" {
         return json(
@@ -351,6 +423,51 @@ async fn api(state: &State, req: Request<Incoming>) -> Response<Full<Bytes>> {
         "proxy_host": proxy_host,
     });
     json(StatusCode::OK, body.to_string())
+}
+
+/// Checks the grant's credentials: the mock's own app (`Ok(None)`) or a workspace's
+/// (`Ok(Some((workspace, its delay)))`), counting the workspace's token call.
+#[allow(clippy::result_large_err)]
+fn check_grant(
+    state: &State,
+    grant: &Grant,
+) -> Result<Option<(String, Duration)>, Response<Full<Bytes>>> {
+    let invalid_client = || {
+        json(
+            StatusCode::UNAUTHORIZED,
+            r#"{"error":"invalid_client"}"#.into(),
+        )
+    };
+    let invalid_grant = || {
+        json(
+            StatusCode::BAD_REQUEST,
+            r#"{"error":"invalid_grant"}"#.into(),
+        )
+    };
+    let client_id = grant.client_id.as_deref().unwrap_or_default();
+    let secret = grant.client_secret.as_deref();
+    let refresh_token = grant.refresh_token.as_deref();
+    if client_id == CLIENT_ID {
+        if secret != Some(CLIENT_SECRET) {
+            return Err(invalid_client());
+        }
+        if refresh_token != Some(REFRESH_TOKEN) {
+            return Err(invalid_grant());
+        }
+        return Ok(None);
+    }
+    let mut knobs = lock(state);
+    let Some(app) = knobs.apps.get_mut(client_id) else {
+        return Err(invalid_client());
+    };
+    if secret != Some(app.client_secret.as_str()) {
+        return Err(invalid_client());
+    }
+    if refresh_token != Some(app.refresh_token.as_str()) {
+        return Err(invalid_grant());
+    }
+    app.token_calls += 1;
+    Ok(Some((app.workspace.clone(), app.delay)))
 }
 
 fn lock(state: &State) -> std::sync::MutexGuard<'_, Knobs> {

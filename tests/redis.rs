@@ -756,3 +756,15 @@ async fn the_rotated_refresh_token_is_sealed_with_a_fresh_nonce_per_write() {
     assert_ne!(one[18..42], two[18..42], "a nonce used twice");
     assert!(!String::from_utf8_lossy(&two).contains("tok-a"));
 }
+
+#[cfg(feature = "workspaces")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_of_a_per_workspace_layer_make_one_token_call_per_workspace() {
+    let redis = RedisServer::start();
+    support::workspaces::one_token_call_per_workspace(|| redis.store(), 3, 4).await;
+    // Each workspace's keys, with the workspace as their hash tag; no shared key.
+    for i in 0..4 {
+        assert!(redis.get(&format!("test:{{shop-{i}}}:token")).is_some());
+    }
+    assert!(redis.get("{test:}token").is_none());
+}

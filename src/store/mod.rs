@@ -192,6 +192,7 @@
 //! | Cluster: the keys' slot resharded under traffic (`ASK`, then `MOVED`) | 0 failed requests, 0 store failures, 1 call per expiry |
 //! | Sentinel, 1 master + 1 replica + 3 Sentinels: master killed under traffic | 0 failed requests; the store writes to the new master afterwards |
 
+use std::collections::HashMap;
 use std::fmt;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime};
@@ -393,6 +394,20 @@ pub trait TokenStore: Send + Sync + 'static {
         refresh_token: &'a SharedRefreshToken,
         replaces: Option<u64>,
     ) -> BoxFuture<'a, Result<bool, Error>>;
+
+    /// The part of this store that belongs to one workspace of a per-workspace layer
+    /// (`EshopboxAuthLayer::per_workspace`, feature `workspaces`): a token, lock and
+    /// refresh token of its own, shared with every replica's store for the same
+    /// workspace and apart from every other workspace's. `workspace` is a name
+    /// without whitespace (empty only when the layer is built, to ask whether the
+    /// store supports workspaces at all).
+    ///
+    /// The default, `None`, means the store cannot keep workspaces apart; a
+    /// per-workspace layer refuses it when it is built.
+    fn for_workspace(&self, workspace: &str) -> Option<Arc<dyn TokenStore>> {
+        let _ = workspace;
+        None
+    }
 }
 
 /// A [`TokenStore`] in this process's memory: layers built with clones of one
@@ -401,6 +416,8 @@ pub trait TokenStore: Send + Sync + 'static {
 #[derive(Clone, Default)]
 pub struct InProcessStore {
     state: Arc<Mutex<State>>,
+    /// Each workspace's part, for per-workspace layers (kept as long as the store).
+    workspaces: Arc<Mutex<HashMap<String, InProcessStore>>>,
 }
 
 #[derive(Default)]
@@ -512,5 +529,14 @@ impl TokenStore for InProcessStore {
             state.refresh_token = Some(refresh_token.clone());
         }
         Box::pin(async move { Ok(saved) })
+    }
+
+    fn for_workspace(&self, workspace: &str) -> Option<Arc<dyn TokenStore>> {
+        let mut workspaces = self
+            .workspaces
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let part = workspaces.entry(workspace.to_owned()).or_default().clone();
+        Some(Arc::new(part))
     }
 }

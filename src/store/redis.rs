@@ -96,6 +96,7 @@ pub struct RedisStore {
 }
 
 struct Keys {
+    prefix: String,
     token: String,
     lock: String,
     refresh_token: String,
@@ -109,6 +110,7 @@ impl Keys {
             format!("{{{prefix}}}")
         };
         Keys {
+            prefix: prefix.to_owned(),
             token: format!("{tagged}token"),
             lock: format!("{tagged}lock"),
             refresh_token: format!("{tagged}refresh-token"),
@@ -523,6 +525,14 @@ impl RedisStore {
 }
 
 impl TokenStore for RedisStore {
+    /// The workspace's keys: `<prefix>{<workspace>}:token`, `…:lock` and
+    /// `…:refresh-token`, on the same connection and with the same encryption key.
+    fn for_workspace(&self, workspace: &str) -> Option<Arc<dyn TokenStore>> {
+        let mut part = self.clone();
+        part.keys = Arc::new(Keys::new(&workspace_prefix(&self.keys.prefix, workspace)));
+        Some(Arc::new(part))
+    }
+
     fn load(&self) -> BoxFuture<'_, Result<Option<SharedToken>, Error>> {
         Box::pin(self.load_token())
     }
@@ -594,6 +604,24 @@ impl TokenStore for RedisStore {
     }
 }
 
+/// The prefix of one workspace's keys: `<prefix>{<workspace>}:`. The workspace is a
+/// Redis Cluster hash tag, so a workspace's keys share a slot (unless the prefix has
+/// a tag of its own, which then comes first and holds every workspace's keys); `{`,
+/// `}` and `%` in its name are percent-escaped, so that the tag is the whole name
+/// and two names never share keys.
+fn workspace_prefix(prefix: &str, workspace: &str) -> String {
+    let mut tag = String::with_capacity(workspace.len());
+    for c in workspace.chars() {
+        match c {
+            '{' => tag.push_str("%7B"),
+            '}' => tag.push_str("%7D"),
+            '%' => tag.push_str("%25"),
+            c => tag.push(c),
+        }
+    }
+    format!("{prefix}{{{tag}}}:")
+}
+
 impl fmt::Debug for RedisStore {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         // Addresses and key names only: passwords and values stay out.
@@ -621,6 +649,20 @@ fn redis_error(doing: &str, error: redis::RedisError) -> Error {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_workspace_is_the_hash_tag_of_its_keys() {
+        let keys = Keys::new(&workspace_prefix("app:", "acme"));
+        assert_eq!(keys.token, "app:{acme}:token");
+        assert_eq!(keys.lock, "app:{acme}:lock");
+        assert_eq!(keys.refresh_token, "app:{acme}:refresh-token");
+        // Braces cannot end the tag early or make two names share keys.
+        assert_eq!(workspace_prefix("app:", "a}b{"), "app:{a%7Db%7B}:");
+        assert_ne!(
+            workspace_prefix("app:", "a%7D"),
+            workspace_prefix("app:", "a}")
+        );
+    }
 
     #[test]
     fn keys_share_the_prefix_as_their_hash_tag() {

@@ -6,6 +6,8 @@
 
 pub mod replicas;
 pub mod traffic;
+#[cfg(feature = "workspaces")]
+pub mod workspaces;
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};

@@ -1,0 +1,85 @@
+//! [`WorkspaceAuthLayer`]: one layer, many workspaces.
+
+use std::sync::Arc;
+
+use tower::Layer;
+
+use super::registry::Registry;
+use super::service::WorkspaceAuth;
+use super::Workspace;
+use crate::classify::Http401;
+use crate::handle::TokenHandle;
+use crate::layer::Shape;
+use crate::replay::EmptyBodies;
+
+/// Layer that applies [`WorkspaceAuth`] to a service, from
+/// [`EshopboxAuthLayer::per_workspace`](crate::EshopboxAuthLayer::per_workspace).
+///
+/// Every service made from one layer, or from any of its clones, shares one map of
+/// workspaces: per workspace one token and one refresh at a time.
+#[derive(Clone, Debug)]
+pub struct WorkspaceAuthLayer<P = EmptyBodies, C = Http401> {
+    registry: Arc<Registry>,
+    shape: Shape,
+    replay: P,
+    unauthorized: C,
+}
+
+impl<P, C> WorkspaceAuthLayer<P, C> {
+    pub(crate) fn from_parts(
+        registry: Arc<Registry>,
+        shape: Shape,
+        replay: P,
+        unauthorized: C,
+    ) -> Self {
+        WorkspaceAuthLayer {
+            registry,
+            shape,
+            replay,
+            unauthorized,
+        }
+    }
+
+    /// A handle on the workspace's token, if the workspace is resolved and kept: its
+    /// token, stats, refresh and invalidation, as [`TokenHandle`] gives them for a
+    /// single account. Looking counts as a use for the idle timeout. The handle keeps
+    /// the workspace's token cell (not its place in the map) while it lives.
+    pub fn handle(&self, workspace: &Workspace) -> Option<TokenHandle> {
+        self.registry
+            .warm(workspace)
+            .map(|entry| TokenHandle::new(entry.cell.clone()))
+    }
+
+    /// Drops the workspace now — for a merchant who uninstalled the app: its token is
+    /// invalidated and its credentials and token are freed as soon as no request
+    /// (or [`TokenHandle`]) uses them any more. Its next request asks the resolver
+    /// again. Returns whether the workspace was kept.
+    pub fn forget(&self, workspace: &Workspace) -> bool {
+        self.registry.forget(workspace)
+    }
+
+    /// How many workspaces are kept now (those being resolved included).
+    pub fn workspaces(&self) -> u64 {
+        self.registry.len()
+    }
+
+    /// How many workspaces were dropped for size or idleness since the layer was
+    /// built (not counting [`forget`](Self::forget)).
+    pub fn evictions(&self) -> u64 {
+        self.registry.stats().evicted
+    }
+}
+
+impl<S, P: Clone, C: Clone> Layer<S> for WorkspaceAuthLayer<P, C> {
+    type Service = WorkspaceAuth<S, P, C>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        WorkspaceAuth::new(
+            inner,
+            self.registry.clone(),
+            self.shape.clone(),
+            self.replay.clone(),
+            self.unauthorized.clone(),
+        )
+    }
+}

@@ -1,0 +1,392 @@
+//! The bounded map of workspaces: each one's token cell, made once from the
+//! credentials the resolver returns, kept in a `moka` cache (size bound, idle
+//! timeout) and looked up without a lock on the request path.
+//!
+//! A workspace's first requests share one resolution (single flight), which runs in a
+//! spawned task: dropping the requests does not abort it. A failed or unknown lookup
+//! is handed to the requests that waited for it and then forgotten, so the next
+//! request asks the resolver again.
+
+use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
+use std::time::Duration;
+
+use http::HeaderValue;
+use moka::notification::RemovalCause;
+use moka::ops::compute::Op;
+use moka::sync::Cache;
+use secrecy::SecretString;
+use tokio::sync::watch;
+use tower::BoxError;
+
+use super::Workspace;
+use crate::boxed::BoxFuture;
+use crate::builder::CellSettings;
+use crate::credentials::Credentials;
+use crate::error::{Error, ErrorKind};
+use crate::store_sync::StoreSync;
+use crate::token::background::spawn_background;
+use crate::token::cell::TokenCell;
+use crate::token::endpoint::{GrantEndpoint, RotationHook};
+use crate::token::refresh::Coordinator;
+
+/// The resolver, boxed: credentials for a workspace, `None` if it is unknown.
+pub(crate) type Resolve = Arc<
+    dyn Fn(Workspace) -> BoxFuture<'static, Result<Option<Credentials>, BoxError>> + Send + Sync,
+>;
+
+/// Called with a workspace's rotated refresh token.
+pub(crate) type WorkspaceRotationHook = Arc<dyn Fn(&Workspace, &SecretString) + Send + Sync>;
+
+/// A resolved workspace: its token cell and its `ProxyHost` value.
+pub(crate) struct Entry {
+    pub(crate) cell: Arc<TokenCell>,
+    pub(crate) proxy_host: HeaderValue,
+    /// `eshopbox_auth_workspace{workspace}`: the parent of this workspace's refreshes.
+    pub(crate) span: tracing::Span,
+}
+
+type Outcome = Option<Result<Arc<Entry>, Error>>;
+
+/// What the cache keeps per workspace: the entry once resolved, and the resolution
+/// under way until then.
+#[derive(Default)]
+pub(crate) struct Slot {
+    entry: OnceLock<Arc<Entry>>,
+    pending: Mutex<Option<watch::Receiver<Outcome>>>,
+}
+
+/// Counters of the workspace map (the token counters are per workspace, in each cell).
+#[derive(Default)]
+struct Counters {
+    resolved: AtomicU64,
+    unknown: AtomicU64,
+    resolver_failures: AtomicU64,
+    evicted: AtomicU64,
+}
+
+/// The `metrics` names of the map's counters (feature `metrics`).
+mod names {
+    pub(super) const RESOLVED: &str = "eshopbox_auth_workspaces_resolved_total";
+    pub(super) const UNKNOWN: &str = "eshopbox_auth_workspaces_unknown_total";
+    pub(super) const RESOLVER_FAILURES: &str = "eshopbox_auth_workspaces_resolver_failures_total";
+    pub(super) const EVICTED: &str = "eshopbox_auth_workspaces_evicted_total";
+}
+
+fn count(counter: &AtomicU64, _name: &'static str) {
+    counter.fetch_add(1, Ordering::Relaxed);
+    #[cfg(feature = "metrics")]
+    metrics::counter!(_name).increment(1);
+}
+
+/// The workspaces of one per-workspace layer and everything needed to add one.
+pub(crate) struct Registry {
+    cache: Cache<Workspace, Arc<Slot>>,
+    resolve: Resolve,
+    cells: CellSettings,
+    on_rotated: Option<WorkspaceRotationHook>,
+    counters: Arc<Counters>,
+    /// How often the janitor runs the cache's housekeeping; started once, with the
+    /// first lookup (which runs inside a tokio runtime).
+    janitor_every: Duration,
+    janitor: OnceLock<()>,
+}
+
+/// A snapshot of the workspace map's counters.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct MapStats {
+    pub(crate) resolved: u64,
+    pub(crate) unknown: u64,
+    pub(crate) resolver_failures: u64,
+    pub(crate) evicted: u64,
+}
+
+impl Registry {
+    pub(crate) fn new(
+        resolve: Resolve,
+        cells: CellSettings,
+        on_rotated: Option<WorkspaceRotationHook>,
+        max_workspaces: u64,
+        idle_timeout: Duration,
+    ) -> Self {
+        let counters = Arc::new(Counters::default());
+        let evictions = counters.clone();
+        let cache = Cache::builder()
+            .max_capacity(max_workspaces)
+            .time_to_idle(idle_timeout)
+            .eviction_listener(move |workspace: Arc<Workspace>, _, cause| {
+                // Explicit removals (`forget`, a failed lookup) are not evictions.
+                if matches!(cause, RemovalCause::Size | RemovalCause::Expired) {
+                    count(&evictions.evicted, names::EVICTED);
+                    tracing::debug!(workspace = %workspace, ?cause, "workspace dropped from the map");
+                }
+            })
+            .build();
+        Registry {
+            cache,
+            resolve,
+            cells,
+            on_rotated,
+            counters,
+            janitor_every: (idle_timeout / 2)
+                .clamp(Duration::from_millis(100), Duration::from_secs(60)),
+            janitor: OnceLock::new(),
+        }
+    }
+
+    /// The cache evicts while it is used; the janitor makes sure that idle workspaces
+    /// are dropped (and their timers and refreshers end) even when no request comes.
+    /// It holds the registry weakly and ends with it.
+    fn start_janitor(self: &Arc<Self>) {
+        self.janitor.get_or_init(|| {
+            let weak = Arc::downgrade(self);
+            let every = self.janitor_every;
+            tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep(every).await;
+                    let Some(registry) = weak.upgrade() else {
+                        return;
+                    };
+                    registry.cache.run_pending_tasks();
+                }
+            });
+        });
+    }
+
+    /// The request path: the workspace's entry if it is resolved and kept. No lock.
+    #[inline]
+    pub(crate) fn warm(&self, workspace: &Workspace) -> Option<Arc<Entry>> {
+        self.cache.get(workspace)?.entry.get().cloned()
+    }
+
+    /// The entry, resolving the workspace first if needed; the first of a
+    /// workspace's concurrent callers starts one resolution, the others join it.
+    pub(crate) fn resolve(
+        self: &Arc<Self>,
+        workspace: Workspace,
+    ) -> BoxFuture<'static, Result<Arc<Entry>, Error>> {
+        let registry = self.clone();
+        Box::pin(async move {
+            let proxy_host = match proxy_host(&workspace) {
+                Ok(value) => value,
+                Err(error) => {
+                    count(&registry.counters.unknown, names::UNKNOWN);
+                    return Err(error);
+                }
+            };
+            // A cache that declines to keep a new workspace (it is full of busier
+            // ones) still hands the slot out: the request is served all the same.
+            let slot = registry
+                .cache
+                .get_with_by_ref(&workspace, || Arc::new(Slot::default()));
+            let mut rx = match registry.join_or_start(&slot, &workspace, proxy_host) {
+                Joined::Ready(entry) => return Ok(entry),
+                Joined::Wait(rx) => rx,
+            };
+            loop {
+                if let Some(outcome) = rx.borrow_and_update().as_ref() {
+                    return outcome.clone();
+                }
+                if rx.changed().await.is_err() {
+                    // The resolution task was dropped unfinished (runtime shut down or
+                    // the resolver panicked).
+                    if let Some(outcome) = rx.borrow().as_ref() {
+                        return outcome.clone();
+                    }
+                    return Err(Error::unavailable(
+                        "the workspace's credentials lookup ended without an answer",
+                    ));
+                }
+            }
+        })
+    }
+
+    fn join_or_start(
+        self: &Arc<Self>,
+        slot: &Arc<Slot>,
+        workspace: &Workspace,
+        proxy_host: HeaderValue,
+    ) -> Joined {
+        let mut pending = slot.pending.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(entry) = slot.entry.get() {
+            return Joined::Ready(entry.clone());
+        }
+        if let Some(rx) = pending.as_ref() {
+            // A live resolution: join it. One whose task is gone: start another.
+            if rx.has_changed().is_ok() {
+                return Joined::Wait(rx.clone());
+            }
+        }
+        let (tx, rx) = watch::channel(None);
+        *pending = Some(rx.clone());
+        drop(pending);
+        self.start_janitor();
+        let registry = self.clone();
+        let slot = slot.clone();
+        let workspace = workspace.clone();
+        let span = tracing::debug_span!("eshopbox_auth_workspace_lookup", workspace = %workspace);
+        let task = async move {
+            let outcome = registry.lookup(&workspace, proxy_host).await;
+            match &outcome {
+                Ok(entry) => {
+                    let _ = slot.entry.set(entry.clone());
+                }
+                Err(_) => registry.drop_slot(&workspace, &slot),
+            }
+            *slot.pending.lock().unwrap_or_else(PoisonError::into_inner) = None;
+            tx.send_replace(Some(outcome));
+        };
+        tokio::spawn(tracing::Instrument::instrument(task, span));
+        Joined::Wait(rx)
+    }
+
+    /// Asks the resolver and builds the workspace's token cell.
+    async fn lookup(
+        &self,
+        workspace: &Workspace,
+        proxy_host: HeaderValue,
+    ) -> Result<Arc<Entry>, Error> {
+        let credentials = match (self.resolve)(workspace.clone()).await {
+            Ok(Some(credentials)) => credentials,
+            Ok(None) => {
+                count(&self.counters.unknown, names::UNKNOWN);
+                return Err(unknown(workspace, "the resolver does not know it"));
+            }
+            Err(source) => {
+                count(&self.counters.resolver_failures, names::RESOLVER_FAILURES);
+                tracing::debug!(workspace = %workspace, "workspace credentials lookup failed");
+                return Err(Error::unavailable(format!(
+                    "credentials lookup for workspace {workspace} failed"
+                ))
+                .with_boxed_source(source));
+            }
+        };
+        credentials.validate()?;
+        let entry = self.entry(workspace, credentials, proxy_host)?;
+        count(&self.counters.resolved, names::RESOLVED);
+        Ok(entry)
+    }
+
+    /// A new token cell for this workspace, with the layer's settings.
+    fn entry(
+        &self,
+        workspace: &Workspace,
+        credentials: Credentials,
+        proxy_host: HeaderValue,
+    ) -> Result<Arc<Entry>, Error> {
+        let settings = &self.cells;
+        let on_rotated = self.on_rotated.clone().map(|hook| {
+            let workspace = workspace.clone();
+            Arc::new(move |token: &SecretString| hook(&workspace, token)) as RotationHook
+        });
+        let endpoint = GrantEndpoint::eshopbox(
+            settings.client.clone(),
+            settings.url.clone(),
+            settings.format,
+            credentials,
+            on_rotated,
+        );
+        let coordinator = match &settings.store {
+            Some(store) => {
+                let part = store
+                    .for_workspace(workspace.name())
+                    .ok_or_else(|| Error::config("the token store cannot keep workspaces apart"))?;
+                Some(Box::new(StoreSync::new(
+                    part,
+                    settings.lock_lease,
+                    settings.store_timeout,
+                )) as Box<dyn Coordinator>)
+            }
+            None => None,
+        };
+        let cell = TokenCell::new(Box::new(endpoint), None, coordinator, settings.timing);
+        if settings.background_refresh {
+            spawn_background(&cell)?;
+        }
+        Ok(Arc::new(Entry {
+            cell,
+            proxy_host,
+            span: tracing::debug_span!(parent: None, "eshopbox_auth_workspace", workspace = %workspace),
+        }))
+    }
+
+    /// Removes `slot` from the map if it is still the one kept for `workspace`.
+    fn drop_slot(&self, workspace: &Workspace, slot: &Arc<Slot>) {
+        self.cache
+            .entry_by_ref(workspace)
+            .and_compute_with(|kept| match kept {
+                Some(kept) if Arc::ptr_eq(kept.value(), slot) => Op::Remove,
+                _ => Op::Nop,
+            });
+    }
+
+    /// Drops the workspace at once: its token is invalidated and its cell (with the
+    /// credentials) freed when the last request using it ends.
+    pub(crate) fn forget(&self, workspace: &Workspace) -> bool {
+        let Some(slot) = self.cache.remove(workspace) else {
+            return false;
+        };
+        if let Some(entry) = slot.entry.get() {
+            entry.cell.invalidate_current();
+        }
+        true
+    }
+
+    /// How many workspaces the map keeps (after its pending evictions ran).
+    pub(crate) fn len(&self) -> u64 {
+        self.cache.run_pending_tasks();
+        self.cache.entry_count()
+    }
+
+    pub(crate) fn stats(&self) -> MapStats {
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        MapStats {
+            resolved: get(&self.counters.resolved),
+            unknown: get(&self.counters.unknown),
+            resolver_failures: get(&self.counters.resolver_failures),
+            evicted: get(&self.counters.evicted),
+        }
+    }
+}
+
+impl fmt::Debug for Registry {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Registry")
+            .field("workspaces", &self.cache.entry_count())
+            .field("max_workspaces", &self.cache.policy().max_capacity())
+            .field("idle_timeout", &self.cache.policy().time_to_idle())
+            .field("stats", &self.stats())
+            .finish_non_exhaustive()
+    }
+}
+
+enum Joined {
+    Ready(Arc<Entry>),
+    Wait(watch::Receiver<Outcome>),
+}
+
+/// The `ProxyHost` value for a workspace name: non-empty, no whitespace, a valid
+/// header value; else the request fails with `UnknownWorkspace`.
+fn proxy_host(workspace: &Workspace) -> Result<HeaderValue, Error> {
+    let name = workspace.name();
+    if name.is_empty() || name.bytes().any(|b| b.is_ascii_whitespace()) {
+        return Err(unknown(workspace, "not a workspace name"));
+    }
+    HeaderValue::from_str(name).map_err(|_| unknown(workspace, "not a valid header value"))
+}
+
+/// A request without a `Workspace` extension.
+pub(crate) fn unknown_without_extension() -> Error {
+    Error::new(
+        ErrorKind::UnknownWorkspace,
+        "the request names no workspace (no Workspace extension)",
+    )
+}
+
+pub(crate) fn unknown(workspace: &Workspace, why: &str) -> Error {
+    Error::new(
+        ErrorKind::UnknownWorkspace,
+        format!("workspace {workspace}: {why}"),
+    )
+}

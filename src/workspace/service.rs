@@ -1,0 +1,216 @@
+//! The [`WorkspaceAuth`] service: puts each request's workspace token on it.
+
+use std::fmt;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use http::header::{HeaderName, AUTHORIZATION};
+use http::{Request, Response};
+use tower::{BoxError, Service};
+
+use super::future::ResponseFuture;
+use super::registry::{unknown_without_extension, Registry};
+use super::Workspace;
+use crate::classify::{Http401, UnauthorizedPolicy};
+use crate::future::{ResponseFuture as AuthFuture, Unsent};
+use crate::layer::Shape;
+use crate::replay::{EmptyBodies, ReplayPolicy};
+use crate::token::cell::TokenCell;
+
+/// The header Eshopbox reads the workspace from.
+const PROXY_HOST: HeaderName = HeaderName::from_static("proxyhost");
+
+/// Middleware that authenticates each request with the access token of the
+/// workspace named by its [`Workspace`] extension, and sets `ProxyHost` to it.
+///
+/// Made by [`WorkspaceAuthLayer`](super::WorkspaceAuthLayer). A request that fails
+/// the destination guard, has no `Workspace`, or names one that cannot be resolved
+/// fails without reaching the inner service.
+#[derive(Clone)]
+pub struct WorkspaceAuth<S, P = EmptyBodies, C = Http401> {
+    inner: S,
+    registry: Arc<Registry>,
+    shape: Shape,
+    replay: P,
+    unauthorized: C,
+}
+
+impl<S, P, C> WorkspaceAuth<S, P, C> {
+    pub(crate) fn new(
+        inner: S,
+        registry: Arc<Registry>,
+        shape: Shape,
+        replay: P,
+        unauthorized: C,
+    ) -> Self {
+        WorkspaceAuth {
+            inner,
+            registry,
+            shape,
+            replay,
+            unauthorized,
+        }
+    }
+
+    /// The wrapped service.
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+
+    /// The wrapped service, mutably.
+    pub fn get_mut(&mut self) -> &mut S {
+        &mut self.inner
+    }
+
+    /// Unwraps the inner service.
+    pub fn into_inner(self) -> S {
+        self.inner
+    }
+}
+
+impl<S, P, C, B, RB> Service<Request<B>> for WorkspaceAuth<S, P, C>
+where
+    S: Service<Request<B>, Response = Response<RB>> + Clone,
+    S::Error: Into<BoxError>,
+    P: ReplayPolicy<B>,
+    C: UnauthorizedPolicy<RB>,
+{
+    type Response = Response<RB>;
+    type Error = BoxError;
+    type Future = ResponseFuture<S, B, C>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx).map_err(Into::into)
+    }
+
+    fn call(&mut self, mut request: Request<B>) -> Self::Future {
+        if let Err(error) = self.shape.destinations.check(request.uri()) {
+            tracing::debug!(%error, "request refused before sending");
+            return ResponseFuture::failed(error);
+        }
+        let Some(workspace) = request.extensions().get::<Workspace>() else {
+            return ResponseFuture::failed(unknown_without_extension());
+        };
+        let Some(entry) = self.registry.warm(workspace) else {
+            return self.resolve_first(request);
+        };
+        request
+            .headers_mut()
+            .insert(PROXY_HOST, entry.proxy_host.clone());
+        let (mut request, replay) = self.copy_for_resend(request, Some(&entry.cell));
+        let token = {
+            let _span = entry.span.enter();
+            entry.cell.get()
+        };
+        let waits = token.is_none();
+        let future = match token {
+            Some((header, generation)) => {
+                request.headers_mut().insert(AUTHORIZATION, header);
+                AuthFuture::called(
+                    self.inner.call(request),
+                    entry.cell.key(),
+                    generation,
+                    replay,
+                    self.unauthorized.clone(),
+                )
+            }
+            None => {
+                entry.cell.counters.waited();
+                let ready = self.take_ready();
+                AuthFuture::waiting(
+                    ready,
+                    request,
+                    &entry.cell,
+                    replay,
+                    self.unauthorized.clone(),
+                )
+            }
+        };
+        ResponseFuture::auth(future, token_span(&entry.span, waits))
+    }
+}
+
+/// The workspace's span, kept on the future only when it waits for a refresh.
+fn token_span(span: &tracing::Span, waits: bool) -> Option<tracing::Span> {
+    waits.then(|| span.clone())
+}
+
+impl<S, P, C> WorkspaceAuth<S, P, C>
+where
+    S: Clone,
+{
+    /// `self.inner`, which the caller polled ready, for a request that goes on later;
+    /// a fresh clone stays behind.
+    fn take_ready(&mut self) -> S {
+        let clone = self.inner.clone();
+        std::mem::replace(&mut self.inner, clone)
+    }
+
+    /// The workspace is not in the map: the request waits for its resolution.
+    #[cold]
+    #[inline(never)]
+    fn resolve_first<B, RB>(&mut self, request: Request<B>) -> ResponseFuture<S, B, C>
+    where
+        S: Service<Request<B>, Response = Response<RB>>,
+        P: ReplayPolicy<B>,
+        C: UnauthorizedPolicy<RB>,
+    {
+        let workspace = request
+            .extensions()
+            .get::<Workspace>()
+            .cloned()
+            .unwrap_or_else(|| Workspace::new(""));
+        let resolve = self.registry.resolve(workspace);
+        let (request, replay) = self.copy_for_resend(request, None);
+        let ready = self.take_ready();
+        ResponseFuture::resolving(
+            resolve,
+            Unsent {
+                service: ready,
+                request,
+                cell: None,
+            },
+            replay,
+            self.unauthorized.clone(),
+        )
+    }
+
+    /// The request to send and, when the policy can replay its body, a copy of it
+    /// (headers as set so far) with a service to send it and the workspace's token
+    /// cell (`None` until the workspace is resolved), for one resend after a 401.
+    #[allow(clippy::type_complexity)]
+    fn copy_for_resend<B>(
+        &self,
+        request: Request<B>,
+        cell: Option<&Arc<TokenCell>>,
+    ) -> (Request<B>, Option<Box<Unsent<S, B>>>)
+    where
+        P: ReplayPolicy<B>,
+    {
+        if !self.shape.retry_on_unauthorized {
+            return (request, None);
+        }
+        let (parts, body) = request.into_parts();
+        let (body, copy) = self.replay.prepare(body);
+        let replay = copy.map(|copy| {
+            Box::new(Unsent {
+                service: self.inner.clone(),
+                request: Request::from_parts(parts.clone(), copy),
+                cell: cell.cloned(),
+            })
+        });
+        (Request::from_parts(parts, body), replay)
+    }
+}
+
+impl<S: fmt::Debug, P: fmt::Debug, C: fmt::Debug> fmt::Debug for WorkspaceAuth<S, P, C> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("WorkspaceAuth")
+            .field("inner", &self.inner)
+            .field("registry", &self.registry)
+            .field("shape", &self.shape)
+            .field("replay", &self.replay)
+            .field("unauthorized", &self.unauthorized)
+            .finish()
+    }
+}
