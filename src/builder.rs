@@ -30,6 +30,9 @@ pub const DEFAULT_TOKEN_URL: &str = "https://auth.myeshopbox.com/api/v1/generate
 /// Default [`refresh_margin`](EshopboxAuthBuilder::refresh_margin): 5 minutes.
 pub const DEFAULT_REFRESH_MARGIN: Duration = Duration::from_secs(5 * 60);
 
+/// The longest [`failure_cooldown`](EshopboxAuthBuilder::failure_cooldown) accepted.
+const MAX_FAILURE_COOLDOWN: Duration = Duration::from_secs(3600);
+
 /// Default [`failure_cooldown`](EshopboxAuthBuilder::failure_cooldown): 2 seconds
 /// (drawn between 1 and 5 s each time).
 pub const DEFAULT_FAILURE_COOLDOWN: Duration = Duration::from_secs(2);
@@ -146,7 +149,10 @@ impl<P, C> EshopboxAuthBuilder<P, C> {
     /// included (default 30 s). Within it, transient failures (5xx, 408, 429,
     /// connection errors, an attempt that hangs) are retried with back-off; when the
     /// next attempt would start past it, the waiting requests fail with
-    /// [`Unavailable`](crate::ErrorKind::Unavailable).
+    /// [`Unavailable`](crate::ErrorKind::Unavailable). With a
+    /// [`token_store`](Self::token_store), a replica may first wait up to this long for
+    /// another replica's refresh (the lock holder's) before making its own call, which
+    /// again has this long: a request can then wait up to twice the timeout.
     pub fn token_timeout(mut self, timeout: Duration) -> Self {
         self.settings.token_timeout = timeout;
         self
@@ -223,7 +229,8 @@ impl<P, C> EshopboxAuthBuilder<P, C> {
     /// remembered while no valid token exists, so a burst of requests makes one POST
     /// rather than one each (default 2 s). Each time, the actual period is drawn at
     /// random between half and two and a half times this: 1 to 5 s by default.
-    /// Zero turns it off.
+    /// Zero turns it off; more than an hour makes `build()` fail with
+    /// [`ErrorKind::Config`](crate::ErrorKind::Config).
     pub fn failure_cooldown(mut self, cooldown: Duration) -> Self {
         self.settings.failure_cooldown = cooldown;
         self
@@ -427,6 +434,9 @@ impl Settings {
         if self.token_timeout.is_zero() {
             return Err(Error::config("token_timeout must be more than zero"));
         }
+        if self.failure_cooldown > MAX_FAILURE_COOLDOWN {
+            return Err(Error::config("failure_cooldown must be at most an hour"));
+        }
         if self.attempt_timeout.is_some_and(|t| t.is_zero()) {
             return Err(Error::config("attempt_timeout must be more than zero"));
         }
@@ -571,6 +581,15 @@ mod tests {
             .build()
             .unwrap_err();
         assert!(err.to_string().contains("attempt_timeout"));
+        let err = EshopboxAuthLayer::builder(creds())
+            .failure_cooldown(Duration::from_secs(3601))
+            .build()
+            .unwrap_err();
+        assert!(err.to_string().contains("failure_cooldown"), "{err}");
+        assert!(EshopboxAuthLayer::builder(creds())
+            .failure_cooldown(Duration::from_secs(3600))
+            .build()
+            .is_ok());
         let err = EshopboxAuthLayer::builder(creds())
             .workspace(" ")
             .build()

@@ -12,6 +12,9 @@ use std::time::Duration;
 
 use http::StatusCode;
 
+/// The longest wait a `Retry-After` may impose, from the endpoint or a source.
+pub(crate) const MAX_RETRY_AFTER: Duration = Duration::from_secs(60);
+
 /// What went wrong, coarse enough to match on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[non_exhaustive]
@@ -130,13 +133,13 @@ impl Error {
         self
     }
 
-    /// Adds how long the endpoint asked us to wait (`Retry-After`). A
-    /// [`TokenSource`](crate::source::TokenSource) that returns a transient error with
-    /// it has its next attempt made no sooner. Call it on a new error: on one whose
-    /// clones are shared, it changes nothing.
+    /// Adds how long the endpoint asked us to wait (`Retry-After`), capped at one
+    /// minute. A [`TokenSource`](crate::source::TokenSource) that returns a transient
+    /// error with it has its next attempt made no sooner. Call it on a new error: on
+    /// one whose clones are shared, it changes nothing.
     pub fn with_retry_after(mut self, wait: Option<Duration>) -> Self {
         if let Some(inner) = Arc::get_mut(&mut self.inner) {
-            inner.retry_after = wait;
+            inner.retry_after = wait.map(|wait| wait.min(MAX_RETRY_AFTER));
         }
         self
     }
@@ -254,6 +257,14 @@ mod tests {
         assert_eq!(e.status(), Some(StatusCode::BAD_REQUEST));
         assert_eq!(e.oauth_error(), Some("invalid_grant"));
         assert!(!e.is_transient());
+    }
+
+    #[test]
+    fn a_sources_retry_after_is_capped_at_a_minute() {
+        let long = Error::unavailable("busy").with_retry_after(Some(Duration::MAX));
+        assert_eq!(long.retry_after(), Some(MAX_RETRY_AFTER));
+        let short = Error::unavailable("busy").with_retry_after(Some(Duration::from_secs(3)));
+        assert_eq!(short.retry_after(), Some(Duration::from_secs(3)));
     }
 
     #[test]

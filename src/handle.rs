@@ -91,8 +91,10 @@ impl TokenHandle {
         Some(AccessToken::of(&token))
     }
 
-    /// A usable token, as a request would get it: the current one while it is valid,
-    /// else the result of a refresh (joining one that runs). With a
+    /// A usable token: the current one while it is valid, else the result of a refresh
+    /// (joining one that runs). Unlike a request, it starts no early refresh when the
+    /// token is in its refresh window: compare [`TokenInfo::refresh_at`] and call
+    /// [`refresh`](Self::refresh) for that. With a
     /// [token store](crate::store), a valid token another layer or replica stored is
     /// taken before any token call — unlike [`refresh`](Self::refresh), which always
     /// asks for a new one.

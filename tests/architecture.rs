@@ -20,9 +20,11 @@ const TOKEN_MAY_USE: &[&str] = &[
 /// What the store may name: itself, the error type and the boxed future.
 const STORE_MAY_USE: &[&str] = &["store", "error", "boxed", "Error", "ErrorKind"];
 
-/// Every `crate::<name>` on a code line of the `.rs` files under `dir`, with where.
+/// Every `crate::<name>` on a code line of the `.rs` files under `dir`, with where; in
+/// `dir/mod.rs`, whose `super` is the crate root, every `super::<name>` too.
 fn crate_paths(dir: &Path) -> Vec<(String, usize, String)> {
     let mut found = Vec::new();
+    let root_module = dir.join("mod.rs");
     let mut dirs = vec![dir.to_path_buf()];
     while let Some(dir) = dirs.pop() {
         for entry in fs::read_dir(&dir).unwrap() {
@@ -40,13 +42,21 @@ fn crate_paths(dir: &Path) -> Vec<(String, usize, String)> {
                 if code.starts_with("//") {
                     continue;
                 }
-                let code = code.split("//").next().unwrap_or("");
-                for (at, _) in code.match_indices("crate::") {
-                    let name: String = code[at + "crate::".len()..]
-                        .chars()
-                        .take_while(|c| c.is_alphanumeric() || *c == '_')
-                        .collect();
-                    found.push((path.display().to_string(), n + 1, name));
+                // Cut a trailing comment, but not a `://` inside a string.
+                let code = code.split(" //").next().unwrap_or("");
+                let prefixes: &[&str] = if path == root_module {
+                    &["crate::", "super::"]
+                } else {
+                    &["crate::"]
+                };
+                for prefix in prefixes {
+                    for (at, _) in code.match_indices(prefix) {
+                        let name: String = code[at + prefix.len()..]
+                            .chars()
+                            .take_while(|c| c.is_alphanumeric() || *c == '_')
+                            .collect();
+                        found.push((path.display().to_string(), n + 1, name));
+                    }
                 }
             }
         }
@@ -92,11 +102,15 @@ fn the_scan_sees_an_outer_import() {
     fs::create_dir_all(&dir).unwrap();
     fs::write(
         dir.join("bad.rs"),
-        "// use crate::layer::X; (a comment)\nuse crate::handle::TokenHandle;\n",
+        "// use crate::layer::X; (a comment)\nuse crate::handle::TokenHandle;\n\
+         let url = \"https://x\"; use crate::service::S; // crate::future\n",
     )
     .unwrap();
+    // In the scanned folder's `mod.rs`, `super` is the crate root.
+    fs::write(dir.join("mod.rs"), "use super::builder::X;\n").unwrap();
     let found = crate_paths(&dir);
     fs::remove_dir_all(&dir).unwrap();
-    let names: Vec<_> = found.iter().map(|(_, _, name)| name.as_str()).collect();
-    assert_eq!(names, ["handle"]);
+    let mut names: Vec<_> = found.iter().map(|(_, _, name)| name.as_str()).collect();
+    names.sort_unstable();
+    assert_eq!(names, ["builder", "handle", "service"]);
 }

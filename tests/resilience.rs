@@ -230,8 +230,9 @@ fn gap(server: &TokenServer) -> Duration {
 
 #[tokio::test]
 async fn retry_after_as_an_http_date_is_honoured() {
-    // An HTTP-date has whole seconds: 4 s ahead is at least 3 s from now.
-    let date = httpdate::fmt_http_date(std::time::SystemTime::now() + Duration::from_secs(4));
+    // An HTTP-date has whole seconds, and the first token call comes a moment after
+    // this line: 6 s ahead leaves well over 3 s when the answer arrives.
+    let date = httpdate::fmt_http_date(std::time::SystemTime::now() + Duration::from_secs(6));
     let server = TokenServer::start(move |n| match n {
         1 => Reply::raw(429, "text/plain", "slow down").with_header("retry-after", date.clone()),
         _ => Reply::token("tok-after-wait", 86400),

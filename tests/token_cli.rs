@@ -126,6 +126,20 @@ async fn failures_go_to_stderr_with_a_nonzero_exit_and_no_secret() {
     assert!(text(&output.stderr).contains("token_url must use https"));
     assert_no_secret(&output, None);
 
+    // A --timeout out of range is a usage error, not an overflow.
+    let output = run(
+        &[
+            "--token-url",
+            &eshopbox.token_url(),
+            "--timeout",
+            "18446744073709551615",
+        ],
+        &[],
+    )
+    .await;
+    assert_eq!(output.status.code(), Some(2), "{}", text(&output.stderr));
+    assert_eq!(eshopbox.token_calls(), 1);
+
     // An endpoint that cannot be reached: exit 1.
     let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let url = format!("http://{}/t", closed.local_addr().unwrap());
@@ -266,6 +280,12 @@ async fn with_redis_it_prints_the_fleets_token_instead_of_minting_one() {
         2,
         "the replica did not adopt the stored token"
     );
+
+    // A short --timeout still leaves the store's refresh lock a lease shorter than it.
+    let short = ["--redis-key-prefix", "short:", "--timeout", "5"];
+    let output = run(&[&args[..4], &short[..]].concat(), &env).await;
+    assert!(output.status.success(), "{}", text(&output.stderr));
+    assert_eq!(eshopbox.token_calls(), 3);
 
     // A bad encryption key is a usage error.
     let output = run(&args, &[("ESHOPBOX_REDIS_ENCRYPTION_KEY", "not-hex")]).await;

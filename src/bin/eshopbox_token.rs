@@ -15,7 +15,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use clap::Parser;
 use eshopbox_auth::secrecy::ExposeSecret;
 use eshopbox_auth::store::RedisStore;
-use eshopbox_auth::{Credentials, EshopboxAuthLayer, DEFAULT_TOKEN_URL};
+use eshopbox_auth::{AccessToken, Credentials, EshopboxAuthLayer, TokenHandle, DEFAULT_TOKEN_URL};
 
 const AFTER_HELP: &str = "\
 Environment:
@@ -57,8 +57,9 @@ struct Args {
     #[arg(long)]
     json: bool,
 
-    /// Give up after this many seconds.
-    #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..))]
+    /// Give up on the token after this many seconds (1 to 3600; with --redis-url,
+    /// waiting for another replica's refresh may take as long again).
+    #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=3600))]
     timeout: u64,
 }
 
@@ -125,15 +126,19 @@ async fn run(args: Args) -> Result<String, Failure> {
         required("ESHOPBOX_REFRESH_TOKEN")?,
     );
     let timeout = Duration::from_secs(args.timeout);
+    let with_store = args.redis_url.is_some();
     let mut builder = EshopboxAuthLayer::builder(credentials)
         .token_url(&args.token_url)
         .token_timeout(timeout)
-        .on_refresh_token_rotated(|_| {
-            eprintln!(
-                "eshopbox-token: warning: the token endpoint rotated the refresh token; \
-                 the one in ESHOPBOX_REFRESH_TOKEN is spent (use --redis-url to keep the new \
-                 one in the fleet's store)"
-            );
+        .on_refresh_token_rotated(move |_| {
+            // With a store, the new refresh token is kept there for the fleet.
+            if !with_store {
+                eprintln!(
+                    "eshopbox-token: warning: the token endpoint rotated the refresh token; \
+                     the one in ESHOPBOX_REFRESH_TOKEN is spent (use --redis-url to keep the \
+                     new one in the fleet's store)"
+                );
+            }
         });
     if let Some(workspace) = &args.workspace {
         builder = builder.workspace(workspace);
@@ -146,12 +151,16 @@ async fn run(args: Args) -> Result<String, Failure> {
         if let Some(key) = optional("ESHOPBOX_REDIS_ENCRYPTION_KEY") {
             store = store.encryption_key(hex_key(&key)?);
         }
-        builder = builder.token_store(store);
+        // The lease must be shorter than the token timeout, however short --timeout is.
+        builder = builder
+            .token_store(store)
+            .lock_lease((timeout / 2).min(Duration::from_secs(10)));
     }
     let layer = builder.build()?;
-    let handle = layer.handle();
-    // The refresh is bounded by the token timeout; this also bounds the store calls.
-    let token = tokio::time::timeout(timeout + Duration::from_secs(5), handle.get())
+    // With a store, a replica may wait up to the token timeout for another one's
+    // refresh before its own token call, which has the token timeout again.
+    let bound = timeout * if with_store { 2 } else { 1 } + Duration::from_secs(5);
+    let token = tokio::time::timeout(bound, usable_token(&layer.handle()))
         .await
         .map_err(|_| Failure::token("timed out waiting for a token"))??;
 
@@ -195,4 +204,17 @@ fn hex_key(text: &str) -> Result<[u8; 32], Failure> {
         *byte = u8::from_str_radix(pair, 16).map_err(|_| bad())?;
     }
     Ok(key)
+}
+
+/// A token worth printing: the current or stored one, unless it is already in its
+/// refresh window (say, a stored token about to expire), then a new one.
+async fn usable_token(handle: &TokenHandle) -> Result<AccessToken, eshopbox_auth::Error> {
+    let token = handle.get().await?;
+    if tokio::time::Instant::now() < token.info().refresh_at {
+        return Ok(token);
+    }
+    handle.refresh().await?;
+    handle
+        .token()
+        .ok_or_else(|| eshopbox_auth::Error::unavailable("the new token expired at once"))
 }

@@ -235,7 +235,11 @@ impl TokenCell {
         store_id: u64,
     ) -> Arc<Token> {
         let generation = self.next_generation.fetch_add(1, Ordering::Relaxed);
-        let refresh_at = (expires_at - early_by(self.timing.margin, lifetime, fastrand::f64()))
+        // `checked_sub`: an adopted token's expiry can lie closer to the clock's origin
+        // than its whole lifetime's margin (a host up for less than that).
+        let refresh_at = expires_at
+            .checked_sub(early_by(self.timing.margin, lifetime, fastrand::f64()))
+            .unwrap_or(expires_at)
             .max(Instant::now() + MIN_LIFETIME)
             .min(expires_at);
         let mut token = Token::new(bearer, generation, refresh_at, expires_at);

@@ -13,10 +13,7 @@ use super::response::{oauth_error_code, parse, rotated_refresh_token};
 use super::source::{FetchedToken, TokenSource};
 use crate::boxed::BoxFuture;
 use crate::credentials::Credentials;
-use crate::error::{Error, ErrorKind};
-
-/// The longest `Retry-After` honoured; a longer one is cut to this.
-pub(crate) const MAX_RETRY_AFTER: Duration = Duration::from_secs(60);
+use crate::error::{Error, ErrorKind, MAX_RETRY_AFTER};
 
 /// The largest token answer read; a longer body is refused rather than buffered.
 pub(crate) const MAX_BODY: usize = 64 * 1024;

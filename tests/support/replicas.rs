@@ -289,14 +289,15 @@ pub async fn stalled_holder<T: TokenStore>(store: impl Fn() -> T) {
     assert_eq!(count("Bearer tok-1") + count("Bearer tok-2"), 160);
 }
 
-/// The lock holder's token call takes five leases, but the holder is alive and renews
+/// The lock holder's token call takes four leases, but the holder is alive and renews
 /// its lease: nobody takes over or calls on their own, one token call in all, and
 /// against an endpoint that rotates refresh tokens no replica sends a spent one.
 pub async fn slow_holder<T: TokenStore>(store: impl Fn() -> T) {
-    let lease = Duration::from_millis(300);
-    // The call takes five leases; the 10 s token timeout leaves a wide margin on a
-    // busy machine (this runs on real sockets).
-    let endpoint = super::rotating_endpoint_slow(3600, Duration::from_millis(1500)).await;
+    // Renewed every third of the lease: a stall of the holder's runtime shorter than
+    // about 600 ms cannot lose it on a busy machine (this runs on real sockets).
+    let lease = Duration::from_secs(1);
+    // The call takes four leases; the 10 s token timeout leaves a wide margin.
+    let endpoint = super::rotating_endpoint_slow(3600, Duration::from_secs(4)).await;
     let layers: Vec<EshopboxAuthLayer> = (0..8)
         .map(|_| {
             EshopboxAuthLayer::builder(super::credentials())
