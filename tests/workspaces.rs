@@ -762,3 +762,266 @@ fn a_store_that_cannot_keep_workspaces_apart_is_refused() {
     assert_eq!(err.kind(), ErrorKind::Config);
     assert!(err.to_string().contains("workspaces apart"), "{err}");
 }
+
+// Single-account guarantees, per workspace --------------------------------------
+//
+// The token calls go over loopback sockets, so these tests run on the real clock;
+// to reach a token's soft window they pause it, move it on by the hour and resume it
+// (the token cell measures lifetimes on tokio's clock; the map's idle clock is real
+// time and does not move).
+
+/// Moves tokio's clock on by `by` at once, lets the tasks the timers on the way woke
+/// run (the token's phase timer among them), then lets the clock run in real time again.
+async fn jump(by: Duration) {
+    tokio::time::pause();
+    tokio::time::advance(by).await;
+    for _ in 0..4 {
+        tokio::task::yield_now().await;
+    }
+    tokio::time::resume();
+}
+
+/// Waits (bounded) until `done` holds, letting the runtime's tasks and sockets run.
+async fn until(mut done: impl FnMut() -> bool) {
+    within(async {
+        while !done() {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    })
+    .await;
+}
+
+/// The response future's first poll must complete: the request did not wait.
+fn served_at_once<F, T>(future: F) -> T
+where
+    F: Future<Output = Result<T, BoxError>>,
+{
+    let mut task = tokio_test::task::spawn(future);
+    match task.poll() {
+        std::task::Poll::Ready(result) => result.unwrap(),
+        std::task::Poll::Pending => panic!("the request waited"),
+    }
+}
+
+#[tokio::test]
+async fn a_request_in_a_workspaces_soft_window_is_served_at_once_while_one_refresh_runs() {
+    let server = TokenServer::counting(3600).await;
+    let directory = Directory::default();
+    directory.add("acme", support::credentials());
+    let layer = directory
+        .layer()
+        .token_url(&server.url())
+        .refresh_margin(Duration::from_secs(300))
+        .build()
+        .unwrap();
+    let service = layer.layer(echo(Arc::default()));
+    let url = "https://api.myeshopbox.com/x";
+    let response = within(service.clone().oneshot(request_for(url, "acme")))
+        .await
+        .unwrap();
+    assert_eq!(response.body(), "Bearer tok-1|acme");
+    let handle = layer.handle(&Workspace::new("acme")).unwrap();
+
+    // Into the soft window (margin 300 s, jitter ≤ 30 s).
+    jump(Duration::from_secs(3600 - 200)).await;
+    // Every request, including the one that noticed, completes on its first poll
+    // with the old token; the refresh runs beside them.
+    for _ in 0..20 {
+        let response = served_at_once(service.clone().oneshot(request_for(url, "acme")));
+        assert_eq!(response.body(), "Bearer tok-1|acme");
+    }
+    let mut changes = handle.subscribe();
+    within(changes.wait_for(|info| info.is_some_and(|i| i.generation >= 2)))
+        .await
+        .unwrap();
+    assert_eq!(server.posts(), 2, "exactly one refresh");
+    let response = within(service.clone().oneshot(request_for(url, "acme")))
+        .await
+        .unwrap();
+    assert_eq!(response.body(), "Bearer tok-2|acme");
+    assert_eq!(directory.calls("acme"), 1);
+}
+
+#[tokio::test]
+async fn a_failed_early_refresh_keeps_the_workspaces_valid_token_and_backs_off() {
+    // tok-1, then a rejection, then tok-3.
+    let server = TokenServer::start(|n| match n {
+        2 => Reply::json(400, r#"{"error":"invalid_grant"}"#),
+        n => Reply::token(&format!("tok-{n}"), 3600),
+    })
+    .await;
+    let directory = Directory::default();
+    directory.add("acme", support::credentials());
+    directory.add("globex", support::credentials());
+    let layer = directory
+        .layer()
+        .token_url(&server.url())
+        .refresh_margin(Duration::from_secs(300))
+        .build()
+        .unwrap();
+    let service = layer.layer(echo(Arc::default()));
+    let url = "https://api.myeshopbox.com/x";
+    let send = |name: &'static str| within(service.clone().oneshot(request_for(url, name)));
+    assert_eq!(send("acme").await.unwrap().body(), "Bearer tok-1|acme");
+    let handle = layer.handle(&Workspace::new("acme")).unwrap();
+
+    jump(Duration::from_secs(3600 - 200)).await;
+    assert_eq!(send("acme").await.unwrap().body(), "Bearer tok-1|acme");
+    until(|| handle.stats().failures_rejected == 1).await;
+    assert_eq!(server.posts(), 2);
+    // The failure left tok-1 in place, and the next attempt is not made at once.
+    for _ in 0..10 {
+        assert_eq!(send("acme").await.unwrap().body(), "Bearer tok-1|acme");
+    }
+    assert_eq!(server.posts(), 2);
+    // Another workspace is not held back by acme's failure.
+    assert_eq!(send("globex").await.unwrap().body(), "Bearer tok-3|globex");
+
+    // After the back-off (half the remaining 200 s, capped at 30 s), acme tries again.
+    jump(Duration::from_secs(31)).await;
+    assert_eq!(send("acme").await.unwrap().body(), "Bearer tok-1|acme");
+    let mut changes = handle.subscribe();
+    within(changes.wait_for(|info| info.is_some_and(|i| i.generation >= 2)))
+        .await
+        .unwrap();
+    assert_eq!(server.posts(), 4);
+    assert_eq!(send("acme").await.unwrap().body(), "Bearer tok-4|acme");
+}
+
+#[tokio::test]
+async fn dropping_the_requests_that_started_a_workspaces_lookup_and_token_call_aborts_neither() {
+    // The token answer comes late, so the requests can be dropped while it is awaited.
+    let server = TokenServer::start(|n| {
+        Reply::token(&format!("tok-{n}"), 86400).after(Duration::from_millis(500))
+    })
+    .await;
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    let resolver_calls = Arc::new(AtomicUsize::new(0));
+    let layer = {
+        let gate = gate.clone();
+        let resolver_calls = resolver_calls.clone();
+        EshopboxAuthLayer::per_workspace(move |_workspace: Workspace| {
+            let gate = gate.clone();
+            resolver_calls.fetch_add(1, Ordering::SeqCst);
+            async move {
+                gate.acquire().await.unwrap().forget();
+                Ok::<_, BoxError>(Some(support::credentials()))
+            }
+        })
+        .token_url(&server.url())
+        .build()
+        .unwrap()
+    };
+    let service = layer.layer(echo(Arc::default()));
+    let url = "https://api.myeshopbox.com/x";
+    let spawn = || tokio::spawn(service.clone().oneshot(request_for(url, "acme")));
+
+    // The first request starts the lookup, the others join it; all are dropped.
+    let first = spawn();
+    until(|| resolver_calls.load(Ordering::SeqCst) == 1).await;
+    let others: Vec<_> = (0..9).map(|_| spawn()).collect();
+    first.abort();
+    assert!(first.await.unwrap_err().is_cancelled());
+    for other in &others {
+        other.abort();
+    }
+    for other in others {
+        assert!(other.await.unwrap_err().is_cancelled());
+    }
+    // The lookup goes on without them and the workspace is kept.
+    gate.add_permits(1);
+    until(|| layer.handle(&Workspace::new("acme")).is_some()).await;
+
+    // The request that starts the token call is dropped too, with those waiting on it.
+    let first = spawn();
+    until(|| server.posts() == 1).await;
+    let others: Vec<_> = (0..9).map(|_| spawn()).collect();
+    first.abort();
+    for other in &others {
+        other.abort();
+    }
+    let handle = layer.handle(&Workspace::new("acme")).unwrap();
+    let mut changes = handle.subscribe();
+    within(changes.wait_for(|info| info.is_some()))
+        .await
+        .unwrap();
+
+    let response = within(spawn()).await.unwrap().unwrap();
+    assert_eq!(response.body(), "Bearer tok-1|acme");
+    assert_eq!(server.posts(), 1);
+    assert_eq!(resolver_calls.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test]
+async fn concurrent_401s_for_one_workspace_cause_one_refresh() {
+    const N: usize = 50;
+    let server = TokenServer::counting(86400).await;
+    let directory = Directory::default();
+    directory.add("acme", support::credentials());
+    let layer = directory.layer().token_url(&server.url()).build().unwrap();
+    // Once armed, answers 401 to tok-1: the first half of the refused requests all
+    // together (a barrier the test joins once all N were sent), the other half only
+    // when the test lets them, after the new token is in. All carry tok-1.
+    let armed = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let early = Arc::new(tokio::sync::Barrier::new(N / 2 + 1));
+    let late = Arc::new(tokio::sync::Semaphore::new(0));
+    let refused = Arc::new(AtomicUsize::new(0));
+    let calls = Arc::new(AtomicUsize::new(0));
+    let api = {
+        let (armed, early, late) = (armed.clone(), early.clone(), late.clone());
+        let (refused, calls) = (refused.clone(), calls.clone());
+        service_fn(move |req: Req| {
+            calls.fetch_add(1, Ordering::SeqCst);
+            let auth = req.headers()["authorization"].to_str().unwrap().to_owned();
+            let refuse = armed.load(Ordering::SeqCst) && auth == "Bearer tok-1";
+            let nth = if refuse {
+                refused.fetch_add(1, Ordering::SeqCst)
+            } else {
+                0
+            };
+            let (early, late) = (early.clone(), late.clone());
+            async move {
+                let mut response = Response::new(auth);
+                if refuse {
+                    if nth < N / 2 {
+                        early.wait().await;
+                    } else {
+                        late.acquire().await.unwrap().forget();
+                    }
+                    *response.status_mut() = StatusCode::UNAUTHORIZED;
+                }
+                Ok::<_, Infallible>(response)
+            }
+        })
+    };
+    let service = layer.layer(api);
+    let url = "https://api.myeshopbox.com/x";
+    let response = within(service.clone().oneshot(request_for(url, "acme")))
+        .await
+        .unwrap();
+    assert_eq!(response.body(), "Bearer tok-1");
+    let handle = layer.handle(&Workspace::new("acme")).unwrap();
+    armed.store(true, Ordering::SeqCst);
+
+    let requests: Vec<_> = (0..N)
+        .map(|_| tokio::spawn(service.clone().oneshot(request_for(url, "acme"))))
+        .collect();
+    until(|| refused.load(Ordering::SeqCst) == N).await;
+    within(early.wait()).await;
+    let mut changes = handle.subscribe();
+    within(changes.wait_for(|info| info.is_some_and(|i| i.generation >= 2)))
+        .await
+        .unwrap();
+    // The late 401s for tok-1 must not drop tok-2.
+    late.add_permits(N);
+    for request in requests {
+        let response = within(request).await.unwrap().unwrap();
+        assert_eq!(response.status(), StatusCode::OK);
+        assert_eq!(response.body(), "Bearer tok-2");
+    }
+    assert_eq!(server.posts(), 2, "one refresh for {N} 401s");
+    assert_eq!(calls.load(Ordering::SeqCst), 1 + 2 * N);
+    let stats = handle.stats();
+    assert_eq!(stats.invalidations, 1);
+    assert_eq!(stats.resends, N as u64);
+}

@@ -12,7 +12,8 @@
 //! however many requests arrive cold, refresh ahead of expiry, one resend after a 401,
 //! the failure cooldown, the destination guard); workspaces refresh independently.
 //! At most [`max_workspaces`](WorkspaceAuthBuilder::max_workspaces) are kept, in a
-//! bounded concurrent cache ([`moka`](https://docs.rs/moka)); one unused for
+//! bounded concurrent cache ([`moka`](https://docs.rs/moka)), read on the request
+//! path through a lock-free map ([`papaya`](https://docs.rs/papaya)); one unused for
 //! [`idle_timeout`](WorkspaceAuthBuilder::idle_timeout) is dropped, and its next
 //! request resolves its credentials again.
 //!

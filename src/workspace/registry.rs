@@ -2,6 +2,14 @@
 //! credentials the resolver returns, kept in a `moka` cache (size bound, idle
 //! timeout) and looked up without a lock on the request path.
 //!
+//! The request path reads a lock-free `papaya` map in front of the cache, holding
+//! each resolved workspace weakly. The cache stays the owner: what it drops (evicted,
+//! idle, forgotten) its eviction listener takes out of the front map, and the entry
+//! ends with the cache's slot whatever the front map still holds. A warm request
+//! tells the cache it was used only when the layer's coarse clock (a counter the
+//! janitor moves on) has ticked since that workspace's last such report, so the
+//! cache's per-read bookkeeping runs at most once a tick per workspace.
+//!
 //! A workspace's first requests share one resolution (single flight), which runs in a
 //! spawned task: dropping the requests does not abort it. A failed or unknown lookup
 //! is handed to the requests that waited for it and then forgotten, so the next
@@ -9,7 +17,7 @@
 
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, OnceLock, PoisonError};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError, Weak};
 use std::time::Duration;
 
 use http::HeaderValue;
@@ -49,6 +57,17 @@ pub(crate) struct Entry {
 
 type Outcome = Option<Result<Arc<Entry>, Error>>;
 
+/// A resolved workspace as the front map holds it: weakly (the cache's slot owns
+/// the entry), with the coarse tick at which the cache last heard of a use.
+struct Hot {
+    entry: Weak<Entry>,
+    touched: AtomicU64,
+}
+
+/// The lock-free map the request path reads. Names are hashed with a randomly
+/// seeded `foldhash` (they come from the integrator's own records).
+type Front = papaya::HashMap<Workspace, Arc<Hot>, foldhash::quality::RandomState>;
+
 /// What the cache keeps per workspace: the entry once resolved, and the resolution
 /// under way until then.
 #[derive(Default)]
@@ -83,6 +102,11 @@ fn count(counter: &AtomicU64, _name: &'static str) {
 /// The workspaces of one per-workspace layer and everything needed to add one.
 pub(crate) struct Registry {
     cache: Cache<Workspace, Arc<Slot>>,
+    front: Arc<Front>,
+    /// The coarse clock: ticks counted by the janitor.
+    ticks: AtomicU64,
+    /// How often the clock ticks.
+    tick_every: Duration,
     resolve: Resolve,
     cells: CellSettings,
     on_rotated: Option<WorkspaceRotationHook>,
@@ -112,10 +136,13 @@ impl Registry {
     ) -> Self {
         let counters = Arc::new(Counters::default());
         let evictions = counters.clone();
+        let front = Arc::new(Front::with_hasher(foldhash::quality::RandomState::default()));
+        let kept = front.clone();
         let cache = Cache::builder()
             .max_capacity(max_workspaces)
             .time_to_idle(idle_timeout)
-            .eviction_listener(move |workspace: Arc<Workspace>, _, cause| {
+            .eviction_listener(move |workspace: Arc<Workspace>, slot: Arc<Slot>, cause| {
+                unfront(&kept, &workspace, &slot);
                 // Explicit removals (`forget`, a failed lookup) are not evictions.
                 if matches!(cause, RemovalCause::Size | RemovalCause::Expired) {
                     count(&evictions.evicted, names::EVICTED);
@@ -123,8 +150,14 @@ impl Registry {
                 }
             })
             .build();
+        // The cache hears of a warm workspace's use at least four times per idle
+        // timeout, and at most once a second.
+        let tick_every = (idle_timeout / 4).clamp(Duration::from_millis(1), Duration::from_secs(1));
         Registry {
             cache,
+            front,
+            ticks: AtomicU64::new(0),
+            tick_every,
             resolve,
             cells,
             on_rotated,
@@ -141,23 +174,65 @@ impl Registry {
     fn start_janitor(self: &Arc<Self>) {
         self.janitor.get_or_init(|| {
             let weak = Arc::downgrade(self);
-            let every = self.janitor_every;
+            let tick = self.tick_every;
+            let housekeeping = self.janitor_every;
             tokio::spawn(async move {
+                let mut since = Duration::ZERO;
                 loop {
-                    tokio::time::sleep(every).await;
+                    tokio::time::sleep(tick).await;
                     let Some(registry) = weak.upgrade() else {
                         return;
                     };
-                    registry.cache.run_pending_tasks();
+                    registry.ticks.fetch_add(1, Ordering::Relaxed);
+                    since += tick;
+                    if since >= housekeeping {
+                        since = Duration::ZERO;
+                        registry.cache.run_pending_tasks();
+                    }
                 }
             });
         });
     }
 
-    /// The request path: the workspace's entry if it is resolved and kept. No lock.
+    /// The request path: the workspace's entry if it is resolved and kept. No lock;
+    /// the cache is told of the use once per tick of the coarse clock.
     #[inline]
     pub(crate) fn warm(&self, workspace: &Workspace) -> Option<Arc<Entry>> {
-        self.cache.get(workspace)?.entry.get().cloned()
+        let front = self.front.pin();
+        let hot = front.get(workspace)?;
+        let entry = hot.entry.upgrade()?;
+        let now = self.ticks.load(Ordering::Relaxed);
+        if hot.touched.load(Ordering::Relaxed) != now {
+            hot.touched.store(now, Ordering::Relaxed);
+            self.touch(workspace);
+        }
+        Some(entry)
+    }
+
+    /// Records a use of the workspace with the cache (its idle clock and eviction
+    /// policy).
+    #[cold]
+    #[inline(never)]
+    fn touch(&self, workspace: &Workspace) {
+        let _ = self.cache.get(workspace);
+    }
+
+    /// Puts a resolved workspace in the front map, unless the cache no longer keeps
+    /// its slot (declined or already dropped it): then the listener may have run
+    /// before the insert, so the entry is taken out again here.
+    fn enfront(&self, workspace: &Workspace, slot: &Arc<Slot>, entry: &Arc<Entry>) {
+        let hot = Arc::new(Hot {
+            entry: Arc::downgrade(entry),
+            touched: AtomicU64::new(self.ticks.load(Ordering::Relaxed)),
+        });
+        self.front.pin().insert(workspace.clone(), hot);
+        let kept = self
+            .cache
+            .get(workspace)
+            .is_some_and(|kept| Arc::ptr_eq(&kept, slot));
+        if !kept {
+            unfront(&self.front, workspace, slot);
+        }
     }
 
     /// The entry, resolving the workspace first if needed; the first of a
@@ -231,6 +306,7 @@ impl Registry {
             match &outcome {
                 Ok(entry) => {
                     let _ = slot.entry.set(entry.clone());
+                    registry.enfront(&workspace, &slot, entry);
                 }
                 Err(_) => registry.drop_slot(&workspace, &slot),
             }
@@ -327,6 +403,8 @@ impl Registry {
         let Some(slot) = self.cache.remove(workspace) else {
             return false;
         };
+        // At once, whatever the listener's timing: no new request finds it.
+        unfront(&self.front, workspace, &slot);
         if let Some(entry) = slot.entry.get() {
             entry.cell.invalidate_current();
         }
@@ -364,6 +442,18 @@ impl fmt::Debug for Registry {
 enum Joined {
     Ready(Arc<Entry>),
     Wait(watch::Receiver<Outcome>),
+}
+
+/// Takes the workspace out of the front map if it is there for this slot's entry
+/// (a newer slot's entry stays).
+fn unfront(front: &Front, workspace: &Workspace, slot: &Slot) {
+    let Some(entry) = slot.entry.get() else {
+        return;
+    };
+    let entry = Arc::downgrade(entry);
+    let _ = front
+        .pin()
+        .remove_if(workspace, |_, hot| Weak::ptr_eq(&hot.entry, &entry));
 }
 
 /// The `ProxyHost` value for a workspace name: non-empty, no whitespace, a valid

@@ -97,7 +97,12 @@ where
         request
             .headers_mut()
             .insert(PROXY_HOST, entry.proxy_host.clone());
-        let (mut request, replay) = self.copy_for_resend(request, Some(&entry.cell));
+        // With retry off the request is not moved through the copy step at all.
+        let (mut request, replay) = if self.shape.retry_on_unauthorized {
+            self.copy_for_resend(request, Some(&entry.cell))
+        } else {
+            (request, None)
+        };
         let token = {
             let _span = entry.span.enter();
             entry.cell.get()
