@@ -115,6 +115,14 @@ fn warm() {
         .retry_on_unauthorized(false)
         .build()
         .unwrap();
+    // The same single-account layer with `ProxyHost` set, as for workspace calls: the
+    // per-workspace layer always sets it.
+    let single_proxy_host = EshopboxAuthLayer::builder(support::credentials())
+        .token_url(&url)
+        .retry_on_unauthorized(false)
+        .workspace("shop-0")
+        .build()
+        .unwrap();
     let many = EshopboxAuthLayer::per_workspace(|_| async {
         Ok::<_, BoxError>(Some(support::credentials()))
     })
@@ -123,6 +131,7 @@ fn warm() {
     .build()
     .unwrap();
     let mut single = single.layer(Noop);
+    let mut single_proxy_host = single_proxy_host.layer(Noop);
     let mut many = many.layer(Noop);
     let uri = Uri::from_static("https://acme.myeshopbox.com/api/v2/inventoryListing");
     let workspaces: Vec<Workspace> = (0..1_000)
@@ -130,50 +139,68 @@ fn warm() {
         .collect();
     rt.block_on(single.clone().oneshot(request(&uri, &workspaces[0])))
         .unwrap();
+    rt.block_on(
+        single_proxy_host
+            .clone()
+            .oneshot(request(&uri, &workspaces[0])),
+    )
+    .unwrap();
     for workspace in &workspaces {
         rt.block_on(many.clone().oneshot(request(&uri, workspace)))
             .unwrap();
     }
     let (rounds, batch) = (300, 2_000);
-    let mut ratios = Vec::with_capacity(rounds);
-    let mut times = (Vec::new(), Vec::new());
+    // Per round, the time of each variant (single, single with ProxyHost, per
+    // workspace), run in a rotating order.
+    let mut times: [Vec<f64>; 3] = Default::default();
+    let mut ratios: [Vec<f64>; 2] = Default::default();
     let mut next = 0;
     for round in 0..rounds {
-        let time = |svc: &mut dyn FnMut(&Workspace), next: &mut usize| {
+        let mut round_times = [0.0; 3];
+        for k in 0..3 {
+            let variant = (round + k) % 3;
             let start = Instant::now();
             for _ in 0..batch {
-                svc(&workspaces[*next % workspaces.len()]);
-                *next += 1;
+                let w = &workspaces[next % workspaces.len()];
+                match variant {
+                    0 => one(&mut single, request(&uri, w)),
+                    1 => one(&mut single_proxy_host, request(&uri, w)),
+                    _ => one(&mut many, request(&uri, w)),
+                }
+                next += 1;
             }
-            start.elapsed().as_nanos() as f64 / f64::from(batch)
-        };
-        let mut run_single = |w: &Workspace| one(&mut single, request(&uri, w));
-        let mut run_many = |w: &Workspace| one(&mut many, request(&uri, w));
-        let (a, b) = if round % 2 == 0 {
-            let a = time(&mut run_single, &mut next);
-            (a, time(&mut run_many, &mut next))
-        } else {
-            let b = time(&mut run_many, &mut next);
-            (time(&mut run_single, &mut next), b)
-        };
-        times.0.push(a);
-        times.1.push(b);
-        ratios.push(b / a);
+            round_times[variant] = start.elapsed().as_nanos() as f64 / f64::from(batch);
+        }
+        for (all, time) in times.iter_mut().zip(round_times) {
+            all.push(time);
+        }
+        ratios[0].push(round_times[2] / round_times[0]);
+        ratios[1].push(round_times[2] / round_times[1]);
     }
     let median = |mut xs: Vec<f64>| {
         xs.sort_by(f64::total_cmp);
         xs[xs.len() / 2]
     };
+    let [single_times, proxy_host_times, many_times] = times;
+    let [to_single, to_proxy_host] = ratios;
     println!("warm requests, 1 000 workspaces round-robin, retry off");
     println!(
-        "  single account        median {:7.1} ns/request",
-        median(times.0)
+        "  single account                 median {:7.1} ns/request",
+        median(single_times)
     );
     println!(
-        "  per workspace         median {:7.1} ns/request",
-        median(times.1)
+        "  single account with ProxyHost  median {:7.1} ns/request",
+        median(proxy_host_times)
     );
-    println!("  per workspace / single = {:.3}", median(ratios));
+    println!(
+        "  per workspace                  median {:7.1} ns/request",
+        median(many_times)
+    );
+    println!("  per workspace / single = {:.3}", median(to_single));
+    println!(
+        "  per workspace / single with ProxyHost = {:.3}",
+        median(to_proxy_host)
+    );
 }
 
 fn cold(n: usize) {
