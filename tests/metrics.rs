@@ -1,6 +1,6 @@
 //! With the `metrics` feature, the counters reach the `metrics` facade.
 
-use std::collections::HashMap;
+mod support;
 
 use bytes::Bytes;
 use eshopbox_auth::mock::MockEshopbox;
@@ -9,7 +9,7 @@ use http::StatusCode;
 use http_body_util::Full;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
-use metrics_util::debugging::{DebugValue, DebuggingRecorder};
+use metrics_util::debugging::DebuggingRecorder;
 use tower::{ServiceBuilder, ServiceExt};
 
 #[tokio::test(flavor = "current_thread")]
@@ -38,22 +38,7 @@ async fn counters_are_reported_to_the_metrics_facade() {
     eshopbox.revoke_tokens();
     svc.clone().oneshot(get()).await.unwrap();
 
-    let counters: HashMap<String, u64> = snapshotter
-        .snapshot()
-        .into_vec()
-        .into_iter()
-        .filter_map(|(key, _, _, value)| match value {
-            DebugValue::Counter(n) => {
-                let labels: Vec<String> = key
-                    .key()
-                    .labels()
-                    .map(|l| format!("{}={}", l.key(), l.value()))
-                    .collect();
-                Some((format!("{}{:?}", key.key().name(), labels), n))
-            }
-            _ => None,
-        })
-        .collect();
+    let counters = support::telemetry::counters(&snapshotter);
     let stats = handle.stats();
     assert_eq!(stats.token_requests, 3);
     assert_eq!(counters["eshopbox_auth_token_requests_total[]"], 3);

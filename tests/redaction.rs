@@ -3,44 +3,19 @@
 
 mod support;
 
-use std::io::Write;
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 use eshopbox_auth::{ErrorKind, EshopboxAuthLayer};
 use http::{Request, Response};
 use http_body_util::Empty;
+use support::telemetry::capture;
 use support::{assert_no_secret, credentials, EchoApi, Reply, TokenServer};
 use tower::{service_fn, ServiceBuilder, ServiceExt};
 
-#[derive(Clone, Default)]
-struct Captured(Arc<Mutex<Vec<u8>>>);
-
-impl Write for Captured {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-/// Captures everything logged at TRACE on this thread until the guard is dropped.
-fn capture() -> (Captured, tracing::subscriber::DefaultGuard) {
-    let captured = Captured::default();
-    let writer = captured.clone();
-    let subscriber = tracing_subscriber::fmt()
-        .with_max_level(tracing::Level::TRACE)
-        .with_ansi(false)
-        .with_writer(move || writer.clone())
-        .finish();
-    (captured, tracing::subscriber::set_default(subscriber))
-}
-
 #[tokio::test(flavor = "current_thread")]
 async fn trace_output_carries_no_secret() {
-    let (captured, _guard) = capture();
+    let (captured, _guard) = capture(tracing::Level::TRACE);
 
     // 1: a token that the API refuses, with a rotated refresh token;
     // 2: a transient failure; 3: the working token; 4: the refresh token is revoked.
@@ -89,7 +64,7 @@ async fn trace_output_carries_no_secret() {
     assert_eq!(err.kind(), ErrorKind::Rejected);
     tracing::error!(error = %err, "logged by the application");
 
-    let text = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
+    let text = captured.text();
     // The layer did log what happened ...
     for event in [
         "requesting an access token",
@@ -116,7 +91,7 @@ async fn trace_output_carries_no_secret() {
 async fn token_store_paths_log_no_secret() {
     use eshopbox_auth::store::{InProcessStore, RedisStore, TokenStore};
 
-    let (captured, _guard) = capture();
+    let (captured, _guard) = capture(tracing::Level::TRACE);
 
     // Two layers share an in-process store against an endpoint that rotates the
     // refresh token; a third has a Redis store on a port where nothing listens.
@@ -160,7 +135,7 @@ async fn token_store_paths_log_no_secret() {
     let report = support::full_report(&refused);
     assert!(report.contains("invalid_grant"), "{report}");
 
-    let text = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
+    let text = captured.text();
     for event in [
         "using the access token from the token store",
         "token store unavailable",

@@ -3,31 +3,17 @@
 
 #![cfg(feature = "workspaces")]
 
+mod support;
+
 use std::collections::HashMap;
-use std::io::Write;
-use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 use eshopbox_auth::mock::MockEshopbox;
 use eshopbox_auth::{Credentials, EshopboxAuthLayer, Workspace};
 use http::{Request, Response};
 use http_body_util::Empty;
-use metrics_util::debugging::{DebugValue, DebuggingRecorder};
+use metrics_util::debugging::DebuggingRecorder;
 use tower::{service_fn, BoxError, Layer, ServiceExt};
-
-/// Collects what the fmt subscriber writes.
-#[derive(Clone, Default)]
-struct Captured(Arc<Mutex<Vec<u8>>>);
-
-impl Write for Captured {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
 
 #[tokio::test(flavor = "current_thread")]
 async fn spans_name_the_workspace_and_metrics_carry_no_workspace_label() {
@@ -36,14 +22,7 @@ async fn spans_name_the_workspace_and_metrics_carry_no_workspace_label() {
     recorder
         .install()
         .expect("the only recorder of this test binary");
-    let captured = Captured::default();
-    let writer = captured.clone();
-    let subscriber = tracing_subscriber::fmt()
-        .with_max_level(tracing::Level::DEBUG)
-        .with_writer(move || writer.clone())
-        .with_ansi(false)
-        .finish();
-    let _guard = tracing::subscriber::set_default(subscriber);
+    let (captured, _guard) = support::telemetry::capture(tracing::Level::DEBUG);
 
     let eshopbox = MockEshopbox::start().await.unwrap();
     let apps: HashMap<String, Credentials> = ["acme", "globex"]
@@ -68,7 +47,7 @@ async fn spans_name_the_workspace_and_metrics_carry_no_workspace_label() {
         let _ = service.clone().oneshot(request).await;
     }
 
-    let logs = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
+    let logs = captured.text();
     for name in ["acme", "globex"] {
         let refresh = logs
             .lines()
@@ -83,22 +62,7 @@ async fn spans_name_the_workspace_and_metrics_carry_no_workspace_label() {
         );
     }
 
-    let counters: HashMap<String, u64> = snapshotter
-        .snapshot()
-        .into_vec()
-        .into_iter()
-        .filter_map(|(key, _, _, value)| match value {
-            DebugValue::Counter(n) => {
-                let labels: Vec<String> = key
-                    .key()
-                    .labels()
-                    .map(|l| format!("{}={}", l.key(), l.value()))
-                    .collect();
-                Some((format!("{}{:?}", key.key().name(), labels), n))
-            }
-            _ => None,
-        })
-        .collect();
+    let counters = support::telemetry::counters(&snapshotter);
     assert!(
         counters.keys().all(|key| !key.contains("workspace=")),
         "{counters:?}"

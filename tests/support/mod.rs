@@ -5,6 +5,7 @@
 #![allow(dead_code)]
 
 pub mod replicas;
+pub mod telemetry;
 pub mod traffic;
 #[cfg(feature = "workspaces")]
 pub mod workspaces;
