@@ -3,7 +3,9 @@
 
 #![cfg(feature = "cli")]
 
-use std::process::{Child, Command, Output, Stdio};
+mod support;
+
+use std::process::Output;
 use std::time::Duration;
 
 use eshopbox_auth::mock::{MockEshopbox, CLIENT_SECRET, REFRESH_TOKEN};
@@ -11,6 +13,7 @@ use eshopbox_auth::secrecy::ExposeSecret;
 use eshopbox_auth::store::RedisStore;
 use eshopbox_auth::EshopboxAuthLayer;
 use http::StatusCode;
+use support::redis::RedisServer;
 
 /// Bound on one run of the command.
 const LIMIT: Duration = Duration::from_secs(30);
@@ -170,50 +173,6 @@ async fn help_lists_the_options_and_the_environment() {
         assert!(help.contains(option), "{option} missing from:\n{help}");
     }
     assert!(!help.contains("hunter2"), "--help shows the Redis password");
-}
-
-/// A `redis-server` on a free 127.0.0.1 port, stopped when dropped.
-struct RedisServer {
-    port: u16,
-    child: Child,
-}
-
-impl RedisServer {
-    fn start() -> Self {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let child = Command::new(std::env::var("REDIS_SERVER").unwrap_or("redis-server".into()))
-            .args(["--bind", "127.0.0.1", "--port", &port.to_string()])
-            .args(["--save", "", "--appendonly", "no"])
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("could not start redis-server: install it (apt-get install -y redis-server)");
-        let server = RedisServer { port, child };
-        let client = redis::Client::open(server.url()).unwrap();
-        for _ in 0..500 {
-            if let Ok(mut connection) = client.get_connection() {
-                if redis::cmd("PING").query::<String>(&mut connection).is_ok() {
-                    return server;
-                }
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        panic!("redis-server did not come up on port {port}");
-    }
-
-    fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}/", self.port)
-    }
-}
-
-impl Drop for RedisServer {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

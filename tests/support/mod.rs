@@ -4,6 +4,8 @@
 
 #![allow(dead_code)]
 
+#[cfg(feature = "redis")]
+pub mod redis;
 pub mod replicas;
 pub mod telemetry;
 pub mod traffic;
