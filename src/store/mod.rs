@@ -137,8 +137,10 @@
 //! Replicas exchange a token's *remaining life* ([`SharedToken`]), not a wall-clock
 //! expiry: the writer sets the key's TTL to what the token has left,
 //! and a reader gets the TTL back in the same script as the value and counts down on
-//! its own monotonic clock, from when it sent the read (so it errs early by at most a
-//! round trip). "Is the stored token newer?" is a comparison of TTLs made inside
+//! its own monotonic clock, from when it sent the read, less a millisecond for Redis's
+//! whole-millisecond TTLs. The reader's expiry can be later than the writer's only by
+//! the write's own latency (the TTL starts when Redis runs the write), and earlier by
+//! the read's round trip. "Is the stored token newer?" is a comparison of TTLs made inside
 //! Redis. The replicas' wall clocks play no part; the wall-clock time stored with the
 //! token is only for display.
 //!

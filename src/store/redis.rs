@@ -34,6 +34,9 @@ const CLUSTER_RETRY_MIN_MS: u64 = 50;
 const CLUSTER_RETRY_MAX_MS: u64 = 500;
 /// A stored value's clear header: its id, 16 hex digits, and a space.
 const HEADER_LEN: usize = 17;
+/// How much longer than the truth a `PTTL` answer can be: Redis counts expiries on a
+/// whole-millisecond clock.
+const PTTL_ROUNDING: Duration = Duration::from_millis(1);
 /// Marks a plain-text payload.
 const PLAIN: u8 = b'p';
 /// Marks an encrypted payload: nonce, then ciphertext.
@@ -388,7 +391,7 @@ impl RedisStore {
     async fn load_token(&self) -> Result<Option<SharedToken>, Error> {
         let key = &self.keys.token;
         // The remaining life is counted from when the question was sent: at worst the
-        // token is taken to expire a round trip early.
+        // token is taken to expire a round trip (and a millisecond) early.
         let asked_at = Instant::now();
         let (value, ttl_ms): (Option<Vec<u8>>, i64) = self
             .script("reading the token", LOAD_TOKEN, key, &[])
@@ -419,8 +422,10 @@ impl RedisStore {
             tracing::warn!(%key, "ignoring a token without a TTL in Redis");
             return Ok(None);
         };
+        // Redis keeps expiries on a whole-millisecond clock, so `PTTL` can read up to
+        // 1 ms more than is left: count that millisecond off too.
         let remaining = Duration::from_millis(ttl_ms)
-            .saturating_sub(Instant::now().saturating_duration_since(asked_at));
+            .saturating_sub(PTTL_ROUNDING + Instant::now().saturating_duration_since(asked_at));
         let token = SharedToken::new(
             id,
             SecretString::from(stored.access_token),
@@ -700,8 +705,12 @@ mod tests {
                 .decode_token(&value, 90_000, asked_at)
                 .unwrap()
                 .unwrap();
-            // 90 s from when the question was sent, on the monotonic clock.
-            assert_eq!(token.expires_at(), asked_at + Duration::from_secs(90));
+            // 90 s from when the question was sent, on the monotonic clock, less the
+            // millisecond `PTTL` may have rounded up.
+            assert_eq!(
+                token.expires_at(),
+                asked_at + Duration::from_secs(90) - Duration::from_millis(1)
+            );
             assert_eq!(token.lifetime(), Duration::from_secs(3600));
             assert_eq!(
                 token.issued_at(),
