@@ -65,8 +65,9 @@ struct Hot {
 }
 
 /// The lock-free map the request path reads. Names are hashed with a randomly
-/// seeded `foldhash` (they come from the integrator's own records).
-type Front = papaya::HashMap<Workspace, Arc<Hot>, foldhash::quality::RandomState>;
+/// seeded `foldhash` (they come from the integrator's own records). The map holds
+/// each `Hot` in its own node, next to the name: one pointer less to follow.
+type Front = papaya::HashMap<Workspace, Hot, foldhash::quality::RandomState>;
 
 /// What the cache keeps per workspace: the entry once resolved, and the resolution
 /// under way until then.
@@ -221,10 +222,10 @@ impl Registry {
     /// its slot (declined or already dropped it): then the listener may have run
     /// before the insert, so the entry is taken out again here.
     fn enfront(&self, workspace: &Workspace, slot: &Arc<Slot>, entry: &Arc<Entry>) {
-        let hot = Arc::new(Hot {
+        let hot = Hot {
             entry: Arc::downgrade(entry),
             touched: AtomicU64::new(self.ticks.load(Ordering::Relaxed)),
-        });
+        };
         self.front.pin().insert(workspace.clone(), hot);
         let kept = self
             .cache
