@@ -844,6 +844,18 @@ async fn a_request_in_a_workspaces_soft_window_is_served_at_once_while_one_refre
 
 #[tokio::test]
 async fn a_failed_early_refresh_keeps_the_workspaces_valid_token_and_backs_off() {
+    failed_early_refresh(true).await;
+}
+
+/// With retry off, warm requests are sent from the map's snapshot of the token: the
+/// backed-off token (a copy the cell installs without announcing a change) and the
+/// next one must reach them all the same.
+#[tokio::test]
+async fn with_retry_off_a_failed_early_refresh_keeps_the_workspaces_valid_token_and_backs_off() {
+    failed_early_refresh(false).await;
+}
+
+async fn failed_early_refresh(retry: bool) {
     // tok-1, then a rejection, then tok-3.
     let server = TokenServer::start(|n| match n {
         2 => Reply::json(400, r#"{"error":"invalid_grant"}"#),
@@ -857,6 +869,7 @@ async fn a_failed_early_refresh_keeps_the_workspaces_valid_token_and_backs_off()
         .layer()
         .token_url(&server.url())
         .refresh_margin(Duration::from_secs(300))
+        .retry_on_unauthorized(retry)
         .build()
         .unwrap();
     let service = layer.layer(echo(Arc::default()));
@@ -886,6 +899,68 @@ async fn a_failed_early_refresh_keeps_the_workspaces_valid_token_and_backs_off()
         .unwrap();
     assert_eq!(server.posts(), 4);
     assert_eq!(send("acme").await.unwrap().body(), "Bearer tok-4|acme");
+}
+
+/// With retry off, a warm request is sent from the map's snapshot of its workspace's
+/// token; every change of that token (invalidation, forced refresh, the soft window's
+/// refresh, `forget`) reaches the next request, and never another workspace's.
+#[tokio::test]
+async fn with_retry_off_every_change_of_a_workspaces_token_reaches_its_next_request() {
+    let server = TokenServer::counting(3600).await;
+    let directory = Directory::default();
+    directory.add("acme", support::credentials());
+    directory.add("globex", support::credentials());
+    let layer = directory
+        .layer()
+        .token_url(&server.url())
+        .refresh_margin(Duration::from_secs(300))
+        .retry_on_unauthorized(false)
+        .build()
+        .unwrap();
+    let service = layer.layer(echo(Arc::default()));
+    let url = "https://api.myeshopbox.com/x";
+    let send = |name: &'static str| within(service.clone().oneshot(request_for(url, name)));
+    let at_once =
+        |name: &'static str| served_at_once(service.clone().oneshot(request_for(url, name)));
+    let acme = Workspace::new("acme");
+
+    assert_eq!(send("acme").await.unwrap().body(), "Bearer tok-1|acme");
+    assert_eq!(send("globex").await.unwrap().body(), "Bearer tok-2|globex");
+    for _ in 0..3 {
+        assert_eq!(at_once("acme").body(), "Bearer tok-1|acme");
+        assert_eq!(at_once("globex").body(), "Bearer tok-2|globex");
+    }
+
+    // Invalidated (as after a 401): the next request waits for a new token.
+    let handle = layer.handle(&acme).unwrap();
+    assert!(handle.invalidate());
+    assert_eq!(send("acme").await.unwrap().body(), "Bearer tok-3|acme");
+    assert_eq!(at_once("acme").body(), "Bearer tok-3|acme");
+    assert_eq!(at_once("globex").body(), "Bearer tok-2|globex");
+
+    // A refresh forced through the handle.
+    within(handle.refresh()).await.unwrap();
+    assert_eq!(at_once("acme").body(), "Bearer tok-4|acme");
+    assert_eq!(at_once("acme").body(), "Bearer tok-4|acme");
+
+    // Into the soft window (margin 300 s, jitter ≤ 30 s) of both workspaces' tokens:
+    // served at once with the old token, one refresh each, then the new tokens.
+    jump(Duration::from_secs(3600 - 200)).await;
+    assert_eq!(at_once("acme").body(), "Bearer tok-4|acme");
+    let mut changes = handle.subscribe();
+    within(changes.wait_for(|info| info.is_some_and(|i| i.generation >= 4)))
+        .await
+        .unwrap();
+    assert_eq!(at_once("acme").body(), "Bearer tok-5|acme");
+    assert_eq!(at_once("acme").body(), "Bearer tok-5|acme");
+    assert_eq!(server.posts(), 5);
+
+    // Forgotten: resolved again, with a token of its own.
+    assert!(layer.forget(&acme));
+    assert_eq!(send("acme").await.unwrap().body(), "Bearer tok-6|acme");
+    assert_eq!(at_once("acme").body(), "Bearer tok-6|acme");
+    assert_eq!(directory.calls("acme"), 2);
+    assert_eq!(directory.calls("globex"), 1);
 }
 
 #[tokio::test]

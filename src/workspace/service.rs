@@ -9,7 +9,7 @@ use http::{Request, Response};
 use tower::{BoxError, Service};
 
 use super::future::ResponseFuture;
-use super::registry::{unknown_without_extension, Entry, Registry};
+use super::registry::{unknown_without_extension, Entry, Registry, Warm};
 use super::Workspace;
 use crate::classify::{Http401, UnauthorizedPolicy};
 use crate::future::{ResponseFuture as AuthFuture, Unsent};
@@ -91,14 +91,37 @@ where
         let Some(workspace) = request.extensions().get::<Workspace>() else {
             return ResponseFuture::failed(unknown_without_extension());
         };
-        let Some(entry) = self.registry.warm(workspace) else {
-            return self.resolve_first(request);
+        let retry = self.shape.retry_on_unauthorized;
+        let entry = match self.registry.warm(workspace, !retry) {
+            None => return self.resolve_first(request),
+            // The workspace's token is fresh: the request goes on at once, with
+            // nothing kept for a resend (retry is off).
+            Some(Warm::Fresh {
+                proxy_host,
+                authorization,
+                key,
+                generation,
+            }) => {
+                let headers = request.headers_mut();
+                headers.insert(PROXY_HOST, proxy_host);
+                headers.insert(AUTHORIZATION, authorization);
+                return ResponseFuture::auth(
+                    AuthFuture::called(
+                        self.inner.call(request),
+                        key,
+                        generation,
+                        None,
+                        self.unauthorized.clone(),
+                    ),
+                    None,
+                );
+            }
+            Some(Warm::Entry(entry)) => entry,
         };
         request
             .headers_mut()
             .insert(PROXY_HOST, entry.proxy_host.clone());
-        // With retry off the request is not moved through the copy step at all.
-        let replay = if self.shape.retry_on_unauthorized {
+        let replay = if retry {
             let (prepared, replay) = self.copy_for_resend(request, Some(&entry.cell));
             request = prepared;
             replay
