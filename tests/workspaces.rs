@@ -510,6 +510,18 @@ async fn forget_drops_a_workspace_and_its_next_request_resolves_again() {
 
 #[tokio::test]
 async fn the_map_is_bounded_and_every_workspace_is_served_anyway() {
+    bounded_map(true).await;
+}
+
+/// With retry off, warm requests are sent from the front map's snapshot of the
+/// token: an evicted workspace's snapshot (its token, and so the token's phase
+/// timer) must end with the workspace too.
+#[tokio::test]
+async fn with_retry_off_the_map_is_bounded_and_evicted_workspaces_snapshots_end() {
+    bounded_map(false).await;
+}
+
+async fn bounded_map(retry: bool) {
     let server = TokenServer::counting(86400).await;
     let directory = Directory::default();
     let names: Vec<String> = (0..200).map(|i| format!("shop-{i}")).collect();
@@ -521,6 +533,7 @@ async fn the_map_is_bounded_and_every_workspace_is_served_anyway() {
         .token_url(&server.url())
         .max_workspaces(10)
         .background_refresh(true)
+        .retry_on_unauthorized(retry)
         .build()
         .unwrap();
     let service = layer.layer(echo(Arc::default()));
@@ -531,12 +544,16 @@ async fn the_map_is_bounded_and_every_workspace_is_served_anyway() {
     };
     let before = tasks();
     for name in &names {
-        let response = service
-            .clone()
-            .oneshot(request_for("https://api.myeshopbox.com/x", name))
-            .await
-            .unwrap();
-        assert!(response.body().ends_with(&format!("|{name}")));
+        // With retry off the second request puts a snapshot of the token in the
+        // front map and the third is sent from it.
+        for _ in 0..if retry { 1 } else { 3 } {
+            let response = service
+                .clone()
+                .oneshot(request_for("https://api.myeshopbox.com/x", name))
+                .await
+                .unwrap();
+            assert!(response.body().ends_with(&format!("|{name}")));
+        }
     }
     assert!(layer.workspaces() <= 10, "{} kept", layer.workspaces());
     assert!(layer.evictions() >= 190);
@@ -961,6 +978,46 @@ async fn with_retry_off_every_change_of_a_workspaces_token_reaches_its_next_requ
     assert_eq!(at_once("acme").body(), "Bearer tok-6|acme");
     assert_eq!(directory.calls("acme"), 2);
     assert_eq!(directory.calls("globex"), 1);
+}
+
+/// With retry off the front map's node holds a snapshot of the token: a forgotten
+/// workspace's token (whose phase timer is a task that ends with it) is dropped at
+/// once all the same, not when the map gets round to freeing removed nodes.
+#[tokio::test]
+async fn with_retry_off_a_forgotten_workspaces_token_is_dropped_at_once() {
+    let server = TokenServer::counting(86400).await;
+    let directory = Directory::default();
+    directory.add("acme", support::credentials());
+    let layer = directory
+        .layer()
+        .token_url(&server.url())
+        .retry_on_unauthorized(false)
+        .build()
+        .unwrap();
+    let service = layer.layer(echo(Arc::default()));
+    let url = "https://api.myeshopbox.com/x";
+    // The second request puts the snapshot in the map, the third is sent from it.
+    for _ in 0..3 {
+        let response = within(service.clone().oneshot(request_for(url, "acme")))
+            .await
+            .unwrap();
+        assert_eq!(response.body(), "Bearer tok-1|acme");
+    }
+    let tasks = || {
+        tokio::runtime::Handle::current()
+            .metrics()
+            .num_alive_tasks()
+    };
+    let before = tasks();
+    assert!(layer.forget(&Workspace::new("acme")));
+    // Nothing but the token cell and the map's node held the token; its phase timer
+    // ends as soon as it is dropped.
+    within(async {
+        while tasks() >= before {
+            tokio::task::yield_now().await;
+        }
+    })
+    .await;
 }
 
 #[tokio::test]
