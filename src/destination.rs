@@ -174,60 +174,47 @@ impl HostPattern {
 }
 
 /// The request path's shortcut for the common case: whether `authority` (user info,
-/// host and port, as `http::Uri` holds it) ends with `eshopbox.com` or
-/// `myeshopbox.com` right after an `@`, nothing, or a `.` ending a non-empty label,
-/// and the part after its last `@` holds no `:` and no bracket. Then the host is everything after the last `@` —
-/// no port follows it, and it is no IP literal — and it is one of those domains or a
-/// subdomain of one. Anything else (a port, a trailing dot, another host) goes the
-/// general way, which reads the host `http::Uri` finds.
+/// host and port, as `http::Uri` holds it) is `<labels>.myeshopbox.com` or
+/// `<labels>.eshopbox.com` (ASCII case-insensitively), where `<labels>` is not empty,
+/// does not end with an empty label, and holds no `:`, `@` or bracket. Then there is
+/// no user info and no port, the host is no IP literal, and it is a subdomain of one
+/// of those domains. Anything else (the bare domains, user info, a port, a trailing
+/// dot, another host) goes the general way, which reads the host `http::Uri` finds.
 ///
 /// The `:` matters: `http::Uri` accepts `evil.com:.eshopbox.com` as host `evil.com`
 /// with a port that does not parse (a connector then uses the scheme's port), and
 /// `[2001:db8::1].eshopbox.com` as the IP literal before the dot.
 ///
-/// Letters are compared by setting their case bit: a byte that becomes `.` that way
-/// would be a control character, which `http::Uri` does not accept in an authority.
+/// The last 16 bytes are compared as two words, letters by setting their case bit: a
+/// byte that becomes `.` that way would be a control character, which `http::Uri`
+/// does not accept in an authority.
 #[inline]
 fn is_eshopbox_authority(authority: &str) -> bool {
-    let Some((rest, tail)) = authority.as_bytes().split_last_chunk::<12>() else {
+    // `x.myeshopbox.com` and `abc.eshopbox.com` are the shortest names taken here.
+    let bytes = authority.as_bytes();
+    let Some((_, last)) = bytes.split_last_chunk::<16>() else {
         return false;
     };
-    if !folded_eq(tail, b"eshopbox.com") {
+    let [a0, a1, a2, a3, a4, a5, a6, a7, b0, b1, b2, b3, b4, b5, b6, b7] = *last;
+    let fold = 0x2020_2020_2020_2020;
+    let low = u64::from_le_bytes([a0, a1, a2, a3, a4, a5, a6, a7]) | fold;
+    let high = u64::from_le_bytes([b0, b1, b2, b3, b4, b5, b6, b7]) | fold;
+    if high != u64::from_le_bytes(*b"pbox.com") {
         return false;
     }
-    let rest = match rest.split_last_chunk::<2>() {
-        Some((before, [m, y])) if m | 0x20 == b'm' && y | 0x20 == b'y' => before,
-        _ => rest,
+    // Little-endian: shifting right drops the bytes in front of the domain.
+    let labels = if low >> 8 == u64::from_le_bytes(*b".myesho\0") {
+        bytes.len() - 15
+    } else if low >> 24 == u64::from_le_bytes(*b".esho\0\0\0") {
+        bytes.len() - 13
+    } else {
+        return false;
     };
-    match rest {
-        // The host is the domain itself.
-        [] | [.., b'@'] => {}
-        // A subdomain: a non-empty label before the dot.
-        [.., label, b'.'] if !matches!(label, b'.' | b'@') => {}
-        _ => return false,
-    }
-    // The labels in front of the domain, up to the user info: no port separator, no
-    // IP-literal bracket. A workspace name is a few bytes, so this is short.
-    !rest
-        .iter()
-        .rev()
-        .take_while(|&&byte| byte != b'@')
-        .any(|&byte| matches!(byte, b':' | b'[' | b']'))
-}
-
-/// `host` equals `lower` (lower-case letters and `.`) ignoring ASCII case.
-#[inline]
-fn folded_eq(host: &[u8; 12], lower: &[u8; 12]) -> bool {
-    let words = |b: &[u8; 12]| {
-        let [a0, a1, a2, a3, a4, a5, a6, a7, b0, b1, b2, b3] = *b;
-        (
-            u64::from_le_bytes([a0, a1, a2, a3, a4, a5, a6, a7]),
-            u32::from_le_bytes([b0, b1, b2, b3]),
-        )
-    };
-    let (host8, host4) = words(host);
-    let (lower8, lower4) = words(lower);
-    host8 | 0x2020_2020_2020_2020 == lower8 && host4 | 0x2020_2020 == lower4
+    let labels = &bytes[..labels];
+    labels.last() != Some(&b'.')
+        && !labels
+            .iter()
+            .any(|byte| matches!(byte, b':' | b'@' | b'[' | b']'))
 }
 
 /// Whether `host` is a strict subdomain of `domain`: it ends with `.` + `domain`
@@ -377,37 +364,50 @@ mod tests {
 
     #[test]
     fn the_shortcut_agrees_with_the_general_rule() {
-        for (authority, trusted) in [
-            ("eshopbox.com", true),
-            ("myeshopbox.com", true),
-            ("acme.myeshopbox.com", true),
-            ("ACME.MYESHOPBOX.COM", true),
-            ("wms.EshopBox.Com", true),
-            ("my.eshopbox.com", true),
-            ("evil.com@acme.myeshopbox.com", true),
-            ("user.@eshopbox.com", true),
-            ("my@eshopbox.com", true),
-            ("xmyeshopbox.com", false),
-            ("amyeshopbox.com", false),
-            ("x.mymyeshopbox.com", false),
-            ("evileshopbox.com", false),
-            ("myeshopbox.co", false),
-            ("shopbox.com", false),
-            ("acme.myeshopbox.com:443", false), // not the shortcut; the general way
-            ("acme.myeshopbox.com.", false),
-            ("user:pass@acme.myeshopbox.com", true),
-            ("evil.com:.eshopbox.com", false),
-            ("evil.com:443.myeshopbox.com", false),
-            ("[2001:db8::1].eshopbox.com", false),
-            ("a@[::1].myeshopbox.com", false),
+        // (authority, taken by the shortcut, trusted by the general rule)
+        for (authority, shortcut, trusted) in [
+            // Taken by the shortcut.
+            ("acme.myeshopbox.com", true, true),
+            ("ACME.MYESHOPBOX.COM", true, true),
+            ("wms.EshopBox.Com", true, true),
+            ("x.myeshopbox.com", true, true),
+            ("abc.eshopbox.com", true, true),
+            ("a.b.myeshopbox.com", true, true),
+            // Trusted, but left to the general way: shorter than the shortcut's 16
+            // bytes, user info, a port, a trailing dot, an empty label.
+            ("eshopbox.com", false, true),
+            ("myeshopbox.com", false, true),
+            ("my.eshopbox.com", false, true),
+            ("evil.com@acme.myeshopbox.com", false, true),
+            ("user.@eshopbox.com", false, true),
+            ("my@eshopbox.com", false, true),
+            ("user:pass@acme.myeshopbox.com", false, true),
+            ("acme.myeshopbox.com:443", false, true),
+            ("acme.myeshopbox.com.", false, true),
+            ("a..myeshopbox.com", false, true),
+            // Foreign hosts.
+            ("xmyeshopbox.com", false, false),
+            ("amyeshopbox.com", false, false),
+            ("acme.xmyeshopbox.com", false, false),
+            ("x.mymyeshopbox.com", false, false),
+            ("evileshopbox.com", false, false),
+            ("abc.evileshopbox.com", false, false),
+            ("myeshopbox.co", false, false),
+            ("shopbox.com", false, false),
+            ("evil.com:.eshopbox.com", false, false),
+            ("evil.com:443.myeshopbox.com", false, false),
+            ("[2001:db8::1].eshopbox.com", false, false),
         ] {
-            assert_eq!(is_eshopbox_authority(authority), trusted, "{authority}");
+            assert_eq!(is_eshopbox_authority(authority), shortcut, "{authority}");
             let uri: Uri = format!("https://{authority}/").parse().unwrap();
             let general = default_guard().check_rest(uri.scheme_str(), uri.host().unwrap());
-            if trusted {
-                assert!(general.is_ok(), "{authority}");
-            }
+            assert_eq!(general.is_ok(), trusted, "{authority}");
         }
+        // The host here is the loopback literal `[::1]`, which the general rule
+        // trusts; the shortcut does not take it.
+        assert!(!is_eshopbox_authority("a@[::1].myeshopbox.com"));
+        let uri: Uri = "https://a@[::1].myeshopbox.com/".parse().unwrap();
+        assert_eq!(uri.host(), Some("[::1]"));
     }
 
     mod shortcut {

@@ -102,10 +102,10 @@ impl Middleware for EshopboxAuthMiddleware {
         extensions: &mut Extensions,
         next: Next<'_>,
     ) -> reqwest_middleware::Result<reqwest::Response> {
-        self.shape
-            .destinations
-            .check_url(request.url())
-            .map_err(reqwest_middleware::Error::middleware)?;
+        if let Err(error) = self.shape.destinations.check_url(request.url()) {
+            self.cell.counters.refused();
+            return Err(reqwest_middleware::Error::middleware(error));
+        }
         if let Some(workspace) = &self.shape.proxy_host {
             request.headers_mut().insert(PROXY_HOST, workspace.clone());
         }

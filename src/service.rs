@@ -132,6 +132,7 @@ where
         C: Clone,
     {
         tracing::debug!(%error, "request refused before sending");
+        self.cell().counters.refused();
         ResponseFuture::refused(error, self.token.key(), self.unauthorized.clone())
     }
 

@@ -34,6 +34,10 @@ pub struct Stats {
     /// Refreshes that found the token store failing and went to the token endpoint
     /// directly.
     pub store_failures: u64,
+    /// Requests refused before they were sent, because their destination is not
+    /// trusted (see [`ErrorKind::UntrustedDestination`]). Each one is a request that
+    /// would otherwise have carried the token elsewhere.
+    pub refused: u64,
 }
 
 #[derive(Default)]
@@ -47,6 +51,7 @@ pub(crate) struct Counters {
     waited: AtomicU64,
     store_adopted: AtomicU64,
     store_failures: AtomicU64,
+    refused: AtomicU64,
 }
 
 /// With the `metrics` feature, every count also goes to the `metrics` facade under
@@ -60,6 +65,7 @@ mod names {
     pub(super) const WAITED: &str = "eshopbox_auth_waited_total";
     pub(super) const STORE_ADOPTED: &str = "eshopbox_auth_store_adopted_total";
     pub(super) const STORE_FAILURES: &str = "eshopbox_auth_store_failures_total";
+    pub(super) const REFUSED: &str = "eshopbox_auth_refused_total";
 }
 
 impl Counters {
@@ -112,6 +118,12 @@ impl Counters {
         metrics::counter!(names::STORE_FAILURES).increment(1);
     }
 
+    pub(crate) fn refused(&self) {
+        self.refused.fetch_add(1, Ordering::Relaxed);
+        #[cfg(feature = "metrics")]
+        metrics::counter!(names::REFUSED).increment(1);
+    }
+
     pub(crate) fn snapshot(&self) -> Stats {
         let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
         Stats {
@@ -124,6 +136,7 @@ impl Counters {
             waited: get(&self.waited),
             store_adopted: get(&self.store_adopted),
             store_failures: get(&self.store_failures),
+            refused: get(&self.refused),
         }
     }
 }

@@ -75,6 +75,7 @@ async fn trusted_uris_carry_the_token_and_others_are_refused_before_they_leave()
         "a refused request reached the inner service"
     );
     assert_eq!(endpoint.posts(), 0, "refusing needed a token call");
+    assert_eq!(layer.handle().stats().refused, 8);
 
     for uri in [
         "https://acme.myeshopbox.com/api/v2/inventoryListing",
@@ -105,6 +106,7 @@ async fn trusted_uris_carry_the_token_and_others_are_refused_before_they_leave()
     );
     assert_no_secret(&report, &["tok-1"]);
     assert_eq!(api.calls(), 9);
+    assert_eq!(layer.handle().stats().refused, 9);
 }
 
 /// A request as the API saw it: URI and `Authorization`.

@@ -37,6 +37,11 @@ async fn counters_are_reported_to_the_metrics_facade() {
     svc.clone().oneshot(get()).await.unwrap();
     eshopbox.revoke_tokens();
     svc.clone().oneshot(get()).await.unwrap();
+    // A request to a foreign host is refused before it leaves.
+    let foreign = http::Request::get("https://attacker.example.net/")
+        .body(Full::default())
+        .unwrap();
+    svc.clone().oneshot(foreign).await.unwrap_err();
 
     let counters = support::telemetry::counters(&snapshotter);
     let stats = handle.stats();
@@ -49,4 +54,6 @@ async fn counters_are_reported_to_the_metrics_facade() {
     assert_eq!(counters["eshopbox_auth_invalidations_total[]"], 1);
     assert_eq!(counters["eshopbox_auth_resends_total[]"], 1);
     assert_eq!(counters["eshopbox_auth_waited_total[]"], 2);
+    assert_eq!(stats.refused, 1);
+    assert_eq!(counters["eshopbox_auth_refused_total[]"], 1);
 }

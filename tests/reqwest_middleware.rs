@@ -126,6 +126,7 @@ async fn a_foreign_host_is_refused_before_the_request_leaves() {
     }
     assert_eq!(foreign.posts(), 0, "a refused request was sent");
     assert_eq!(endpoint.posts(), 0, "refusing needed a token call");
+    assert_eq!(layer.handle().stats().refused, 2);
 }
 
 /// A token endpoint handing out `tok-1`, `tok-2`, … and an API answering `api(n)`.

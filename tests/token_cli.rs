@@ -9,8 +9,8 @@ use std::process::Output;
 use std::time::Duration;
 
 use eshopbox_auth::mock::{MockEshopbox, CLIENT_SECRET, REFRESH_TOKEN};
-use eshopbox_auth::secrecy::ExposeSecret;
-use eshopbox_auth::store::RedisStore;
+use eshopbox_auth::secrecy::{ExposeSecret, SecretString};
+use eshopbox_auth::store::{RedisStore, SharedToken, TokenStore};
 use eshopbox_auth::EshopboxAuthLayer;
 use http::StatusCode;
 use support::redis::RedisServer;
@@ -250,4 +250,39 @@ async fn with_redis_it_prints_the_fleets_token_instead_of_minting_one() {
     assert_eq!(output.status.code(), Some(2));
     assert!(text(&output.stderr).contains("64 hex digits"));
     assert_no_secret(&output, Some(&fleet_token));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stored_token_due_for_refresh_is_replaced_not_printed() {
+    let redis = RedisServer::start();
+    let eshopbox = MockEshopbox::start().await.unwrap();
+    // The fleet's token has 200 s of its hour left: inside the default refresh window
+    // (5 minutes), so printing it would hand out a token about to expire.
+    let store = RedisStore::new(&redis.url()).unwrap().key_prefix("due:");
+    let due = SharedToken::new(
+        1,
+        SecretString::from("stored-but-due"),
+        Duration::from_secs(3600),
+        Duration::from_secs(200),
+    );
+    store.save(&due).await.unwrap();
+
+    let args = [
+        "--token-url",
+        &eshopbox.token_url(),
+        "--redis-url",
+        &redis.url(),
+        "--redis-key-prefix",
+        "due:",
+    ];
+    let output = run(&args, &[]).await;
+    assert!(output.status.success(), "{}", text(&output.stderr));
+    let printed = text(&output.stdout);
+    let printed = printed.trim_end();
+    assert_ne!(printed, "stored-but-due");
+    assert_eq!(eshopbox.token_calls(), 1);
+    assert!(accepted(&eshopbox, printed).await);
+    // The new token is in the store for the fleet.
+    let stored = store.load().await.unwrap().unwrap();
+    assert_eq!(stored.access_token().expose_secret(), printed);
 }

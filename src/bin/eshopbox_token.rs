@@ -15,7 +15,10 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use clap::Parser;
 use eshopbox_auth::secrecy::ExposeSecret;
 use eshopbox_auth::store::RedisStore;
-use eshopbox_auth::{AccessToken, Credentials, EshopboxAuthLayer, TokenHandle, DEFAULT_TOKEN_URL};
+use eshopbox_auth::{
+    AccessToken, Credentials, EshopboxAuthLayer, TokenHandle, DEFAULT_REFRESH_MARGIN,
+    DEFAULT_TOKEN_URL,
+};
 
 const AFTER_HELP: &str = "\
 Environment:
@@ -206,11 +209,16 @@ fn hex_key(text: &str) -> Result<[u8; 32], Failure> {
     Ok(key)
 }
 
-/// A token worth printing: the current or stored one, unless it is already in its
-/// refresh window (say, a stored token about to expire), then a new one.
+/// A token worth printing: the current or stored one, unless it is due for refresh,
+/// then a new one. A token taken from the store is due once no more than the refresh
+/// margin (5 minutes) of its life is left: a layer would use it for a moment more and
+/// refresh in the background, but whoever runs this command takes it away.
 async fn usable_token(handle: &TokenHandle) -> Result<AccessToken, eshopbox_auth::Error> {
     let token = handle.get().await?;
-    if tokio::time::Instant::now() < token.info().refresh_at {
+    let now = tokio::time::Instant::now();
+    let left = token.info().expires_at.saturating_duration_since(now);
+    let stored_and_due = handle.stats().store_adopted > 0 && left <= DEFAULT_REFRESH_MARGIN;
+    if now < token.info().refresh_at && !stored_and_due {
         return Ok(token);
     }
     handle.refresh().await?;
