@@ -72,6 +72,10 @@
 //! #             body.len()
 //! #         );
 //! #         socket.write_all(reply.as_bytes()).await.unwrap();
+//! #         // The rest of the request, if the first read did not get it all: closing
+//! #         // with data unread would reset the connection under the reply.
+//! #         socket.shutdown().await.unwrap();
+//! #         let _ = socket.read_to_end(&mut Vec::new()).await;
 //! #     });
 //! #     format!("http://{addr}/api/v1/generateToken")
 //! # }

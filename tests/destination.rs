@@ -18,8 +18,9 @@ use support::{assert_no_secret, credentials, full_report, EchoApi, Reply, TokenS
 use tower::{BoxError, Layer, Service, ServiceBuilder, ServiceExt};
 use tower_http::follow_redirect::FollowRedirectLayer;
 
-/// Bound on anything that could hang.
-const LIMIT: Duration = Duration::from_secs(10);
+/// Bound on anything that could hang: generous, so that only a hang (not a loaded
+/// machine) reaches it.
+const LIMIT: Duration = support::WAIT_LIMIT;
 
 fn get(uri: &str) -> Request<Empty<Bytes>> {
     Request::get(uri).body(Empty::new()).unwrap()

@@ -104,9 +104,8 @@ async fn token_store_paths_log_no_secret() {
     };
     let first = layer(store.clone()).build().unwrap();
     let second = layer(store.clone()).build().unwrap();
-    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let down = RedisStore::new(&format!("redis://{}/", closed.local_addr().unwrap())).unwrap();
-    drop(closed);
+    let (_reserved, closed) = support::refusing_address();
+    let down = RedisStore::new(&format!("redis://{closed}/")).unwrap();
     let third = EshopboxAuthLayer::builder(credentials())
         .token_url(&endpoint.url())
         .token_store(down.clone())

@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use eshopbox_auth::store::{RedisStore, TokenStore};
 use eshopbox_auth::EshopboxAuthLayer;
@@ -60,14 +60,22 @@ fn binary(name: &str, variable: &str) -> String {
     std::env::var(variable).unwrap_or_else(|_| name.to_owned())
 }
 
-/// A free 127.0.0.1 port whose cluster bus port (the port + 10000) is free too.
-fn free_port() -> u16 {
+/// A port on 127.0.0.1 that is free now, whose cluster bus port (the port + 10000) is
+/// free too; not one of `taken`.
+fn free_port(taken: &[u16]) -> u16 {
     for _ in 0..100 {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let port = listener.local_addr().unwrap().port();
         let Some(bus) = port.checked_add(10000) else {
             continue;
         };
+        let clashes = |t: u16| {
+            [Some(t), t.checked_add(10000)].contains(&Some(port))
+                || [Some(t), t.checked_add(10000)].contains(&Some(bus))
+        };
+        if taken.iter().any(|&t| clashes(t)) {
+            continue;
+        }
         if std::net::TcpListener::bind(("127.0.0.1", bus)).is_ok() {
             return port;
         }
@@ -75,53 +83,80 @@ fn free_port() -> u16 {
     panic!("no free port pair on 127.0.0.1");
 }
 
-/// A `redis-server` on `port` with extra arguments.
-fn redis_server(dir: &Path, port: u16, extra: &[&str]) -> Process {
-    let child = Command::new(binary("redis-server", "REDIS_SERVER"))
-        .args(["--bind", "127.0.0.1", "--port", &port.to_string()])
-        .args(["--save", "", "--appendonly", "no"])
-        .arg("--dir")
-        .arg(dir)
-        .args(extra)
-        .stdout(Stdio::null())
-        .spawn()
-        .expect("could not start redis-server: run the tests with scripts/test.sh, which installs it, or apt-get install -y redis-server");
-    let process = Process(child);
-    wait_for_ping(port);
-    process
+/// How long a server may take to answer once started, and a blocking wait may last:
+/// generous, for a loaded machine.
+const LIMIT: Duration = Duration::from_secs(60);
+
+/// Starts the process `spawn` makes for a free port (not one of `taken`), and waits
+/// until it answers there. A port is free when picked but bound a moment later:
+/// should another process take it first, the server exits and another port is tried.
+fn start_on_free_port(taken: &[u16], mut spawn: impl FnMut(u16) -> Child) -> (Process, u16) {
+    for _ in 0..10 {
+        let port = free_port(taken);
+        let mut process = Process(spawn(port));
+        if answers(&mut process, port) {
+            return (process, port);
+        }
+    }
+    panic!("no server could bind any of ten free ports");
+}
+
+/// Waits until the server on `port` answers and is `process` (not another one that
+/// holds the port); false if `process` exited first.
+fn answers(process: &mut Process, port: u16) -> bool {
+    let pid = process.0.id();
+    let deadline = Instant::now() + LIMIT;
+    while Instant::now() < deadline {
+        if process.0.try_wait().unwrap().is_some() {
+            return false;
+        }
+        let info = query::<String>(port, redis::cmd("INFO").arg("server"));
+        if info.is_ok_and(|info| info.contains(&format!("process_id:{pid}\r\n"))) {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    panic!("the server on port {port} did not come up within {LIMIT:?}");
+}
+
+/// A `redis-server` with extra arguments (given its port) on a free port (not one of
+/// `taken`).
+fn redis_server(dir: &Path, taken: &[u16], extra: impl Fn(u16) -> Vec<String>) -> (Process, u16) {
+    start_on_free_port(taken, |port| {
+        Command::new(binary("redis-server", "REDIS_SERVER"))
+            .args(["--bind", "127.0.0.1", "--port", &port.to_string()])
+            .args(["--save", "", "--appendonly", "no"])
+            .arg("--dir")
+            .arg(dir)
+            .args(extra(port))
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("could not start redis-server: run the tests with scripts/test.sh, which installs it, or apt-get install -y redis-server")
+    })
 }
 
 fn client(port: u16) -> redis::Client {
     redis::Client::open(format!("redis://127.0.0.1:{port}/")).unwrap()
 }
 
-/// Runs one command on a connection of its own, with a bounded wait.
+/// Runs one command on a connection of its own, with a bounded wait (a stopped
+/// server refuses the connection at once; these bound a hung one).
 fn query<T: redis::FromRedisValue>(port: u16, command: &redis::Cmd) -> redis::RedisResult<T> {
-    let mut connection = client(port).get_connection_with_timeout(Duration::from_secs(1))?;
-    connection.set_read_timeout(Some(Duration::from_secs(2)))?;
+    let mut connection = client(port).get_connection_with_timeout(Duration::from_secs(10))?;
+    connection.set_read_timeout(Some(Duration::from_secs(10)))?;
     command.query(&mut connection)
 }
 
-/// Waits (at most 10 s) until the server on `port` answers.
-fn wait_for_ping(port: u16) {
-    for _ in 0..500 {
-        if query::<String>(port, &redis::cmd("PING")).is_ok() {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    panic!("the server on port {port} did not come up");
-}
-
-/// Waits (at most 30 s, blocking) until `condition` holds.
+/// Waits (at most [`LIMIT`], blocking) until `condition` holds.
 fn wait_until(what: &str, mut condition: impl FnMut() -> bool) {
-    for _ in 0..300 {
+    let deadline = Instant::now() + LIMIT;
+    while Instant::now() < deadline {
         if condition() {
             return;
         }
         std::thread::sleep(Duration::from_millis(100));
     }
-    panic!("gave up waiting until {what}");
+    panic!("gave up waiting until {what} ({LIMIT:?})");
 }
 
 /// A Redis Cluster of three masters and three replicas on 127.0.0.1.
@@ -134,25 +169,22 @@ struct Cluster {
 impl Cluster {
     fn start() -> Self {
         let dir = TempDir::new("cluster");
-        let ports: Vec<u16> = (0..6).map(|_| free_port()).collect();
-        let nodes = ports
-            .iter()
-            .map(|&port| {
+        let (mut ports, mut nodes) = (Vec::new(), Vec::new());
+        for _ in 0..6 {
+            let (node, port) = redis_server(dir.path(), &ports, |port| {
                 let config = dir.path().join(format!("nodes-{port}.conf"));
-                Some(redis_server(
-                    dir.path(),
-                    port,
-                    &[
-                        "--cluster-enabled",
-                        "yes",
-                        "--cluster-config-file",
-                        config.to_str().unwrap(),
-                        "--cluster-node-timeout",
-                        "1000",
-                    ],
-                ))
-            })
-            .collect();
+                vec![
+                    "--cluster-enabled".into(),
+                    "yes".into(),
+                    "--cluster-config-file".into(),
+                    config.to_str().unwrap().into(),
+                    "--cluster-node-timeout".into(),
+                    "1000".into(),
+                ]
+            });
+            ports.push(port);
+            nodes.push(Some(node));
+        }
         let cluster = Cluster {
             ports,
             nodes,
@@ -501,40 +533,39 @@ const MASTER_NAME: &str = "mymaster";
 impl Sentinels {
     fn start() -> Self {
         let dir = TempDir::new("sentinel");
-        let (master, replica) = (free_port(), free_port());
-        let mut processes = vec![
-            Some(redis_server(dir.path(), master, &[])),
-            Some(redis_server(
-                dir.path(),
-                replica,
-                &["--replicaof", "127.0.0.1", &master.to_string()],
-            )),
-        ];
+        let (master_process, master) = redis_server(dir.path(), &[], |_| Vec::new());
+        let (replica_process, replica) = redis_server(dir.path(), &[master], |_| {
+            vec!["--replicaof".into(), "127.0.0.1".into(), master.to_string()]
+        });
+        let mut processes = vec![Some(master_process), Some(replica_process)];
         wait_until("the replica is in sync", || {
             query::<String>(replica, redis::cmd("INFO").arg("replication"))
                 .is_ok_and(|info| info.contains("master_link_status:up"))
         });
-        let sentinels: Vec<u16> = (0..3).map(|_| free_port()).collect();
-        for &port in &sentinels {
-            let config = dir.path().join(format!("sentinel-{port}.conf"));
-            std::fs::write(
-                &config,
-                format!(
-                    "port {port}\nbind 127.0.0.1\ndir {dir}\n\
-                     sentinel monitor {MASTER_NAME} 127.0.0.1 {master} 2\n\
-                     sentinel down-after-milliseconds {MASTER_NAME} 1000\n\
-                     sentinel failover-timeout {MASTER_NAME} 10000\n",
-                    dir = dir.path().display()
-                ),
-            )
-            .unwrap();
-            let child = Command::new(binary("redis-sentinel", "REDIS_SENTINEL"))
-                .arg(&config)
-                .stdout(Stdio::null())
-                .spawn()
-                .expect("could not start redis-sentinel: run the tests with scripts/test.sh, which installs it, or apt-get install -y redis-sentinel");
-            processes.push(Some(Process(child)));
-            wait_for_ping(port);
+        let mut sentinels: Vec<u16> = Vec::new();
+        for _ in 0..3 {
+            let taken = [&[master, replica][..], &sentinels].concat();
+            let (process, port) = start_on_free_port(&taken, |port| {
+                let config = dir.path().join(format!("sentinel-{port}.conf"));
+                std::fs::write(
+                    &config,
+                    format!(
+                        "port {port}\nbind 127.0.0.1\ndir {dir}\n\
+                         sentinel monitor {MASTER_NAME} 127.0.0.1 {master} 2\n\
+                         sentinel down-after-milliseconds {MASTER_NAME} 1000\n\
+                         sentinel failover-timeout {MASTER_NAME} 10000\n",
+                        dir = dir.path().display()
+                    ),
+                )
+                .unwrap();
+                Command::new(binary("redis-sentinel", "REDIS_SENTINEL"))
+                    .arg(&config)
+                    .stdout(Stdio::null())
+                    .spawn()
+                    .expect("could not start redis-sentinel: run the tests with scripts/test.sh, which installs it, or apt-get install -y redis-sentinel")
+            });
+            processes.push(Some(process));
+            sentinels.push(port);
         }
         let setup = Sentinels {
             master,

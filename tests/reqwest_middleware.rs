@@ -20,8 +20,9 @@ use reqwest_retry::RetryTransientMiddleware;
 use support::{credentials, Reply, TokenServer};
 use tower::{Layer, ServiceExt};
 
-/// Bound on anything that could hang.
-const LIMIT: Duration = Duration::from_secs(10);
+/// Bound on anything that could hang: generous, so that only a hang (not a loaded
+/// machine) reaches it.
+const LIMIT: Duration = support::WAIT_LIMIT;
 
 async fn bounded<T>(future: impl std::future::Future<Output = T>) -> T {
     tokio::time::timeout(LIMIT, future)

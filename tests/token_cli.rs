@@ -144,9 +144,8 @@ async fn failures_go_to_stderr_with_a_nonzero_exit_and_no_secret() {
     assert_eq!(eshopbox.token_calls(), 1);
 
     // An endpoint that cannot be reached: exit 1.
-    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let url = format!("http://{}/t", closed.local_addr().unwrap());
-    drop(closed);
+    let (_reserved, closed) = support::refusing_address();
+    let url = format!("http://{closed}/t");
     let output = run(&["--token-url", &url, "--timeout", "2"], &[]).await;
     assert_eq!(output.status.code(), Some(1), "{}", text(&output.stderr));
     assert_no_secret(&output, None);

@@ -327,6 +327,26 @@ pub async fn within<F: std::future::Future>(future: F) -> F::Output {
         .expect("a wait that should end did not end within the limit")
 }
 
+/// A 127.0.0.1 address where nothing listens, for as long as the returned socket
+/// lives: it is bound, so no other socket can take the port, but not listening, so
+/// connections to it are refused. (A port that was free a moment ago may have been
+/// taken by another test since.)
+pub fn refusing_address() -> (tokio::net::TcpSocket, SocketAddr) {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let addr = socket.local_addr().unwrap();
+    (socket, addr)
+}
+
+/// The longest back-off the layer waits after its `attempt`-th failed token request
+/// (200 ms doubled per attempt, at most 5 s). A refresh gives up only when the next
+/// back-off would end past its deadline: it ends no earlier than its deadline less
+/// this, with `attempt` the number of requests it made.
+pub fn longest_backoff(attempt: usize) -> std::time::Duration {
+    let doubled = 1u32 << attempt.saturating_sub(1).min(16);
+    (std::time::Duration::from_millis(200) * doubled).min(std::time::Duration::from_secs(5))
+}
+
 /// A GET of the inventory listing, with an empty body.
 pub fn get() -> Request<http_body_util::Empty<Bytes>> {
     Request::get("https://acme.myeshopbox.com/api/v2/inventoryListing")

@@ -2,9 +2,41 @@
 //! `scripts/test.sh` installs the program when it is missing.
 
 use std::process::{Child, Command, Stdio};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use eshopbox_auth::store::RedisStore;
+
+/// How long a `redis-server` may take to answer after it was started.
+const START_LIMIT: Duration = Duration::from_secs(30);
+
+/// A port on 127.0.0.1 that is free now.
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// The process id of the server `client` reaches, if it answers.
+fn server_pid(client: &redis::Client) -> Option<u32> {
+    let mut connection = client
+        .get_connection_with_timeout(Duration::from_secs(1))
+        .ok()?;
+    // Whatever else holds the port may never answer.
+    connection
+        .set_read_timeout(Some(Duration::from_secs(1)))
+        .ok()?;
+    let info: String = redis::cmd("INFO")
+        .arg("server")
+        .query(&mut connection)
+        .ok()?;
+    info.lines()
+        .find_map(|line| line.strip_prefix("process_id:"))?
+        .trim()
+        .parse()
+        .ok()
+}
 
 /// A `redis-server` on 127.0.0.1, stopped when dropped.
 pub struct RedisServer {
@@ -20,22 +52,35 @@ impl RedisServer {
     }
 
     pub fn start_with(tls: Option<std::path::PathBuf>) -> Self {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
         let mut server = RedisServer {
-            port,
+            port: 0,
             child: None,
             tls,
         };
-        server.restart();
-        server
+        // A port is free when picked, but `redis-server` binds it a moment later:
+        // another test's server (or any socket) may take it meanwhile. Then this
+        // server fails to start, and it is tried again on another port.
+        for _ in 0..10 {
+            server.port = free_port();
+            if server.spawn() {
+                return server;
+            }
+        }
+        panic!("redis-server could not bind any of ten free ports");
     }
 
     /// Starts the server (again) on its port, and waits until it answers.
     pub fn restart(&mut self) {
+        assert!(
+            self.spawn(),
+            "redis-server could not bind port {} again",
+            self.port
+        );
+    }
+
+    /// Starts the server on its port and waits until it answers; false if it exited
+    /// (its port was taken).
+    fn spawn(&mut self) -> bool {
         let port = self.port.to_string();
         let mut command =
             Command::new(std::env::var("REDIS_SERVER").unwrap_or("redis-server".into()));
@@ -60,20 +105,31 @@ impl RedisServer {
                 .arg("--tls-ca-cert-file")
                 .arg(dir.join("ca.pem")),
         };
-        let child = command
+        let mut child = command
             .spawn()
             .expect("could not start redis-server: run the tests with scripts/test.sh, which installs it, or apt-get install -y redis-server");
-        self.child = Some(child);
+        let pid = child.id();
         let client = self.client();
-        for _ in 0..500 {
-            if let Ok(mut connection) = client.get_connection() {
-                if redis::cmd("PING").query::<String>(&mut connection).is_ok() {
-                    return;
-                }
+        // Generous: a loaded machine can take seconds to start a process.
+        let deadline = Instant::now() + START_LIMIT;
+        while Instant::now() < deadline {
+            if child.try_wait().unwrap().is_some() {
+                return false;
+            }
+            // The server that answers must be this one, not another test's that took
+            // the port first.
+            if server_pid(&client) == Some(pid) {
+                self.child = Some(child);
+                return true;
             }
             std::thread::sleep(Duration::from_millis(10));
         }
-        panic!("redis-server did not come up on port {}", self.port);
+        let _ = child.kill();
+        let _ = child.wait();
+        panic!(
+            "redis-server did not answer on port {} within {START_LIMIT:?}",
+            self.port
+        );
     }
 
     pub fn stop(&mut self) {

@@ -75,15 +75,20 @@ pub async fn totals(mut tasks: tokio::task::JoinSet<(usize, usize)>) -> (usize, 
     (ok, failed)
 }
 
-/// Waits until `condition` holds, looking every 20 ms, for at most a minute.
+/// Waits until `condition` holds, looking every 20 ms, for at most
+/// [`WAIT_LIMIT`](super::WAIT_LIMIT) by the clock.
 pub async fn until(what: &str, condition: impl Fn() -> bool) {
-    for _ in 0..3000 {
-        if condition() {
-            return;
+    let looking = async {
+        while !condition() {
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    if tokio::time::timeout(super::WAIT_LIMIT, looking)
+        .await
+        .is_err()
+    {
+        panic!("gave up waiting until {what} ({:?})", super::WAIT_LIMIT);
     }
-    panic!("gave up waiting until {what}");
 }
 
 /// The gaps between consecutive token calls the endpoint saw.
