@@ -8,7 +8,8 @@
 //!    of the bytes held.
 //!
 //! `cargo bench --bench workspaces --features workspaces,test-util`;
-//! `WORKSPACES=<n>` changes the scenario's size.
+//! `WORKSPACES=<n>` changes the scenario's size; `INSTRUCTIONS=<variant>` selects the
+//! instruction-count mode (see `main` and benches/README.md).
 
 #[path = "../tests/support/mod.rs"]
 mod support;
@@ -93,7 +94,16 @@ where
     }
 }
 
+/// `cargo bench --bench workspaces --features workspaces,test-util` runs both parts.
+/// With `INSTRUCTIONS=<variant>` (`single`, `single_proxy_host` or `per_workspace`)
+/// the binary instead sets up the warm part and sends `REQUESTS` (default 100 000)
+/// requests through that variant, round-robin over the 1 000 workspaces, for an
+/// instruction count under `valgrind --tool=callgrind` (see benches/README.md).
 fn main() {
+    if let Ok(name) = std::env::var("INSTRUCTIONS") {
+        count(&name);
+        return;
+    }
     warm();
     let n = std::env::var("WORKSPACES")
         .ok()
@@ -102,14 +112,28 @@ fn main() {
     cold(n);
 }
 
-fn warm() {
+type Layered<L> = <L as Layer<Noop>>::Service;
+
+/// The warm part's services, each with its token (and, per workspace, the 1 000
+/// workspaces) fetched.
+struct Warm {
+    rt: tokio::runtime::Runtime,
+    _server: support::TokenServer,
+    single: Layered<eshopbox_auth::EshopboxAuthLayer>,
+    single_proxy_host: Layered<eshopbox_auth::EshopboxAuthLayer>,
+    many: Layered<eshopbox_auth::WorkspaceAuthLayer>,
+    uri: Uri,
+    workspaces: Vec<Workspace>,
+}
+
+fn set_up() -> Warm {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .unwrap();
-    let _entered = rt.enter();
     let server = rt.block_on(support::TokenServer::counting(86400));
     let url = server.url();
+    let _entered = rt.enter();
     let single = EshopboxAuthLayer::builder(support::credentials())
         .token_url(&url)
         .retry_on_unauthorized(false)
@@ -130,9 +154,9 @@ fn warm() {
     .retry_on_unauthorized(false)
     .build()
     .unwrap();
-    let mut single = single.layer(Noop);
-    let mut single_proxy_host = single_proxy_host.layer(Noop);
-    let mut many = many.layer(Noop);
+    let single = single.layer(Noop);
+    let single_proxy_host = single_proxy_host.layer(Noop);
+    let many = many.layer(Noop);
     let uri = Uri::from_static("https://acme.myeshopbox.com/api/v2/inventoryListing");
     let workspaces: Vec<Workspace> = (0..1_000)
         .map(|i| Workspace::new(format!("shop-{i}")))
@@ -149,6 +173,42 @@ fn warm() {
         rt.block_on(many.clone().oneshot(request(&uri, workspace)))
             .unwrap();
     }
+    drop(_entered);
+    Warm {
+        rt,
+        _server: server,
+        single,
+        single_proxy_host,
+        many,
+        uri,
+        workspaces,
+    }
+}
+
+/// `INSTRUCTIONS=<variant>`: `REQUESTS` warm requests through one variant.
+fn count(name: &str) {
+    let mut warm = set_up();
+    let _entered = warm.rt.enter();
+    let n: usize = std::env::var("REQUESTS")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(100_000);
+    let (uri, workspaces) = (&warm.uri, &warm.workspaces);
+    for i in 0..n {
+        let w = &workspaces[i % workspaces.len()];
+        match name {
+            "single" => one(&mut warm.single, request(uri, w)),
+            "single_proxy_host" => one(&mut warm.single_proxy_host, request(uri, w)),
+            "per_workspace" => one(&mut warm.many, request(uri, w)),
+            _ => panic!("no variant {name}"),
+        }
+    }
+}
+
+fn warm() {
+    let mut warm = set_up();
+    let _entered = warm.rt.enter();
+    let (uri, workspaces) = (&warm.uri, &warm.workspaces);
     let (rounds, batch) = (300, 2_000);
     // Per round, the time of each variant (single, single with ProxyHost, per
     // workspace), run in a rotating order.
@@ -163,9 +223,9 @@ fn warm() {
             for _ in 0..batch {
                 let w = &workspaces[next % workspaces.len()];
                 match variant {
-                    0 => one(&mut single, request(&uri, w)),
-                    1 => one(&mut single_proxy_host, request(&uri, w)),
-                    _ => one(&mut many, request(&uri, w)),
+                    0 => one(&mut warm.single, request(uri, w)),
+                    1 => one(&mut warm.single_proxy_host, request(uri, w)),
+                    _ => one(&mut warm.many, request(uri, w)),
                 }
                 next += 1;
             }

@@ -510,6 +510,18 @@ async fn forget_drops_a_workspace_and_its_next_request_resolves_again() {
 
 #[tokio::test]
 async fn the_map_is_bounded_and_every_workspace_is_served_anyway() {
+    bounded_map(true).await;
+}
+
+/// With retry off, warm requests are sent from the front map's snapshot of the
+/// token: an evicted workspace's snapshot (its token, and so the token's phase
+/// timer) must end with the workspace too.
+#[tokio::test]
+async fn with_retry_off_the_map_is_bounded_and_evicted_workspaces_snapshots_end() {
+    bounded_map(false).await;
+}
+
+async fn bounded_map(retry: bool) {
     let server = TokenServer::counting(86400).await;
     let directory = Directory::default();
     let names: Vec<String> = (0..200).map(|i| format!("shop-{i}")).collect();
@@ -521,6 +533,7 @@ async fn the_map_is_bounded_and_every_workspace_is_served_anyway() {
         .token_url(&server.url())
         .max_workspaces(10)
         .background_refresh(true)
+        .retry_on_unauthorized(retry)
         .build()
         .unwrap();
     let service = layer.layer(echo(Arc::default()));
@@ -531,12 +544,16 @@ async fn the_map_is_bounded_and_every_workspace_is_served_anyway() {
     };
     let before = tasks();
     for name in &names {
-        let response = service
-            .clone()
-            .oneshot(request_for("https://api.myeshopbox.com/x", name))
-            .await
-            .unwrap();
-        assert!(response.body().ends_with(&format!("|{name}")));
+        // With retry off the second request puts a snapshot of the token in the
+        // front map and the third is sent from it.
+        for _ in 0..if retry { 1 } else { 3 } {
+            let response = service
+                .clone()
+                .oneshot(request_for("https://api.myeshopbox.com/x", name))
+                .await
+                .unwrap();
+            assert!(response.body().ends_with(&format!("|{name}")));
+        }
     }
     assert!(layer.workspaces() <= 10, "{} kept", layer.workspaces());
     assert!(layer.evictions() >= 190);
@@ -846,6 +863,18 @@ async fn a_request_in_a_workspaces_soft_window_is_served_at_once_while_one_refre
 
 #[tokio::test]
 async fn a_failed_early_refresh_keeps_the_workspaces_valid_token_and_backs_off() {
+    failed_early_refresh(true).await;
+}
+
+/// With retry off, warm requests are sent from the map's snapshot of the token: the
+/// backed-off token (a copy the cell installs without announcing a change) and the
+/// next one must reach them all the same.
+#[tokio::test]
+async fn with_retry_off_a_failed_early_refresh_keeps_the_workspaces_valid_token_and_backs_off() {
+    failed_early_refresh(false).await;
+}
+
+async fn failed_early_refresh(retry: bool) {
     // tok-1, then a rejection, then tok-3.
     let server = TokenServer::start(|n| match n {
         2 => Reply::json(400, r#"{"error":"invalid_grant"}"#),
@@ -859,6 +888,7 @@ async fn a_failed_early_refresh_keeps_the_workspaces_valid_token_and_backs_off()
         .layer()
         .token_url(&server.url())
         .refresh_margin(Duration::from_secs(300))
+        .retry_on_unauthorized(retry)
         .build()
         .unwrap();
     let service = layer.layer(echo(Arc::default()));
@@ -888,6 +918,108 @@ async fn a_failed_early_refresh_keeps_the_workspaces_valid_token_and_backs_off()
         .unwrap();
     assert_eq!(server.posts(), 4);
     assert_eq!(send("acme").await.unwrap().body(), "Bearer tok-4|acme");
+}
+
+/// With retry off, a warm request is sent from the map's snapshot of its workspace's
+/// token; every change of that token (invalidation, forced refresh, the soft window's
+/// refresh, `forget`) reaches the next request, and never another workspace's.
+#[tokio::test]
+async fn with_retry_off_every_change_of_a_workspaces_token_reaches_its_next_request() {
+    let server = TokenServer::counting(3600).await;
+    let directory = Directory::default();
+    directory.add("acme", support::credentials());
+    directory.add("globex", support::credentials());
+    let layer = directory
+        .layer()
+        .token_url(&server.url())
+        .refresh_margin(Duration::from_secs(300))
+        .retry_on_unauthorized(false)
+        .build()
+        .unwrap();
+    let service = layer.layer(echo(Arc::default()));
+    let url = "https://api.myeshopbox.com/x";
+    let send = |name: &'static str| within(service.clone().oneshot(request_for(url, name)));
+    let at_once =
+        |name: &'static str| served_at_once(service.clone().oneshot(request_for(url, name)));
+    let acme = Workspace::new("acme");
+
+    assert_eq!(send("acme").await.unwrap().body(), "Bearer tok-1|acme");
+    assert_eq!(send("globex").await.unwrap().body(), "Bearer tok-2|globex");
+    for _ in 0..3 {
+        assert_eq!(at_once("acme").body(), "Bearer tok-1|acme");
+        assert_eq!(at_once("globex").body(), "Bearer tok-2|globex");
+    }
+
+    // Invalidated (as after a 401): the next request waits for a new token.
+    let handle = layer.handle(&acme).unwrap();
+    assert!(handle.invalidate());
+    assert_eq!(send("acme").await.unwrap().body(), "Bearer tok-3|acme");
+    assert_eq!(at_once("acme").body(), "Bearer tok-3|acme");
+    assert_eq!(at_once("globex").body(), "Bearer tok-2|globex");
+
+    // A refresh forced through the handle.
+    within(handle.refresh()).await.unwrap();
+    assert_eq!(at_once("acme").body(), "Bearer tok-4|acme");
+    assert_eq!(at_once("acme").body(), "Bearer tok-4|acme");
+
+    // Into the soft window (margin 300 s, jitter ≤ 30 s) of both workspaces' tokens:
+    // served at once with the old token, one refresh each, then the new tokens.
+    jump(Duration::from_secs(3600 - 200)).await;
+    assert_eq!(at_once("acme").body(), "Bearer tok-4|acme");
+    let mut changes = handle.subscribe();
+    within(changes.wait_for(|info| info.is_some_and(|i| i.generation >= 4)))
+        .await
+        .unwrap();
+    assert_eq!(at_once("acme").body(), "Bearer tok-5|acme");
+    assert_eq!(at_once("acme").body(), "Bearer tok-5|acme");
+    assert_eq!(server.posts(), 5);
+
+    // Forgotten: resolved again, with a token of its own.
+    assert!(layer.forget(&acme));
+    assert_eq!(send("acme").await.unwrap().body(), "Bearer tok-6|acme");
+    assert_eq!(at_once("acme").body(), "Bearer tok-6|acme");
+    assert_eq!(directory.calls("acme"), 2);
+    assert_eq!(directory.calls("globex"), 1);
+}
+
+/// With retry off the front map's node holds a snapshot of the token: a forgotten
+/// workspace's token (whose phase timer is a task that ends with it) is dropped at
+/// once all the same, not when the map gets round to freeing removed nodes.
+#[tokio::test]
+async fn with_retry_off_a_forgotten_workspaces_token_is_dropped_at_once() {
+    let server = TokenServer::counting(86400).await;
+    let directory = Directory::default();
+    directory.add("acme", support::credentials());
+    let layer = directory
+        .layer()
+        .token_url(&server.url())
+        .retry_on_unauthorized(false)
+        .build()
+        .unwrap();
+    let service = layer.layer(echo(Arc::default()));
+    let url = "https://api.myeshopbox.com/x";
+    // The second request puts the snapshot in the map, the third is sent from it.
+    for _ in 0..3 {
+        let response = within(service.clone().oneshot(request_for(url, "acme")))
+            .await
+            .unwrap();
+        assert_eq!(response.body(), "Bearer tok-1|acme");
+    }
+    let tasks = || {
+        tokio::runtime::Handle::current()
+            .metrics()
+            .num_alive_tasks()
+    };
+    let before = tasks();
+    assert!(layer.forget(&Workspace::new("acme")));
+    // Nothing but the token cell and the map's node held the token; its phase timer
+    // ends as soon as it is dropped.
+    within(async {
+        while tasks() >= before {
+            tokio::task::yield_now().await;
+        }
+    })
+    .await;
 }
 
 #[tokio::test]

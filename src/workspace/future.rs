@@ -76,6 +76,7 @@ impl<S, B, C> ResponseFuture<S, B, C>
 where
     S: Service<Request<B>>,
 {
+    #[inline]
     pub(crate) fn auth(future: AuthFuture<S, B, C>, span: Option<tracing::Span>) -> Self {
         ResponseFuture {
             state: State::Auth { future },

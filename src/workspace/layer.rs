@@ -46,7 +46,7 @@ impl<P, C> WorkspaceAuthLayer<P, C> {
     /// the workspace's token cell (not its place in the map) while it lives.
     pub fn handle(&self, workspace: &Workspace) -> Option<TokenHandle> {
         self.registry
-            .warm(workspace)
+            .entry_of(workspace)
             .map(|entry| TokenHandle::new(entry.cell.clone()))
     }
 

@@ -60,6 +60,7 @@
 //! ```
 
 use std::fmt;
+use std::hash::{Hash, Hasher};
 use std::sync::Arc;
 
 mod builder;
@@ -78,9 +79,25 @@ pub use service::WorkspaceAuth;
 /// [`WorkspaceAuthLayer`].
 ///
 /// The name is the workspace's Eshopbox name, sent as `ProxyHost`. Cheap to clone.
-#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Clone, Eq, PartialOrd, Ord)]
 pub struct Workspace {
     name: Arc<str>,
+}
+
+impl PartialEq for Workspace {
+    /// Equal names. Clones of one `Workspace` share their name, which is then not
+    /// read (the request path compares the request's workspace with the map's).
+    #[inline]
+    fn eq(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.name, &other.name) || self.name == other.name
+    }
+}
+
+impl Hash for Workspace {
+    /// The name's hash, as `PartialEq` compares names.
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        self.name.hash(state);
+    }
 }
 
 impl Workspace {

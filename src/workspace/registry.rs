@@ -10,6 +10,14 @@
 //! janitor moves on) has ticked since that workspace's last such report, so the
 //! cache's per-read bookkeeping runs at most once a tick per workspace.
 //!
+//! With retry off, a warm request does not reach the entry at all: the front map's
+//! node also holds the `ProxyHost` value and a snapshot of the workspace's token,
+//! used while that token is fresh and its cell has announced no change (two loads;
+//! see [`Snapshot`]). A request that finds the snapshot unusable takes the entry's
+//! path, as the single-account layer would, and puts a new snapshot in the node once
+//! the cell's token is fresh again. With retry on the request reaches the entry, whose
+//! token cell the copy kept for a resend needs.
+//!
 //! A workspace's first requests share one resolution (single flight), which runs in a
 //! spawned task: dropping the requests does not abort it. A failed or unknown lookup
 //! is handed to the requests that waited for it and then forgotten, so the next
@@ -37,7 +45,9 @@ use crate::store_sync::StoreSync;
 use crate::token::background::spawn_background;
 use crate::token::cell::TokenCell;
 use crate::token::endpoint::{GrantEndpoint, RotationHook};
+use crate::token::key::CellKey;
 use crate::token::refresh::Coordinator;
+use crate::token::value::{Token, TokenInfo};
 
 /// The resolver, boxed: credentials for a workspace, `None` if it is unknown.
 pub(crate) type Resolve = Arc<
@@ -58,15 +68,55 @@ pub(crate) struct Entry {
 type Outcome = Option<Result<Arc<Entry>, Error>>;
 
 /// A resolved workspace as the front map holds it: weakly (the cache's slot owns
-/// the entry), with the coarse tick at which the cache last heard of a use.
+/// the entry), with the coarse tick at which the cache last heard of a use, and
+/// what a warm request needs to be sent without reaching the entry: the
+/// `ProxyHost` value, the cell's key and a snapshot of the current token.
 struct Hot {
     entry: Weak<Entry>,
     touched: AtomicU64,
+    key: CellKey,
+    proxy_host: HeaderValue,
+    /// `None` until a request finds the workspace's token fresh.
+    token: Option<Snapshot>,
+}
+
+/// The workspace's token as a request last found it, and a receiver of the cell's
+/// changes subscribed before it was read. The snapshot is used only while the token
+/// is fresh (one load of its phase) and the cell has published no change since (one
+/// load of the channel's version): a new token, an invalidation after a 401 and
+/// `forget` all publish one. Anything else (soft window, expired, changed, or a
+/// token replaced without a change, as a backed-off refresh does) takes the
+/// entry's path, which takes a new snapshot once the cell's token is fresh again.
+struct Snapshot {
+    token: Arc<Token>,
+    changes: watch::Receiver<Option<TokenInfo>>,
+}
+
+/// What the request path finds for a known workspace.
+pub(crate) enum Warm {
+    /// The workspace's token is fresh: the headers to set, and what the response
+    /// future carries.
+    Fresh {
+        proxy_host: HeaderValue,
+        authorization: HeaderValue,
+        key: CellKey,
+        generation: u64,
+    },
+    /// Anything else: the entry, for the single-account path (token cell, waits,
+    /// the copy kept for a resend).
+    Entry(Arc<Entry>),
 }
 
 /// The lock-free map the request path reads. Names are hashed with a randomly
-/// seeded `foldhash` (they come from the integrator's own records).
-type Front = papaya::HashMap<Workspace, Arc<Hot>, foldhash::quality::RandomState>;
+/// seeded `foldhash` (they come from the integrator's own records). The map holds
+/// each `Hot` in its own node, next to the name: one pointer less to follow.
+///
+/// A removed or replaced node is freed once no reader can still hold it (epoch
+/// reclamation). Its collector retires every removed node at once rather than in
+/// batches (`batch_size(1)`), so that an evicted or forgotten workspace's token
+/// snapshot is dropped when the readers active at its removal are done, not after
+/// dozens of later removals; removals are rare (evictions, token changes).
+type Front = papaya::HashMap<Workspace, Hot, foldhash::quality::RandomState>;
 
 /// What the cache keeps per workspace: the entry once resolved, and the resolution
 /// under way until then.
@@ -136,7 +186,12 @@ impl Registry {
     ) -> Self {
         let counters = Arc::new(Counters::default());
         let evictions = counters.clone();
-        let front = Arc::new(Front::with_hasher(foldhash::quality::RandomState::default()));
+        let front = Arc::new(
+            papaya::HashMap::builder()
+                .hasher(foldhash::quality::RandomState::default())
+                .collector(seize::Collector::new().batch_size(1))
+                .build(),
+        );
         let kept = front.clone();
         let cache = Cache::builder()
             .max_capacity(max_workspaces)
@@ -194,19 +249,83 @@ impl Registry {
         });
     }
 
-    /// The request path: the workspace's entry if it is resolved and kept. No lock;
-    /// the cache is told of the use once per tick of the coarse clock.
+    /// The request path: what is known of the workspace if it is resolved and kept.
+    /// No lock; the cache is told of the use once per tick of the coarse clock.
+    /// With `snapshot_allowed` false (retry on: the copy kept for a resend needs the
+    /// token cell) the entry is always returned.
     #[inline]
-    pub(crate) fn warm(&self, workspace: &Workspace) -> Option<Arc<Entry>> {
+    pub(crate) fn warm(&self, workspace: &Workspace, snapshot_allowed: bool) -> Option<Warm> {
         let front = self.front.pin();
         let hot = front.get(workspace)?;
+        self.used(workspace, hot);
+        if snapshot_allowed {
+            if let Some(snapshot) = &hot.token {
+                if snapshot.token.is_fresh() && matches!(snapshot.changes.has_changed(), Ok(false))
+                {
+                    return Some(Warm::Fresh {
+                        proxy_host: hot.proxy_host.clone(),
+                        authorization: snapshot.token.header().clone(),
+                        key: hot.key,
+                        generation: snapshot.token.generation,
+                    });
+                }
+            }
+        }
         let entry = hot.entry.upgrade()?;
+        if snapshot_allowed {
+            self.snapshot(&front, workspace, &entry);
+        }
+        Some(Warm::Entry(entry))
+    }
+
+    /// The workspace's entry, if it is resolved and kept (a look counts as a use).
+    pub(crate) fn entry_of(&self, workspace: &Workspace) -> Option<Arc<Entry>> {
+        let front = self.front.pin();
+        let hot = front.get(workspace)?;
+        self.used(workspace, hot);
+        hot.entry.upgrade()
+    }
+
+    /// Tells the cache of a use of the workspace if the coarse clock has ticked since
+    /// the last time.
+    #[inline]
+    fn used(&self, workspace: &Workspace, hot: &Hot) {
         let now = self.ticks.load(Ordering::Relaxed);
         if hot.touched.load(Ordering::Relaxed) != now {
             hot.touched.store(now, Ordering::Relaxed);
             self.touch(workspace);
         }
-        Some(entry)
+    }
+
+    /// Replaces the workspace's node with one holding a snapshot of its token, if
+    /// that token is fresh and the node is still this entry's.
+    #[cold]
+    #[inline(never)]
+    fn snapshot<G: papaya::Guard>(
+        &self,
+        front: &papaya::HashMapRef<'_, Workspace, Hot, foldhash::quality::RandomState, G>,
+        workspace: &Workspace,
+        entry: &Arc<Entry>,
+    ) {
+        // Subscribed before the read: a change after it shows in the receiver.
+        let changes = entry.cell.subscribe();
+        let Some(token) = entry.cell.peek().filter(|token| token.is_fresh()) else {
+            return;
+        };
+        let entry = Arc::downgrade(entry);
+        let _ = front.compute(workspace.clone(), |kept| match kept {
+            Some((_, hot)) if Weak::ptr_eq(&hot.entry, &entry) => papaya::Operation::Insert(Hot {
+                entry: hot.entry.clone(),
+                touched: AtomicU64::new(hot.touched.load(Ordering::Relaxed)),
+                key: hot.key,
+                proxy_host: hot.proxy_host.clone(),
+                token: Some(Snapshot {
+                    token: token.clone(),
+                    changes: changes.clone(),
+                }),
+            }),
+            _ => papaya::Operation::Abort(()),
+        });
     }
 
     /// Records a use of the workspace with the cache (its idle clock and eviction
@@ -221,10 +340,13 @@ impl Registry {
     /// its slot (declined or already dropped it): then the listener may have run
     /// before the insert, so the entry is taken out again here.
     fn enfront(&self, workspace: &Workspace, slot: &Arc<Slot>, entry: &Arc<Entry>) {
-        let hot = Arc::new(Hot {
+        let hot = Hot {
             entry: Arc::downgrade(entry),
             touched: AtomicU64::new(self.ticks.load(Ordering::Relaxed)),
-        });
+            key: entry.cell.key(),
+            proxy_host: entry.proxy_host.clone(),
+            token: None,
+        };
         self.front.pin().insert(workspace.clone(), hot);
         let kept = self
             .cache

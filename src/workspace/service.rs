@@ -9,7 +9,7 @@ use http::{Request, Response};
 use tower::{BoxError, Service};
 
 use super::future::ResponseFuture;
-use super::registry::{unknown_without_extension, Registry};
+use super::registry::{unknown_without_extension, Entry, Registry, Warm};
 use super::Workspace;
 use crate::classify::{Http401, UnauthorizedPolicy};
 use crate::future::{ResponseFuture as AuthFuture, Unsent};
@@ -91,53 +91,64 @@ where
         let Some(workspace) = request.extensions().get::<Workspace>() else {
             return ResponseFuture::failed(unknown_without_extension());
         };
-        let Some(entry) = self.registry.warm(workspace) else {
-            return self.resolve_first(request);
+        let retry = self.shape.retry_on_unauthorized;
+        let entry = match self.registry.warm(workspace, !retry) {
+            None => return self.resolve_first(request),
+            // The workspace's token is fresh: the request goes on at once, with
+            // nothing kept for a resend (retry is off).
+            Some(Warm::Fresh {
+                proxy_host,
+                authorization,
+                key,
+                generation,
+            }) => {
+                let headers = request.headers_mut();
+                headers.insert(PROXY_HOST, proxy_host);
+                headers.insert(AUTHORIZATION, authorization);
+                return ResponseFuture::auth(
+                    AuthFuture::called(
+                        self.inner.call(request),
+                        key,
+                        generation,
+                        None,
+                        self.unauthorized.clone(),
+                    ),
+                    None,
+                );
+            }
+            Some(Warm::Entry(entry)) => entry,
         };
         request
             .headers_mut()
             .insert(PROXY_HOST, entry.proxy_host.clone());
-        // With retry off the request is not moved through the copy step at all.
-        let (mut request, replay) = if self.shape.retry_on_unauthorized {
-            self.copy_for_resend(request, Some(&entry.cell))
+        let replay = if retry {
+            let (prepared, replay) = self.copy_for_resend(request, Some(&entry.cell));
+            request = prepared;
+            replay
         } else {
-            (request, None)
+            None
         };
         let token = {
             let _span = entry.span.enter();
             entry.cell.get()
         };
-        let waits = token.is_none();
-        let future = match token {
+        match token {
             Some((header, generation)) => {
                 request.headers_mut().insert(AUTHORIZATION, header);
-                AuthFuture::called(
-                    self.inner.call(request),
-                    entry.cell.key(),
-                    generation,
-                    replay,
-                    self.unauthorized.clone(),
+                ResponseFuture::auth(
+                    AuthFuture::called(
+                        self.inner.call(request),
+                        entry.cell.key(),
+                        generation,
+                        replay,
+                        self.unauthorized.clone(),
+                    ),
+                    None,
                 )
             }
-            None => {
-                entry.cell.counters.waited();
-                let ready = self.take_ready();
-                AuthFuture::waiting(
-                    ready,
-                    request,
-                    &entry.cell,
-                    replay,
-                    self.unauthorized.clone(),
-                )
-            }
-        };
-        ResponseFuture::auth(future, token_span(&entry.span, waits))
+            None => self.wait_for_token(request, &entry, replay),
+        }
     }
-}
-
-/// The workspace's span, kept on the future only when it waits for a refresh.
-fn token_span(span: &tracing::Span, waits: bool) -> Option<tracing::Span> {
-    waits.then(|| span.clone())
 }
 
 impl<S, P, C> WorkspaceAuth<S, P, C>
@@ -149,6 +160,32 @@ where
     fn take_ready(&mut self) -> S {
         let clone = self.inner.clone();
         std::mem::replace(&mut self.inner, clone)
+    }
+
+    /// The workspace's token must be fetched first: the request waits for it, in the
+    /// workspace's span.
+    #[cold]
+    #[inline(never)]
+    fn wait_for_token<B, RB>(
+        &mut self,
+        request: Request<B>,
+        entry: &Entry,
+        replay: Option<Box<Unsent<S, B>>>,
+    ) -> ResponseFuture<S, B, C>
+    where
+        S: Service<Request<B>, Response = Response<RB>>,
+        C: UnauthorizedPolicy<RB>,
+    {
+        entry.cell.counters.waited();
+        let ready = self.take_ready();
+        let future = AuthFuture::waiting(
+            ready,
+            request,
+            &entry.cell,
+            replay,
+            self.unauthorized.clone(),
+        );
+        ResponseFuture::auth(future, Some(entry.span.clone()))
     }
 
     /// The workspace is not in the map: the request waits for its resolution.
