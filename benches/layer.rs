@@ -251,8 +251,20 @@ fn interleaved() {
         .unwrap();
     let uri = Uri::from_static("https://acme.myeshopbox.com/api/v2/inventoryListing");
     let variants = variants(&rt);
-    println!("single thread");
-    report(&variants, rounds(&variants, 400, 2_000, 1, &uri));
+    // Where a process's stack starts is random, and the 16-byte offset within a
+    // cache line at which the request and the futures are built moves every variant's
+    // time by up to ±10 %, in a different direction per variant: each round runs at
+    // all four offsets, and the ratios are taken within a round and an offset.
+    let by_offset = single_thread(&variants, 100, 2_000, &uri);
+    for (pad, times) in by_offset.iter().enumerate() {
+        println!("single thread, stack moved by {} bytes", 16 * pad);
+        report(&variants, times.clone());
+    }
+    println!("single thread, all four offsets");
+    let all = (0..variants.len())
+        .map(|v| by_offset.iter().flat_map(|t| t[v].clone()).collect())
+        .collect();
+    report(&variants, all);
     println!("two threads, one layer");
     report(&variants, rounds(&variants, 100, 20_000, 2, &uri));
     println!("8 tasks on 2 worker threads, each cloning one service");
@@ -295,6 +307,50 @@ fn contended(variants: &[Variant], rounds: usize, batch: u32, uri: &Uri) -> Vec<
     times
 }
 
+/// Single-threaded rounds, each run from stack frames moved down by 0, 16, 32 and 48
+/// bytes: per offset, per variant, the time per request of each round.
+fn single_thread(variants: &[Variant], rounds: usize, batch: u32, uri: &Uri) -> Vec<Vec<Vec<f64>>> {
+    #[inline(never)]
+    fn moved<const N: usize>(f: &mut dyn FnMut() -> Vec<f64>) -> Vec<f64> {
+        let pad = std::hint::black_box([0u8; N]);
+        let times = f();
+        std::hint::black_box(pad);
+        times
+    }
+    let mut times = vec![vec![Vec::with_capacity(rounds); variants.len()]; 4];
+    for round in 0..rounds {
+        for (pad, by_variant) in times.iter_mut().enumerate() {
+            let mut one_round = || one_round(variants, round, batch, uri);
+            let round_times = match pad {
+                0 => moved::<0>(&mut one_round),
+                1 => moved::<16>(&mut one_round),
+                2 => moved::<32>(&mut one_round),
+                _ => moved::<48>(&mut one_round),
+            };
+            for (all, time) in by_variant.iter_mut().zip(round_times) {
+                all.push(time);
+            }
+        }
+    }
+    times
+}
+
+/// One single-threaded round: a batch of each variant, in an order rotated by round.
+#[inline(never)]
+fn one_round(variants: &[Variant], round: usize, batch: u32, uri: &Uri) -> Vec<f64> {
+    let mut times = vec![0.0; variants.len()];
+    for k in 0..variants.len() {
+        let i = (round + k) % variants.len();
+        let start = Instant::now();
+        let mut svc = variants[i].clone();
+        for _ in 0..batch {
+            svc.run(uri);
+        }
+        times[i] = start.elapsed().as_nanos() as f64 / f64::from(batch);
+    }
+    times
+}
+
 /// Per variant, the time per request of each round: `batch` requests on each of
 /// `threads` threads (each with its own clone of the variant's service).
 fn rounds(
@@ -310,23 +366,16 @@ fn rounds(
         for k in 0..variants.len() {
             let i = (round + k) % variants.len();
             let start = Instant::now();
-            if threads == 1 {
-                let mut svc = variants[i].clone();
-                for _ in 0..batch {
-                    svc.run(uri);
+            std::thread::scope(|scope| {
+                for _ in 0..threads {
+                    let mut svc = variants[i].clone();
+                    scope.spawn(move || {
+                        for _ in 0..batch {
+                            svc.run(uri);
+                        }
+                    });
                 }
-            } else {
-                std::thread::scope(|scope| {
-                    for _ in 0..threads {
-                        let mut svc = variants[i].clone();
-                        scope.spawn(move || {
-                            for _ in 0..batch {
-                                svc.run(uri);
-                            }
-                        });
-                    }
-                });
-            }
+            });
             let requests = f64::from(batch) * f64::from(threads);
             times[i].push(start.elapsed().as_nanos() as f64 / requests);
         }
