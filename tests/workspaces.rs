@@ -370,6 +370,7 @@ async fn the_destination_guard_applies_to_every_workspace() {
         .unwrap_err();
     assert_eq!(kind(&err), Some(ErrorKind::UntrustedDestination));
     assert_eq!(calls.load(Ordering::SeqCst), 1);
+    assert_eq!(layer.refused(), 2);
 }
 
 #[tokio::test]

@@ -68,6 +68,13 @@ impl<P, C> WorkspaceAuthLayer<P, C> {
     pub fn evictions(&self) -> u64 {
         self.registry.stats().evicted
     }
+
+    /// How many requests the destination check refused before they were sent (see
+    /// [`ErrorKind::UntrustedDestination`](crate::ErrorKind::UntrustedDestination));
+    /// also counted as `eshopbox_auth_refused_total` with the `metrics` feature.
+    pub fn refused(&self) -> u64 {
+        self.registry.stats().refused
+    }
 }
 
 impl<S, P: Clone, C: Clone> Layer<S> for WorkspaceAuthLayer<P, C> {

@@ -133,6 +133,7 @@ struct Counters {
     unknown: AtomicU64,
     resolver_failures: AtomicU64,
     evicted: AtomicU64,
+    refused: AtomicU64,
 }
 
 /// The `metrics` names of the map's counters (feature `metrics`).
@@ -141,6 +142,8 @@ mod names {
     pub(super) const UNKNOWN: &str = "eshopbox_auth_workspaces_unknown_total";
     pub(super) const RESOLVER_FAILURES: &str = "eshopbox_auth_workspaces_resolver_failures_total";
     pub(super) const EVICTED: &str = "eshopbox_auth_workspaces_evicted_total";
+    /// The single-account layer's name: a refusal happens before any workspace.
+    pub(super) const REFUSED: &str = "eshopbox_auth_refused_total";
 }
 
 fn count(counter: &AtomicU64, _name: &'static str) {
@@ -174,6 +177,7 @@ pub(crate) struct MapStats {
     pub(crate) unknown: u64,
     pub(crate) resolver_failures: u64,
     pub(crate) evicted: u64,
+    pub(crate) refused: u64,
 }
 
 impl Registry {
@@ -546,7 +550,14 @@ impl Registry {
             unknown: get(&self.counters.unknown),
             resolver_failures: get(&self.counters.resolver_failures),
             evicted: get(&self.counters.evicted),
+            refused: get(&self.counters.refused),
         }
+    }
+
+    /// Counts a request the destination check refused.
+    #[cold]
+    pub(crate) fn refused(&self) {
+        count(&self.counters.refused, names::REFUSED);
     }
 }
 

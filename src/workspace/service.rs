@@ -86,6 +86,7 @@ where
     fn call(&mut self, mut request: Request<B>) -> Self::Future {
         if let Err(error) = self.shape.destinations.check(request.uri()) {
             tracing::debug!(%error, "request refused before sending");
+            self.registry.refused();
             return ResponseFuture::failed(error);
         }
         let Some(workspace) = request.extensions().get::<Workspace>() else {
