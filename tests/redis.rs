@@ -645,3 +645,65 @@ async fn replicas_of_a_per_workspace_layer_make_one_token_call_per_workspace() {
     }
     assert!(redis.get("{test:}token").is_none());
 }
+
+#[cfg(feature = "workspaces")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forgetting_a_workspace_deletes_its_keys_from_redis() {
+    use eshopbox_auth::mock::MockEshopbox;
+    use eshopbox_auth::Workspace;
+    use tower::{BoxError, Layer, ServiceExt};
+
+    let redis = RedisServer::start();
+    let eshopbox = MockEshopbox::start().await.unwrap();
+    let apps = [
+        ("acme", eshopbox.add_workspace("acme")),
+        ("globex", eshopbox.add_workspace("globex")),
+    ];
+    let layer = EshopboxAuthLayer::per_workspace(move |workspace: Workspace| {
+        let found = apps
+            .iter()
+            .find(|(name, _)| *name == workspace.name())
+            .map(|(_, credentials)| credentials.clone());
+        async move { Ok::<_, BoxError>(found) }
+    })
+    .token_url(&eshopbox.token_url())
+    .token_store(redis.store())
+    .build()
+    .unwrap();
+    let service = layer.layer(support::EchoApi::default());
+    for name in ["acme", "globex"] {
+        let mut request = http::Request::get("https://api.myeshopbox.com/api/v1/orders")
+            .body(http_body_util::Empty::<bytes::Bytes>::new())
+            .unwrap();
+        request.extensions_mut().insert(Workspace::new(name));
+        service.clone().oneshot(request).await.unwrap();
+    }
+    // A rotated refresh token and a lock, as another replica may have left them.
+    redis.command(redis::cmd("SET").arg("test:{acme}:refresh-token").arg("x"));
+    redis.command(redis::cmd("SET").arg("test:{acme}:lock").arg("y"));
+    assert!(redis.get("test:{acme}:token").is_some());
+
+    assert!(layer.forget(&Workspace::new("acme")));
+    let acme_gone = || {
+        ["token", "lock", "refresh-token"]
+            .iter()
+            .all(|key| redis.get(&format!("test:{{acme}}:{key}")).is_none())
+    };
+    until("acme's keys are deleted", acme_gone).await;
+    assert!(
+        redis.get("test:{globex}:token").is_some(),
+        "another workspace's token went too"
+    );
+
+    // Forgetting a workspace this replica does not keep still clears the store.
+    redis.command(
+        redis::cmd("SET")
+            .arg("test:{initech}:refresh-token")
+            .arg("z"),
+    );
+    assert!(!layer.forget(&Workspace::new("initech")));
+    until("initech's refresh token is deleted", || {
+        redis.get("test:{initech}:refresh-token").is_none()
+    })
+    .await;
+}

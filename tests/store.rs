@@ -281,3 +281,35 @@ async fn a_lock_the_store_cannot_take_is_a_store_failure_and_a_direct_refresh() 
         assert_eq!(layer.handle().stats().store_failures, 1);
     }
 }
+
+#[tokio::test]
+async fn forget_workspace_empties_that_workspaces_part_of_an_in_process_store() {
+    use eshopbox_auth::secrecy::SecretString;
+    use eshopbox_auth::store::{SharedRefreshToken, SharedToken};
+
+    let store = InProcessStore::new();
+    let acme = store.for_workspace("acme").unwrap();
+    let globex = store.for_workspace("globex").unwrap();
+    for part in [&acme, &globex] {
+        let token = SharedToken::new(
+            1,
+            SecretString::from("tok"),
+            Duration::from_secs(3600),
+            Duration::from_secs(3600),
+        );
+        part.save(&token).await.unwrap();
+        let refresh = SharedRefreshToken::new(2, SecretString::from("rt"));
+        assert!(part.save_refresh_token(&refresh, None).await.unwrap());
+    }
+    store.forget_workspace("acme").await.unwrap();
+    // The part layers already hold is emptied (they keep sharing it), and so is the
+    // one handed out next.
+    for part in [acme, store.for_workspace("acme").unwrap()] {
+        assert!(part.load().await.unwrap().is_none());
+        assert!(part.load_refresh_token().await.unwrap().is_none());
+    }
+    assert!(globex.load().await.unwrap().is_some());
+    assert!(globex.load_refresh_token().await.unwrap().is_some());
+    // A workspace the store never saw: nothing to do.
+    store.forget_workspace("initech").await.unwrap();
+}

@@ -410,6 +410,18 @@ pub trait TokenStore: Send + Sync + 'static {
         let _ = workspace;
         None
     }
+
+    /// Deletes what this store keeps for one workspace (the token, lock and rotated
+    /// refresh token of its [`for_workspace`](Self::for_workspace) part). A
+    /// per-workspace layer calls it when it forgets the workspace (`forget`, feature
+    /// `workspaces`: the merchant uninstalled the app), so that no replica takes the
+    /// workspace's token from the store afterwards and no secret of it stays there.
+    ///
+    /// The default does nothing: a store without workspaces keeps nothing for one.
+    fn forget_workspace(&self, workspace: &str) -> BoxFuture<'_, Result<(), Error>> {
+        let _ = workspace;
+        Box::pin(async { Ok(()) })
+    }
 }
 
 /// A [`TokenStore`] in this process's memory: layers built with clones of one
@@ -540,5 +552,19 @@ impl TokenStore for InProcessStore {
             .unwrap_or_else(PoisonError::into_inner);
         let part = workspaces.entry(workspace.to_owned()).or_default().clone();
         Some(Arc::new(part))
+    }
+
+    /// Empties the workspace's part (layers that already use it keep sharing it).
+    fn forget_workspace(&self, workspace: &str) -> BoxFuture<'_, Result<(), Error>> {
+        let part = self
+            .workspaces
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(workspace)
+            .cloned();
+        if let Some(part) = part {
+            *part.state() = State::default();
+        }
+        Box::pin(async { Ok(()) })
     }
 }

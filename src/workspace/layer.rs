@@ -54,6 +54,12 @@ impl<P, C> WorkspaceAuthLayer<P, C> {
     /// invalidated and its credentials and token are freed as soon as no request
     /// (or [`TokenHandle`]) uses them any more. Its next request asks the resolver
     /// again. Returns whether the workspace was kept.
+    ///
+    /// With a [token store](crate::store), the workspace's token, lock and rotated
+    /// refresh token are also deleted from the store
+    /// ([`TokenStore::forget_workspace`](crate::store::TokenStore::forget_workspace)),
+    /// kept or not, by a task spawned on the current tokio runtime; a failure is
+    /// logged.
     pub fn forget(&self, workspace: &Workspace) -> bool {
         self.registry.forget(workspace)
     }

@@ -41,6 +41,7 @@ use crate::boxed::BoxFuture;
 use crate::builder::CellSettings;
 use crate::credentials::Credentials;
 use crate::error::{Error, ErrorKind};
+use crate::store::TokenStore;
 use crate::store_sync::StoreSync;
 use crate::token::background::spawn_background;
 use crate::token::cell::TokenCell;
@@ -526,6 +527,10 @@ impl Registry {
     /// Drops the workspace at once: its token is invalidated and its cell (with the
     /// credentials) freed when the last request using it ends.
     pub(crate) fn forget(&self, workspace: &Workspace) -> bool {
+        // The store's keys go whether or not this replica keeps the workspace.
+        if let Some(store) = &self.cells.store {
+            forget_in_store(store.clone(), workspace, self.cells.store_timeout);
+        }
         let Some(slot) = self.cache.remove(workspace) else {
             return false;
         };
@@ -559,6 +564,36 @@ impl Registry {
     pub(crate) fn refused(&self) {
         count(&self.counters.refused, names::REFUSED);
     }
+}
+
+/// Deletes the workspace's keys from the token store, in a spawned task (bounded by
+/// the store timeout); a failure is logged. Without a tokio runtime nothing can be
+/// sent, which is logged too.
+fn forget_in_store(store: Arc<dyn TokenStore>, workspace: &Workspace, timeout: Duration) {
+    let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+        tracing::warn!(
+            %workspace,
+            "cannot delete a forgotten workspace's keys from the token store: no tokio runtime"
+        );
+        return;
+    };
+    let workspace = workspace.clone();
+    runtime.spawn(async move {
+        match tokio::time::timeout(timeout, store.forget_workspace(workspace.name())).await {
+            Ok(Ok(())) => {
+                tracing::debug!(%workspace, "forgotten workspace's keys deleted from the token store");
+            }
+            Ok(Err(error)) => tracing::warn!(
+                %workspace,
+                %error,
+                "could not delete a forgotten workspace's keys from the token store"
+            ),
+            Err(_) => tracing::warn!(
+                %workspace,
+                "timed out deleting a forgotten workspace's keys from the token store"
+            ),
+        }
+    });
 }
 
 impl fmt::Debug for Registry {
