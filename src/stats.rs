@@ -3,8 +3,8 @@
 //! reported to the [`metrics`](https://docs.rs/metrics) facade as
 //! `eshopbox_auth_token_requests_total`, `eshopbox_auth_token_failures_total{kind}`,
 //! `eshopbox_auth_invalidations_total`, `eshopbox_auth_resends_total`,
-//! `eshopbox_auth_waited_total`, `eshopbox_auth_store_adopted_total` and
-//! `eshopbox_auth_store_failures_total`.
+//! `eshopbox_auth_waited_total`, `eshopbox_auth_store_adopted_total`,
+//! `eshopbox_auth_store_failures_total` and `eshopbox_auth_refused_total`.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 

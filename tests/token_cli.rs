@@ -285,4 +285,20 @@ async fn a_stored_token_due_for_refresh_is_replaced_not_printed() {
     // The new token is in the store for the fleet.
     let stored = store.load().await.unwrap().unwrap();
     assert_eq!(stored.access_token().expose_secret(), printed);
+
+    // A short-lived token is due only in the last half of its life (the margin is
+    // capped there): with 4 of its 5 minutes left it is printed as it is.
+    let short = RedisStore::new(&redis.url()).unwrap().key_prefix("short:");
+    let young = SharedToken::new(
+        2,
+        SecretString::from("stored-short-lived"),
+        Duration::from_secs(300),
+        Duration::from_secs(240),
+    );
+    short.save(&young).await.unwrap();
+    let short_args = [&args[..4], &["--redis-key-prefix", "short:"][..]].concat();
+    let output = run(&short_args, &[]).await;
+    assert!(output.status.success(), "{}", text(&output.stderr));
+    assert_eq!(text(&output.stdout), "stored-short-lived\n");
+    assert_eq!(eshopbox.token_calls(), 1, "a token call for a token not yet due");
 }

@@ -15,10 +15,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use clap::Parser;
 use eshopbox_auth::secrecy::ExposeSecret;
 use eshopbox_auth::store::RedisStore;
-use eshopbox_auth::{
-    AccessToken, Credentials, EshopboxAuthLayer, TokenHandle, DEFAULT_REFRESH_MARGIN,
-    DEFAULT_TOKEN_URL,
-};
+use eshopbox_auth::{AccessToken, Credentials, EshopboxAuthLayer, TokenHandle, DEFAULT_TOKEN_URL};
 
 const AFTER_HELP: &str = "\
 Environment:
@@ -97,6 +94,9 @@ impl From<eshopbox_auth::Error> for Failure {
         }
     }
 }
+
+/// A token whose refresh is due within this long is not printed (see `usable_token`).
+const DUE_WITHIN: Duration = Duration::from_secs(2);
 
 fn main() -> ExitCode {
     let args = Args::parse();
@@ -210,15 +210,13 @@ fn hex_key(text: &str) -> Result<[u8; 32], Failure> {
 }
 
 /// A token worth printing: the current or stored one, unless it is due for refresh,
-/// then a new one. A token taken from the store is due once no more than the refresh
-/// margin (5 minutes) of its life is left: a layer would use it for a moment more and
-/// refresh in the background, but whoever runs this command takes it away.
+/// then a new one. The layer sets a token's `refresh_at` from its lifetime and the
+/// refresh margin (at most half the lifetime), but never less than a second ahead, so
+/// that a request may still use a token taken from the store that is already due; for
+/// a token handed out of the process, one due within two seconds counts as due.
 async fn usable_token(handle: &TokenHandle) -> Result<AccessToken, eshopbox_auth::Error> {
     let token = handle.get().await?;
-    let now = tokio::time::Instant::now();
-    let left = token.info().expires_at.saturating_duration_since(now);
-    let stored_and_due = handle.stats().store_adopted > 0 && left <= DEFAULT_REFRESH_MARGIN;
-    if now < token.info().refresh_at && !stored_and_due {
+    if token.info().refresh_at > tokio::time::Instant::now() + DUE_WITHIN {
         return Ok(token);
     }
     handle.refresh().await?;
