@@ -289,6 +289,14 @@ impl Inner {
         if let Some(rotated) = job.rotated_since(before) {
             self.rotated(rotated);
         }
+        // A cell retired during the call (its workspace forgotten) stores nothing: the
+        // store's keys for it were deleted, and must stay so.
+        if job.retired() {
+            return Ok(Locked {
+                outcome: fetched.map(Obtained::Fetched),
+                store_ok: true,
+            });
+        }
         let store_ok = match self.publish(fetched.as_ref().ok()).await {
             Ok(()) => true,
             Err(failure) => {

@@ -300,5 +300,9 @@ async fn a_stored_token_due_for_refresh_is_replaced_not_printed() {
     let output = run(&short_args, &[]).await;
     assert!(output.status.success(), "{}", text(&output.stderr));
     assert_eq!(text(&output.stdout), "stored-short-lived\n");
-    assert_eq!(eshopbox.token_calls(), 1, "a token call for a token not yet due");
+    assert_eq!(
+        eshopbox.token_calls(),
+        1,
+        "a token call for a token not yet due"
+    );
 }

@@ -1160,3 +1160,48 @@ async fn concurrent_401s_for_one_workspace_cause_one_refresh() {
     assert_eq!(stats.invalidations, 1);
     assert_eq!(stats.resends, N as u64);
 }
+
+/// A workspace forgotten while its token call is under way: the call's token is
+/// neither used nor written to the store, and the waiting request fails as the
+/// request of an unknown workspace would.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_call_under_way_when_its_workspace_is_forgotten_leaves_nothing_behind() {
+    use eshopbox_auth::store::{InProcessStore, TokenStore};
+
+    let eshopbox = MockEshopbox::start().await.unwrap();
+    let directory = Directory::default();
+    directory.add("acme", eshopbox.add_workspace("acme"));
+    eshopbox.set_workspace_token_delay("acme", Duration::from_millis(300));
+    let store = InProcessStore::new();
+    let layer = directory
+        .layer()
+        .token_url(&eshopbox.token_url())
+        .token_store(store.clone())
+        .build()
+        .unwrap();
+    let service = layer.layer(echo(Arc::default()));
+    let request = tokio::spawn(
+        service
+            .clone()
+            .oneshot(request_for("https://api.myeshopbox.com/x", "acme")),
+    );
+    until(|| eshopbox.workspace_token_calls("acme") == 1).await;
+    let handle = layer.handle(&Workspace::new("acme")).unwrap();
+    assert!(layer.forget(&Workspace::new("acme")));
+
+    let err = within(request).await.unwrap().unwrap_err();
+    assert_eq!(kind(&err), Some(ErrorKind::UnknownWorkspace), "{err}");
+    assert!(
+        handle.token().is_none(),
+        "the forgotten cell installed a token"
+    );
+    let part = store.for_workspace("acme").unwrap();
+    assert!(
+        part.load().await.unwrap().is_none(),
+        "the forgotten workspace's token was written to the store"
+    );
+    // The cell makes no token call any more, even through a handle kept on it.
+    let err = handle.refresh().await.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::UnknownWorkspace);
+    assert_eq!(eshopbox.workspace_token_calls("acme"), 1);
+}

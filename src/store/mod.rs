@@ -414,8 +414,9 @@ pub trait TokenStore: Send + Sync + 'static {
     /// Deletes what this store keeps for one workspace (the token, lock and rotated
     /// refresh token of its [`for_workspace`](Self::for_workspace) part). A
     /// per-workspace layer calls it when it forgets the workspace (`forget`, feature
-    /// `workspaces`: the merchant uninstalled the app), so that no replica takes the
-    /// workspace's token from the store afterwards and no secret of it stays there.
+    /// `workspaces`: the merchant uninstalled the app), so that no secret of the
+    /// workspace stays in the store (replicas that still keep the workspace may store
+    /// a new token until they forget it too).
     ///
     /// The default does nothing: a store without workspaces keeps nothing for one.
     fn forget_workspace(&self, workspace: &str) -> BoxFuture<'_, Result<(), Error>> {

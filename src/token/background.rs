@@ -12,7 +12,7 @@ use crate::error::Error;
 
 /// Fetches a token at once, then refreshes each one when it reaches its refresh
 /// time. The task holds the cell weakly and ends when the last layer, service and
-/// handle is dropped.
+/// handle is dropped, or when the cell is retired.
 pub(crate) fn spawn_background(cell: &Arc<TokenCell>) -> Result<(), Error> {
     let runtime = tokio::runtime::Handle::try_current().map_err(|_| {
         Error::config("background_refresh needs a tokio runtime when the layer is built")
@@ -27,6 +27,9 @@ pub(crate) fn spawn_background(cell: &Arc<TokenCell>) -> Result<(), Error> {
                 let Some(cell) = weak.upgrade() else {
                     return;
                 };
+                if cell.retired() {
+                    return;
+                }
                 let due = cell.peek().map_or_else(Instant::now, |t| t.refresh_at);
                 retry_at.map_or(due, |at| due.max(at))
             };

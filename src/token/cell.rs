@@ -56,6 +56,8 @@ pub(crate) struct TokenCell {
     changes: watch::Sender<Option<TokenInfo>>,
     /// True from an invalidation until the next token arrives (for logs).
     invalidated: AtomicBool,
+    /// Set by [`TokenCell::retire`]: no token is fetched, installed or stored any more.
+    retired: AtomicBool,
     next_generation: AtomicU64,
     /// The store id of the token a 401 invalidated (0: none), for the store.
     failed_store_id: AtomicU64,
@@ -81,6 +83,7 @@ impl TokenCell {
             counters: Counters::default(),
             changes: watch::channel(None).0,
             invalidated: AtomicBool::new(false),
+            retired: AtomicBool::new(false),
             next_generation: AtomicU64::new(1),
             failed_store_id: AtomicU64::new(0),
             flight: Flight::default(),
@@ -162,6 +165,20 @@ impl TokenCell {
             Some(token) => self.invalidate(token.generation),
             None => false,
         }
+    }
+
+    /// Ends this cell's use (its workspace was forgotten): the current token is
+    /// invalidated, and from now on a refresh fails at once without a token call, a
+    /// refresh under way neither installs nor stores what it obtains, and the
+    /// background refresher ends.
+    pub(crate) fn retire(&self) {
+        self.retired.store(true, Ordering::Release);
+        self.invalidate_current();
+    }
+
+    /// Whether [`retire`](Self::retire) was called.
+    pub(crate) fn retired(&self) -> bool {
+        self.retired.load(Ordering::Acquire)
     }
 
     /// The current token, if any (valid or not).

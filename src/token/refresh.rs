@@ -17,7 +17,7 @@ use super::cell::{early_by, TokenCell};
 use super::fetch::{Fetched, MIN_LIFETIME};
 use super::value::{Bearer, Token};
 use crate::boxed::BoxFuture;
-use crate::error::Error;
+use crate::error::{Error, ErrorKind};
 use crate::stats::Counters;
 
 /// Why a refresh was started; reported in logs.
@@ -90,6 +90,12 @@ impl<'a> Job<'a> {
     /// The counters of the layer.
     pub(crate) fn counters(&self) -> &'a Counters {
         &self.cell.counters
+    }
+
+    /// Whether the cell was retired (its workspace forgotten) during the refresh:
+    /// then nothing it obtains may be written to the store.
+    pub(crate) fn retired(&self) -> bool {
+        self.cell.retired()
     }
 
     /// The store id of the token being replaced, if any: a stored token with this
@@ -185,6 +191,9 @@ impl TokenCell {
     /// One refresh: through the coordinator when there is one, else (or when it
     /// bows out) straight from the source.
     pub(super) async fn refresh(&self, reason: Reason) -> Result<Arc<Token>, Error> {
+        if self.retired() {
+            return Err(retired());
+        }
         let timeout = self.fetcher().timeout();
         if let Some(coordinator) = self.coordinator() {
             let job = Job {
@@ -193,25 +202,29 @@ impl TokenCell {
                 deadline: Instant::now() + timeout,
             };
             if let Some(obtained) = coordinator.obtain(job).await {
-                return obtained.map(|obtained| self.install(obtained));
+                return obtained.and_then(|obtained| self.install(obtained));
             }
         }
         // Straight to the source, with the whole token timeout.
         let before = self.fetcher().refresh_token();
         let fetched = self.fetch(reason, Instant::now() + timeout).await;
-        if let Some(coordinator) = self.coordinator() {
+        if let Some(coordinator) = self.coordinator().filter(|_| !self.retired()) {
             if let Some(rotated) = self.fetcher().rotated_since(before) {
                 // A rotation (even from an otherwise unusable answer) reaches the
                 // store once it answers again.
                 coordinator.rotated_directly(rotated);
             }
         }
-        Ok(self.install(Obtained::Fetched(fetched?)))
+        self.install(Obtained::Fetched(fetched?))
     }
 
-    /// Makes what a refresh obtained the current token.
-    fn install(&self, obtained: Obtained) -> Arc<Token> {
-        match obtained {
+    /// Makes what a refresh obtained the current token, unless the cell was retired
+    /// meanwhile.
+    fn install(&self, obtained: Obtained) -> Result<Arc<Token>, Error> {
+        if self.retired() {
+            return Err(retired());
+        }
+        Ok(match obtained {
             Obtained::Fetched(fetched) => self.put(
                 fetched.bearer,
                 fetched.sent_at + fetched.lifetime,
@@ -226,6 +239,14 @@ impl TokenCell {
                 adopted.issued_at,
                 adopted.id,
             ),
-        }
+        })
     }
+}
+
+/// The error of a refresh on a retired cell.
+fn retired() -> Error {
+    Error::new(
+        ErrorKind::UnknownWorkspace,
+        "the workspace was forgotten; its token is no longer fetched",
+    )
 }

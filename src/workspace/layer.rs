@@ -50,16 +50,21 @@ impl<P, C> WorkspaceAuthLayer<P, C> {
             .map(|entry| TokenHandle::new(entry.cell.clone()))
     }
 
-    /// Drops the workspace now — for a merchant who uninstalled the app: its token is
-    /// invalidated and its credentials and token are freed as soon as no request
-    /// (or [`TokenHandle`]) uses them any more. Its next request asks the resolver
-    /// again. Returns whether the workspace was kept.
+    /// Drops the workspace now — for a merchant who uninstalled the app. Its token
+    /// cell is retired: the token is invalidated, no token call is made for it any
+    /// more (a request still waiting on it, or a [`TokenHandle`] kept on it, gets
+    /// [`ErrorKind::UnknownWorkspace`](crate::ErrorKind::UnknownWorkspace)), and a
+    /// token call under way at that moment neither installs nor stores its token. The
+    /// credentials and token are freed as soon as nothing uses them. The workspace's
+    /// next request asks the resolver again. Returns whether the workspace was kept.
     ///
     /// With a [token store](crate::store), the workspace's token, lock and rotated
     /// refresh token are also deleted from the store
     /// ([`TokenStore::forget_workspace`](crate::store::TokenStore::forget_workspace)),
-    /// kept or not, by a task spawned on the current tokio runtime; a failure is
-    /// logged.
+    /// kept or not, by a task spawned on the current tokio runtime (without one,
+    /// nothing is deleted and a warning is logged); a failure is logged. Another
+    /// replica that still keeps the workspace goes on using its own token, and may
+    /// store a new one, until it forgets the workspace too.
     pub fn forget(&self, workspace: &Workspace) -> bool {
         self.registry.forget(workspace)
     }

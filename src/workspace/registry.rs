@@ -113,10 +113,14 @@ pub(crate) enum Warm {
 /// each `Hot` in its own node, next to the name: one pointer less to follow.
 ///
 /// A removed or replaced node is freed once no reader can still hold it (epoch
-/// reclamation). Its collector retires every removed node at once rather than in
-/// batches (`batch_size(1)`), so that an evicted or forgotten workspace's token
-/// snapshot is dropped when the readers active at its removal are done, not after
-/// dozens of later removals; removals are rare (evictions, token changes).
+/// reclamation). Its collector is asked to retire removed nodes in batches of one
+/// (`batch_size(1)`) rather than dozens, so that an evicted or forgotten workspace's
+/// token snapshot is usually dropped when the readers active at its removal are done.
+/// It is not guaranteed: the collector frees a thread's batch only once the batch
+/// holds as many nodes as threads were active, so with several busy threads a
+/// removed node can wait for that thread's later removals. The forgotten
+/// workspace's token cell is retired at once either way (no use, no refresh, nothing
+/// stored); what may wait is the memory of one token per thread.
 type Front = papaya::HashMap<Workspace, Hot, foldhash::quality::RandomState>;
 
 /// What the cache keeps per workspace: the entry once resolved, and the resolution
@@ -537,7 +541,7 @@ impl Registry {
         // At once, whatever the listener's timing: no new request finds it.
         unfront(&self.front, workspace, &slot);
         if let Some(entry) = slot.entry.get() {
-            entry.cell.invalidate_current();
+            entry.cell.retire();
         }
         true
     }
