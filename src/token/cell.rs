@@ -171,6 +171,7 @@ impl TokenCell {
     /// invalidated, and from now on a refresh fails at once without a token call, a
     /// refresh under way neither installs nor stores what it obtains, and the
     /// background refresher ends.
+    #[cfg(feature = "workspaces")]
     pub(crate) fn retire(&self) {
         self.retired.store(true, Ordering::Release);
         self.invalidate_current();
