@@ -252,20 +252,33 @@ async fn with_redis_it_prints_the_fleets_token_instead_of_minting_one() {
     assert_no_secret(&output, Some(&fleet_token));
 }
 
+/// Writes `token` to the store under `prefix`, living `lifetime` seconds in all with
+/// `left` seconds to go, as a replica of the fleet would have; returns that store.
+async fn store_token(
+    redis: &RedisServer,
+    prefix: &str,
+    token: &str,
+    lifetime: u64,
+    left: u64,
+) -> RedisStore {
+    let store = RedisStore::new(&redis.url()).unwrap().key_prefix(prefix);
+    let shared = SharedToken::new(
+        1,
+        SecretString::from(token.to_owned()),
+        Duration::from_secs(lifetime),
+        Duration::from_secs(left),
+    );
+    store.save(&shared).await.unwrap();
+    store
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stored_token_due_for_refresh_is_replaced_not_printed() {
     let redis = RedisServer::start();
     let eshopbox = MockEshopbox::start().await.unwrap();
     // The fleet's token has 200 s of its hour left: inside the default refresh window
     // (5 minutes), so printing it would hand out a token about to expire.
-    let store = RedisStore::new(&redis.url()).unwrap().key_prefix("due:");
-    let due = SharedToken::new(
-        1,
-        SecretString::from("stored-but-due"),
-        Duration::from_secs(3600),
-        Duration::from_secs(200),
-    );
-    store.save(&due).await.unwrap();
+    let store = store_token(&redis, "due:", "stored-but-due", 3600, 200).await;
 
     let args = [
         "--token-url",
@@ -288,14 +301,7 @@ async fn a_stored_token_due_for_refresh_is_replaced_not_printed() {
 
     // A short-lived token is due only in the last half of its life (the margin is
     // capped there): with 4 of its 5 minutes left it is printed as it is.
-    let short = RedisStore::new(&redis.url()).unwrap().key_prefix("short:");
-    let young = SharedToken::new(
-        2,
-        SecretString::from("stored-short-lived"),
-        Duration::from_secs(300),
-        Duration::from_secs(240),
-    );
-    short.save(&young).await.unwrap();
+    store_token(&redis, "short:", "stored-short-lived", 300, 240).await;
     let short_args = [&args[..4], &["--redis-key-prefix", "short:"][..]].concat();
     let output = run(&short_args, &[]).await;
     assert!(output.status.success(), "{}", text(&output.stderr));
