@@ -64,6 +64,7 @@ use tower::{BoxError, Service};
 use crate::boxed::BoxFuture;
 use crate::classify::{Http401, UnauthorizedPolicy};
 use crate::error::Error;
+use crate::replay::ReplayPolicy;
 use crate::token::cell::TokenCell;
 use crate::token::key::CellKey;
 use crate::token::value::Token;
@@ -80,6 +81,30 @@ pub(crate) struct Unsent<S, B> {
     /// through the last service of a layer (`oneshot`) is still resent. `None` in a
     /// first attempt that waits for a token (its wait holds the cell).
     pub(crate) cell: Option<Arc<TokenCell>>,
+}
+
+impl<S: Clone, B> Unsent<S, B> {
+    /// The request to send and, when `policy` can replay its body, a copy of it (its
+    /// head as set so far) with a clone of `service` to send it and `cell` for the
+    /// resend's token: what a request keeps for one resend after a 401.
+    #[allow(clippy::type_complexity)]
+    pub(crate) fn copy_for_resend<P: ReplayPolicy<B>>(
+        policy: &P,
+        service: &S,
+        request: Request<B>,
+        cell: Option<&Arc<TokenCell>>,
+    ) -> (Request<B>, Option<Box<Self>>) {
+        let (parts, body) = request.into_parts();
+        let (body, copy) = policy.prepare(body);
+        let replay = copy.map(|copy| {
+            Box::new(Unsent {
+                service: service.clone(),
+                request: Request::from_parts(parts.clone(), copy),
+                cell: cell.cloned(),
+            })
+        });
+        (Request::from_parts(parts, body), replay)
+    }
 }
 
 /// Which attempt the future is on.
@@ -329,7 +354,7 @@ where
 }
 
 #[cold]
-fn polled_after_completion() -> BoxError {
+pub(crate) fn polled_after_completion() -> BoxError {
     "eshopbox auth: response future polled after completion".into()
 }
 

@@ -94,7 +94,8 @@ where
             request.headers_mut().insert(PROXY_HOST, workspace.clone());
         }
         let replay = if self.shape.retry_on_unauthorized {
-            let (prepared, replay) = self.copy_for_resend(request);
+            let (prepared, replay) =
+                Unsent::copy_for_resend(&self.replay, &self.inner, request, Some(self.cell()));
             request = prepared;
             replay
         } else {
@@ -159,30 +160,6 @@ where
             replay,
             self.unauthorized.clone(),
         )
-    }
-}
-
-impl<S, P, C> EshopboxAuth<S, P, C>
-where
-    S: Clone,
-{
-    /// The request to send and, when the policy can replay its body, a copy of it
-    /// with a service to send it and the token cell, for one resend after a 401.
-    #[allow(clippy::type_complexity)]
-    fn copy_for_resend<B>(&self, request: Request<B>) -> (Request<B>, Option<Box<Unsent<S, B>>>)
-    where
-        P: ReplayPolicy<B>,
-    {
-        let (parts, body) = request.into_parts();
-        let (body, copy) = self.replay.prepare(body);
-        let replay = copy.map(|copy| {
-            Box::new(Unsent {
-                service: self.inner.clone(),
-                request: Request::from_parts(parts.clone(), copy),
-                cell: Some(self.cell().clone()),
-            })
-        });
-        (Request::from_parts(parts, body), replay)
     }
 }
 

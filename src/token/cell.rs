@@ -387,6 +387,21 @@ pub(crate) fn early_by(margin: Duration, lifetime: Duration, unit: f64) -> Durat
     capped.mul_f64(1.0 - 0.1 * unit.clamp(0.0, 1.0))
 }
 
+/// A cell whose source hands out the token `t` at once, with the default margin and
+/// timeouts, for the core's unit tests.
+#[cfg(test)]
+pub(crate) fn test_cell() -> Arc<TokenCell> {
+    use crate::token::source::{source_fn, FetchedToken};
+    let source = source_fn(|| async { Ok(FetchedToken::new("t")) });
+    let timing = Timing {
+        margin: Duration::from_secs(300),
+        timeout: Duration::from_secs(30),
+        attempt_timeout: None,
+        failure_cooldown: Duration::from_secs(2),
+    };
+    TokenCell::new(Box::new(source), None, None, timing)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

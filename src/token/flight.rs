@@ -259,20 +259,11 @@ enum Joined {
 mod tests {
     use std::time::Duration;
 
-    use super::*;
-    use crate::token::cell::Timing;
-    use crate::token::source::{source_fn, FetchedToken};
+    use crate::token::cell::test_cell;
 
     #[test]
     fn a_refresh_started_on_a_runtime_that_shut_down_fails_instead_of_hanging() {
-        let source = source_fn(|| async { Ok(FetchedToken::new("t")) });
-        let timing = Timing {
-            margin: Duration::from_secs(300),
-            timeout: Duration::from_secs(30),
-            attempt_timeout: None,
-            failure_cooldown: Duration::from_secs(2),
-        };
-        let cell = TokenCell::new(Box::new(source), None, None, timing);
+        let cell = test_cell();
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()

@@ -79,22 +79,8 @@ impl CellKey {
 
 #[cfg(test)]
 mod tests {
-    use std::time::Duration;
-
     use super::*;
-    use crate::token::cell::Timing;
-    use crate::token::source::{source_fn, FetchedToken};
-
-    fn cell() -> Arc<TokenCell> {
-        let source = source_fn(|| async { Ok(FetchedToken::new("t")) });
-        let timing = Timing {
-            margin: Duration::from_secs(300),
-            timeout: Duration::from_secs(30),
-            attempt_timeout: None,
-            failure_cooldown: Duration::from_secs(2),
-        };
-        TokenCell::new(Box::new(source), None, None, timing)
-    }
+    use crate::token::cell::test_cell as cell;
 
     #[test]
     fn a_key_resolves_to_its_own_cell_while_it_lives_and_to_nothing_after() {

@@ -26,7 +26,7 @@ use super::registry::Entry;
 use crate::boxed::BoxFuture;
 use crate::classify::{Http401, UnauthorizedPolicy};
 use crate::error::Error;
-use crate::future::{ResponseFuture as AuthFuture, Unsent};
+use crate::future::{polled_after_completion, ResponseFuture as AuthFuture, Unsent};
 
 const PROXY_HOST: HeaderName = HeaderName::from_static("proxyhost");
 
@@ -190,9 +190,4 @@ where
         StateTaken::Failed { error } => error.into(),
         _ => polled_after_completion(),
     }
-}
-
-#[cold]
-fn polled_after_completion() -> BoxError {
-    "eshopbox auth: response future polled after completion".into()
 }

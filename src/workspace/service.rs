@@ -15,7 +15,6 @@ use crate::classify::{Http401, UnauthorizedPolicy};
 use crate::future::{ResponseFuture as AuthFuture, Unsent};
 use crate::layer::Shape;
 use crate::replay::{EmptyBodies, ReplayPolicy};
-use crate::token::cell::TokenCell;
 
 /// The header Eshopbox reads the workspace from.
 const PROXY_HOST: HeaderName = HeaderName::from_static("proxyhost");
@@ -123,7 +122,8 @@ where
             .headers_mut()
             .insert(PROXY_HOST, entry.proxy_host.clone());
         let replay = if retry {
-            let (prepared, replay) = self.copy_for_resend(request, Some(&entry.cell));
+            let (prepared, replay) =
+                Unsent::copy_for_resend(&self.replay, &self.inner, request, Some(&entry.cell));
             request = prepared;
             replay
         } else {
@@ -204,7 +204,11 @@ where
             .cloned()
             .unwrap_or_else(|| Workspace::new(""));
         let resolve = self.registry.resolve(workspace);
-        let (request, replay) = self.copy_for_resend(request, None);
+        let (request, replay) = if self.shape.retry_on_unauthorized {
+            Unsent::copy_for_resend(&self.replay, &self.inner, request, None)
+        } else {
+            (request, None)
+        };
         let ready = self.take_ready();
         ResponseFuture::resolving(
             resolve,
@@ -216,33 +220,6 @@ where
             replay,
             self.unauthorized.clone(),
         )
-    }
-
-    /// The request to send and, when the policy can replay its body, a copy of it
-    /// (headers as set so far) with a service to send it and the workspace's token
-    /// cell (`None` until the workspace is resolved), for one resend after a 401.
-    #[allow(clippy::type_complexity)]
-    fn copy_for_resend<B>(
-        &self,
-        request: Request<B>,
-        cell: Option<&Arc<TokenCell>>,
-    ) -> (Request<B>, Option<Box<Unsent<S, B>>>)
-    where
-        P: ReplayPolicy<B>,
-    {
-        if !self.shape.retry_on_unauthorized {
-            return (request, None);
-        }
-        let (parts, body) = request.into_parts();
-        let (body, copy) = self.replay.prepare(body);
-        let replay = copy.map(|copy| {
-            Box::new(Unsent {
-                service: self.inner.clone(),
-                request: Request::from_parts(parts.clone(), copy),
-                cell: cell.cloned(),
-            })
-        });
-        (Request::from_parts(parts, body), replay)
     }
 }
 
