@@ -8,52 +8,20 @@ mod support;
 
 use support::Noop;
 
-use std::alloc::{GlobalAlloc, Layout, System};
-use std::cell::Cell;
 use std::future::Future;
-use std::pin::pin;
-use std::task::{Context, Poll, Waker};
 
 use bytes::Bytes;
 use eshopbox_auth::{EshopboxAuthLayer, Workspace};
 use http::header::ACCEPT;
 use http::{HeaderValue, Request};
 use http_body_util::Empty;
-use tower::{BoxError, Layer, Service, ServiceExt};
+use tower::{BoxError, Layer, ServiceExt};
 
-/// Counts the allocations made by the current thread, and the bytes it holds.
-struct Counting;
-
-thread_local! {
-    static ALLOCATIONS: Cell<usize> = const { Cell::new(0) };
-    static LIVE: Cell<isize> = const { Cell::new(0) };
-}
-
-fn track(allocated: isize) {
-    let _ = LIVE.try_with(|n| n.set(n.get() + allocated));
-}
-
-// SAFETY: forwards to the system allocator; only counts.
-#[allow(unsafe_code)]
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        let _ = ALLOCATIONS.try_with(|n| n.set(n.get() + 1));
-        track(layout.size() as isize);
-        System.alloc(layout)
-    }
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        track(-(layout.size() as isize));
-        System.dealloc(ptr, layout)
-    }
-    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        let _ = ALLOCATIONS.try_with(|n| n.set(n.get() + 1));
-        track(new_size as isize - layout.size() as isize);
-        System.realloc(ptr, layout, new_size)
-    }
-}
+#[path = "support/alloc.rs"]
+mod alloc;
 
 #[global_allocator]
-static GLOBAL: Counting = Counting;
+static GLOBAL: alloc::Counting = alloc::Counting;
 
 type Req = Request<Empty<Bytes>>;
 
@@ -68,25 +36,14 @@ fn request(workspace: &Workspace) -> Req {
     req
 }
 
-/// Allocations made by building one request and sending it through `svc`, which
-/// answers at once.
+/// Allocations made by building one request for `workspace` and sending it through
+/// `svc`, which answers at once.
 fn allocations_of<S>(svc: &mut S, workspace: &Workspace) -> usize
 where
-    S: Service<Req>,
+    S: tower::Service<Req>,
     S::Error: std::fmt::Debug,
 {
-    let before = ALLOCATIONS.with(Cell::get);
-    {
-        let req = request(workspace);
-        let mut cx = Context::from_waker(Waker::noop());
-        assert!(svc.poll_ready(&mut cx).is_ready());
-        let fut = pin!(svc.call(req));
-        match fut.poll(&mut cx) {
-            Poll::Ready(res) => drop(res.unwrap()),
-            Poll::Pending => panic!("the request did not complete at once"),
-        }
-    }
-    ALLOCATIONS.with(Cell::get) - before
+    alloc::allocations_of(svc, || request(workspace))
 }
 
 /// A token endpoint on a runtime of its own thread, so that what it allocates is
@@ -203,10 +160,10 @@ fn idle_cost(retry: bool) {
     };
     // The first few open the connection and fill the cache's fixed structures.
     warm(0, 16);
-    let before = LIVE.with(Cell::get);
+    let before = alloc::live();
     const N: usize = 2000;
     warm(16, 16 + N);
-    let per_workspace = (LIVE.with(Cell::get) - before) / N as isize;
+    let per_workspace = (alloc::live() - before) / N as isize;
     eprintln!("bytes per warm idle workspace (retry {retry}): {per_workspace}");
     assert_eq!(layer.workspaces(), 16 + N as u64);
     assert!(per_workspace <= 4096, "{per_workspace} bytes per workspace");
