@@ -205,36 +205,41 @@ fn is_eshopbox_authority(authority: &str) -> bool {
     if high != u64::from_le_bytes(*b"pbox.com") {
         return false;
     }
-    // Little-endian: shifting right drops the bytes in front of the domain.
-    let labels = if low >> 8 == u64::from_le_bytes(*b".myesho\0") {
-        bytes.len() - 15
+    // Little-endian: shifting right drops the bytes in front of the domain; the byte
+    // right in front of it, the labels' last, is read from the same word.
+    let (labels, last_byte) = if low >> 8 == u64::from_le_bytes(*b".myesho\0") {
+        (bytes.len() - 15, low as u8)
     } else if low >> 24 == u64::from_le_bytes(*b".esho\0\0\0") {
-        bytes.len() - 13
+        (bytes.len() - 13, (low >> 16) as u8)
     } else {
         return false;
     };
-    bytes.first() != Some(&b'[') && bytes[labels - 1] != b'.' && !has_colon_or_at(bytes, labels)
+    // `last_byte` has its case bit set: it is `.` only if it was (a control character
+    // aside, see above).
+    last_byte != b'.' && labels_are_plain(bytes, labels)
 }
 
 /// Whether the first `len` bytes of `bytes`, an authority that ends with one of the
-/// shortcut's domains, hold a `:` or an `@`. The first eight bytes are tested as one
-/// word: `bytes` has at least 16, and any of them past `len` are the domain's letters
-/// and dots. Labels longer than eight bytes go on byte by byte.
+/// shortcut's domains, hold no `:` and no `@` and do not start with `[`. The first
+/// eight bytes are tested as one word: `bytes` has at least 16, and any of them past
+/// `len` are the domain's letters and dots. Labels longer than eight bytes go on byte
+/// by byte.
 #[inline]
-fn has_colon_or_at(bytes: &[u8], len: usize) -> bool {
+fn labels_are_plain(bytes: &[u8], len: usize) -> bool {
     const ONES: u64 = u64::from_ne_bytes([0x01; 8]);
     const HIGHS: u64 = u64::from_ne_bytes([0x80; 8]);
-    // The classic test: some high bit is set exactly when some byte of `word` is 0.
-    let has_zero_byte = |word: u64| word.wrapping_sub(ONES) & !word & HIGHS != 0;
     let Some(first) = bytes.first_chunk::<8>() else {
-        return true;
+        return false;
     };
-    let word = u64::from_ne_bytes(*first);
-    has_zero_byte(word ^ u64::from_ne_bytes([b':'; 8]))
-        || has_zero_byte(word ^ u64::from_ne_bytes([b'@'; 8]))
-        || bytes
-            .get(8..len)
-            .is_some_and(|rest| rest.iter().any(|&byte| byte == b':' || byte == b'@'))
+    let word = u64::from_le_bytes(*first);
+    let colon = word ^ u64::from_ne_bytes([b':'; 8]);
+    let at = word ^ u64::from_ne_bytes([b'@'; 8]);
+    // The classic test, for both at once: some high bit is set exactly when some
+    // byte of `colon` or of `at` is 0.
+    let found = (colon.wrapping_sub(ONES) & !colon) | (at.wrapping_sub(ONES) & !at);
+    found & HIGHS == 0
+        && word as u8 != b'['
+        && (len <= 8 || !bytes[8..len].iter().any(|&b| b == b':' || b == b'@'))
 }
 
 /// Whether `host` is a strict subdomain of `domain`: it ends with `.` + `domain`
@@ -411,6 +416,7 @@ mod tests {
             ("a@b.myeshopbox.com", false, true),
             ("acme.myeshopbox.com.", false, true),
             ("a..myeshopbox.com", false, true),
+            ("ab..eshopbox.com", false, true),
             // Foreign hosts.
             ("xmyeshopbox.com", false, false),
             ("amyeshopbox.com", false, false),
