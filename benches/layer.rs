@@ -8,9 +8,10 @@
 //! 5. `EshopboxAuth`, 401 retry on (keeps a copy of each GET for a resend).
 //!
 //! Single-threaded, then 2 OS threads hammering one shared layer, then 4 and 8 tasks
-//! on a 2-worker multi-thread runtime (each task cloning the one service). `INTERLEAVED=1` and `INSTRUCTIONS=<variant>`
-//! select the interleaved-ratio and instruction-count modes (see `main` and the
-//! benches/README.md).
+//! on a 2-worker multi-thread runtime (each task cloning the one service).
+//! `INTERLEAVED=1` (with `PROCESSES=<n>` fresh processes for the single-threaded
+//! rounds) and `INSTRUCTIONS=<variant>` select the interleaved-ratio and
+//! instruction-count modes (see `main` and the benches/README.md).
 
 #[path = "../tests/support/mod.rs"]
 mod support;
