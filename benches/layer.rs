@@ -8,9 +8,10 @@
 //! 5. `EshopboxAuth`, 401 retry on (keeps a copy of each GET for a resend).
 //!
 //! Single-threaded, then 2 OS threads hammering one shared layer, then 4 and 8 tasks
-//! on a 2-worker multi-thread runtime (each task cloning the one service). `INTERLEAVED=1` and `INSTRUCTIONS=<variant>`
-//! select the interleaved-ratio and instruction-count modes (see `main` and the
-//! benches/README.md).
+//! on a 2-worker multi-thread runtime (each task cloning the one service).
+//! `INTERLEAVED=1` (with `PROCESSES=<n>` fresh processes for the single-threaded
+//! rounds) and `INSTRUCTIONS=<variant>` select the interleaved-ratio and
+//! instruction-count modes (see `main` and the benches/README.md).
 
 #[path = "../tests/support/mod.rs"]
 mod support;
@@ -241,9 +242,15 @@ fn main() {
 /// `INTERLEAVED=1`: wall-clock ratios that survive a noisy machine. Criterion times
 /// one variant after another, so a slow spell of the machine lands on one variant;
 /// here every round times a batch of each variant back to back and the ratios are
-/// taken within a round. Single-threaded, then two threads sharing each variant's
-/// layer. Prints the median time per request of each variant and the median of the
-/// per-round ratios.
+/// taken within a round. Prints the median time per request of each variant and the
+/// median of the per-round ratios.
+///
+/// Single-threaded times depend on the process's memory layout (where the shared
+/// libraries and the stack land, random per process; see benches/README.md), by up
+/// to ±10 % per variant and in different directions. So the single-threaded rounds
+/// run in `PROCESSES` (default 16) fresh processes of this binary, each at four stack
+/// offsets, and the summary is taken over processes. Two threads sharing each
+/// variant's layer, and 8 tasks on a 2-worker runtime, run in this process.
 fn interleaved() {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -251,24 +258,80 @@ fn interleaved() {
         .unwrap();
     let uri = Uri::from_static("https://acme.myeshopbox.com/api/v2/inventoryListing");
     let variants = variants(&rt);
-    // Where a process's stack starts is random, and the 16-byte offset within a
-    // cache line at which the request and the futures are built moves every variant's
-    // time by up to ±10 %, in a different direction per variant: each round runs at
-    // all four offsets, and the ratios are taken within a round and an offset.
-    let by_offset = single_thread(&variants, 100, 2_000, &uri);
-    for (pad, times) in by_offset.iter().enumerate() {
-        println!("single thread, stack moved by {} bytes", 16 * pad);
-        report(&variants, times.clone());
+    if std::env::var_os("INTERLEAVED_CHILD").is_some() {
+        // The single-threaded rounds of one process, over all four offsets: one line
+        // of per-variant medians (ns), then the three ratios.
+        let by_offset = single_thread(&variants, 100, 2_000, &uri);
+        let all = (0..variants.len())
+            .map(|v| by_offset.iter().flat_map(|t| t[v].clone()).collect())
+            .collect();
+        let (medians, ratios) = summary(all);
+        let line: Vec<String> = medians.iter().chain(&ratios).map(f64::to_string).collect();
+        println!("process {}", line.join(" "));
+        return;
     }
-    println!("single thread, all four offsets");
-    let all = (0..variants.len())
-        .map(|v| by_offset.iter().flat_map(|t| t[v].clone()).collect())
-        .collect();
-    report(&variants, all);
+    single_thread_processes(&variants);
     println!("two threads, one layer");
     report(&variants, rounds(&variants, 100, 20_000, 2, &uri));
     println!("8 tasks on 2 worker threads, each cloning one service");
     report(&variants, contended(&variants, 100, 40_000, &uri));
+}
+
+/// Runs the single-threaded rounds in `PROCESSES` fresh processes of this binary and
+/// prints each process's medians, then the median and range over processes.
+fn single_thread_processes(variants: &[Variant]) {
+    let processes: usize = std::env::var("PROCESSES")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(16);
+    let exe = std::env::current_exe().expect("the bench binary's path");
+    let mut rows: Vec<Vec<f64>> = Vec::with_capacity(processes);
+    println!(
+        "single thread, {processes} processes (ns per request, median over rounds and offsets)"
+    );
+    for process in 1..=processes {
+        let output = std::process::Command::new(&exe)
+            .env("INTERLEAVED_CHILD", "1")
+            .output()
+            .expect("run the bench binary again");
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        let row: Vec<f64> = stdout
+            .lines()
+            .find_map(|line| line.strip_prefix("process "))
+            .unwrap_or_else(|| panic!("process {process} printed no result: {stdout}"))
+            .split(' ')
+            .map(|x| x.parse().unwrap())
+            .collect();
+        let (times, ratios) = row.split_at(variants.len());
+        let times: Vec<String> = times.iter().map(|t| format!("{t:6.1}")).collect();
+        println!(
+            "  process {process:2}: {}   (4)/(2) {:.3}  (5)/(2) {:.3}  (4)/(3) {:.3}",
+            times.join(" "),
+            ratios[0],
+            ratios[1],
+            ratios[2]
+        );
+        rows.push(row);
+    }
+    println!("single thread, over {processes} processes: median (min – max)");
+    let column = |i: usize| -> Vec<f64> { rows.iter().map(|row| row[i]).collect() };
+    for (i, v) in variants.iter().enumerate() {
+        let (median, min, max) = spread(column(i));
+        println!(
+            "{:28} {median:7.1} ns/request ({min:.1} – {max:.1})",
+            v.name()
+        );
+    }
+    for (i, name) in ["(4)/(2)", "(5)/(2)", "(4)/(3)"].iter().enumerate() {
+        let (median, min, max) = spread(column(variants.len() + i));
+        println!("{name} = {median:.3} ({min:.3} – {max:.3})");
+    }
+}
+
+/// Median, minimum and maximum.
+fn spread(mut xs: Vec<f64>) -> (f64, f64, f64) {
+    xs.sort_by(f64::total_cmp);
+    (xs[xs.len() / 2], xs[0], xs[xs.len() - 1])
 }
 
 /// Like [`rounds`], with each batch split over 8 tasks on a 2-worker multi-thread
@@ -383,23 +446,24 @@ fn rounds(
     times
 }
 
-fn report(variants: &[Variant], times: Vec<Vec<f64>>) {
-    let median = |mut xs: Vec<f64>| {
-        xs.sort_by(f64::total_cmp);
-        xs[xs.len() / 2]
-    };
-    for (v, t) in variants.iter().zip(&times) {
-        println!(
-            "{:28} median {:7.1} ns/request",
-            v.name(),
-            median(t.clone())
-        );
-    }
+/// Per variant, the median time per request; then the medians of the per-round
+/// ratios (4)/(2), (5)/(2) and (4)/(3).
+fn summary(times: Vec<Vec<f64>>) -> (Vec<f64>, Vec<f64>) {
+    let median = |xs: Vec<f64>| spread(xs).0;
+    let medians = times.iter().map(|t| median(t.clone())).collect();
     let ratio =
         |a: usize, b: usize| median(times[a].iter().zip(&times[b]).map(|(x, y)| x / y).collect());
-    println!("(4)/(2) = {:.3}", ratio(3, 1));
-    println!("(5)/(2) = {:.3}", ratio(4, 1));
-    println!("(4)/(3) = {:.3}", ratio(3, 2));
+    (medians, vec![ratio(3, 1), ratio(4, 1), ratio(3, 2)])
+}
+
+fn report(variants: &[Variant], times: Vec<Vec<f64>>) {
+    let (medians, ratios) = summary(times);
+    for (v, median) in variants.iter().zip(medians) {
+        println!("{:28} median {median:7.1} ns/request", v.name());
+    }
+    println!("(4)/(2) = {:.3}", ratios[0]);
+    println!("(5)/(2) = {:.3}", ratios[1]);
+    println!("(4)/(3) = {:.3}", ratios[2]);
 }
 
 fn count(name: &str) {

@@ -176,14 +176,17 @@ impl HostPattern {
 /// The request path's shortcut for the common case: whether `authority` (user info,
 /// host and port, as `http::Uri` holds it) is `<labels>.myeshopbox.com` or
 /// `<labels>.eshopbox.com` (ASCII case-insensitively), where `<labels>` is not empty,
-/// does not end with an empty label, and holds no `:`, `@` or bracket. Then there is
-/// no user info and no port, the host is no IP literal, and it is a subdomain of one
-/// of those domains. Anything else (the bare domains, user info, a port, a trailing
-/// dot, another host) goes the general way, which reads the host `http::Uri` finds.
+/// does not start with `[`, does not end with an empty label, and holds no `:` or `@`.
+/// Then there is no user info and no port, the host is no IP literal, and it is a
+/// subdomain of one of those domains. Anything else (the bare domains, user info, a
+/// port, a trailing dot, another host) goes the general way, which reads the host
+/// `http::Uri` finds.
 ///
 /// The `:` matters: `http::Uri` accepts `evil.com:.eshopbox.com` as host `evil.com`
 /// with a port that does not parse (a connector then uses the scheme's port), and
-/// `[2001:db8::1].eshopbox.com` as the IP literal before the dot.
+/// `[2001:db8::1].eshopbox.com` as the IP literal before the dot. A bracket anywhere
+/// but at the start stays in the host (`http::Uri` takes an IP literal only from the
+/// start of the host), and the general rule would trust that host too.
 ///
 /// The last 16 bytes are compared as two words, letters by setting their case bit: a
 /// byte that becomes `.` that way would be a control character, which `http::Uri`
@@ -202,19 +205,41 @@ fn is_eshopbox_authority(authority: &str) -> bool {
     if high != u64::from_le_bytes(*b"pbox.com") {
         return false;
     }
-    // Little-endian: shifting right drops the bytes in front of the domain.
-    let labels = if low >> 8 == u64::from_le_bytes(*b".myesho\0") {
-        bytes.len() - 15
+    // Little-endian: shifting right drops the bytes in front of the domain; the byte
+    // right in front of it, the labels' last, is read from the same word.
+    let (labels, last_byte) = if low >> 8 == u64::from_le_bytes(*b".myesho\0") {
+        (bytes.len() - 15, low as u8)
     } else if low >> 24 == u64::from_le_bytes(*b".esho\0\0\0") {
-        bytes.len() - 13
+        (bytes.len() - 13, (low >> 16) as u8)
     } else {
         return false;
     };
-    let labels = &bytes[..labels];
-    labels.last() != Some(&b'.')
-        && !labels
-            .iter()
-            .any(|byte| matches!(byte, b':' | b'@' | b'[' | b']'))
+    // `last_byte` has its case bit set: it is `.` only if it was (a control character
+    // aside, see above).
+    last_byte != b'.' && labels_are_plain(bytes, labels)
+}
+
+/// Whether the first `len` bytes of `bytes`, an authority that ends with one of the
+/// shortcut's domains, hold no `:` and no `@` and do not start with `[`. The first
+/// eight bytes are tested as one word: `bytes` has at least 16, and any of them past
+/// `len` are the domain's letters and dots. Labels longer than eight bytes go on byte
+/// by byte.
+#[inline]
+fn labels_are_plain(bytes: &[u8], len: usize) -> bool {
+    const ONES: u64 = u64::from_ne_bytes([0x01; 8]);
+    const HIGHS: u64 = u64::from_ne_bytes([0x80; 8]);
+    let Some(first) = bytes.first_chunk::<8>() else {
+        return false;
+    };
+    let word = u64::from_le_bytes(*first);
+    let colon = word ^ u64::from_ne_bytes([b':'; 8]);
+    let at = word ^ u64::from_ne_bytes([b'@'; 8]);
+    // The classic test, for both at once: some high bit is set exactly when some
+    // byte of `colon` or of `at` is 0.
+    let found = (colon.wrapping_sub(ONES) & !colon) | (at.wrapping_sub(ONES) & !at);
+    found & HIGHS == 0
+        && word as u8 != b'['
+        && (len <= 8 || !bytes[8..len].iter().any(|&b| b == b':' || b == b'@'))
 }
 
 /// Whether `host` is a strict subdomain of `domain`: it ends with `.` + `domain`
@@ -373,6 +398,10 @@ mod tests {
             ("x.myeshopbox.com", true, true),
             ("abc.eshopbox.com", true, true),
             ("a.b.myeshopbox.com", true, true),
+            ("averylongworkspacename.myeshopbox.com", true, true),
+            // A bracket after the start stays in the host, which the general rule
+            // trusts too (a connector cannot resolve it).
+            ("a[b].myeshopbox.com", true, true),
             // Trusted, but left to the general way: shorter than the shortcut's 16
             // bytes, user info, a port, a trailing dot, an empty label.
             ("eshopbox.com", false, true),
@@ -383,8 +412,11 @@ mod tests {
             ("my@eshopbox.com", false, true),
             ("user:pass@acme.myeshopbox.com", false, true),
             ("acme.myeshopbox.com:443", false, true),
+            ("user.name.here@acme.myeshopbox.com", false, true),
+            ("a@b.myeshopbox.com", false, true),
             ("acme.myeshopbox.com.", false, true),
             ("a..myeshopbox.com", false, true),
+            ("ab..eshopbox.com", false, true),
             // Foreign hosts.
             ("xmyeshopbox.com", false, false),
             ("amyeshopbox.com", false, false),
@@ -397,6 +429,11 @@ mod tests {
             ("evil.com:.eshopbox.com", false, false),
             ("evil.com:443.myeshopbox.com", false, false),
             ("[2001:db8::1].eshopbox.com", false, false),
+            ("evil.example.net:x.myeshopbox.com", false, false),
+            ("evil.example:x.myeshopbox.com", false, false),
+            ("ev:x.myeshopbox.com", false, false),
+            // A bracketed literal without a colon (`http::Uri` takes it as the host).
+            ("[v1.acme].eshopbox.com", false, false),
         ] {
             assert_eq!(is_eshopbox_authority(authority), shortcut, "{authority}");
             let uri: Uri = format!("https://{authority}/").parse().unwrap();
@@ -427,7 +464,7 @@ mod tests {
                         Just("eshopbox.com"), Just("myeshopbox.com"), Just("my"),
                         Just("evil.com"), Just("acme"), Just("."), Just(":"),
                         Just("@"), Just("["), Just("]"), Just("::1"), Just("443"),
-                        Just("%3a"), Just("-"),
+                        Just("%3a"), Just("-"), Just("workspacename"),
                     ],
                     1..8,
                 ),
