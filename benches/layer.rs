@@ -68,6 +68,23 @@ fn request(uri: &Uri) -> Req {
     req
 }
 
+/// The URI every variant sends to: a workspace API on an Eshopbox host, or with
+/// `PATH_ONLY=1` the same path without scheme and host (as a tonic `Channel`'s
+/// requests are), which the destination check passes at once. The difference
+/// between the two, per variant, is what the check costs.
+fn bench_uri() -> Uri {
+    if path_only() {
+        Uri::from_static("/api/v2/inventoryListing")
+    } else {
+        Uri::from_static("https://acme.myeshopbox.com/api/v2/inventoryListing")
+    }
+}
+
+/// Whether `PATH_ONLY=1` is set.
+fn path_only() -> bool {
+    std::env::var("PATH_ONLY").is_ok_and(|value| value == "1")
+}
+
 /// poll_ready, call, and poll the response future once (every variant answers at once).
 fn one<S>(svc: &mut S, uri: &Uri)
 where
@@ -154,17 +171,25 @@ fn bench(c: &mut Criterion) {
         .enable_all()
         .build()
         .unwrap();
-    let uri = Uri::from_static("https://acme.myeshopbox.com/api/v2/inventoryListing");
+    let uri = bench_uri();
     let variants = variants(&rt);
+    // Path-only runs keep their own criterion baselines.
+    let group_name = |name: &str| {
+        if path_only() {
+            format!("{name}_path_only")
+        } else {
+            name.to_owned()
+        }
+    };
 
-    let mut group = c.benchmark_group("single_thread");
+    let mut group = c.benchmark_group(group_name("single_thread"));
     for v in &variants {
         let mut svc = v.clone();
         group.bench_function(v.name(), |b| b.iter(|| svc.run(&uri)));
     }
     group.finish();
 
-    let mut group = c.benchmark_group("two_threads_shared");
+    let mut group = c.benchmark_group(group_name("two_threads_shared"));
     for v in &variants {
         group.bench_function(v.name(), |b| {
             b.iter_custom(|iters| {
@@ -187,7 +212,7 @@ fn bench(c: &mut Criterion) {
     }
     group.finish();
 
-    let mut group = c.benchmark_group("tasks_on_2_workers");
+    let mut group = c.benchmark_group(group_name("tasks_on_2_workers"));
     for tasks in [4u32, 8] {
         for v in &variants {
             group.bench_with_input(BenchmarkId::new(v.name(), tasks), &tasks, |b, &tasks| {
@@ -256,7 +281,7 @@ fn interleaved() {
         .enable_all()
         .build()
         .unwrap();
-    let uri = Uri::from_static("https://acme.myeshopbox.com/api/v2/inventoryListing");
+    let uri = bench_uri();
     let variants = variants(&rt);
     if std::env::var_os("INTERLEAVED_CHILD").is_some() {
         // The single-threaded rounds of one process, over all four offsets: one line
@@ -280,20 +305,30 @@ fn interleaved() {
 /// Runs the single-threaded rounds in `PROCESSES` fresh processes of this binary and
 /// prints each process's medians, then the median and range over processes.
 fn single_thread_processes(variants: &[Variant]) {
-    let processes: usize = std::env::var("PROCESSES")
-        .ok()
-        .and_then(|n| n.parse().ok())
-        .unwrap_or(16);
+    let processes: usize = match std::env::var("PROCESSES") {
+        Err(_) => 16,
+        Ok(n) => match n.parse() {
+            Ok(n) if n > 0 => n,
+            _ => panic!("PROCESSES={n:?}: expected a number of processes, at least 1"),
+        },
+    };
     let exe = std::env::current_exe().expect("the bench binary's path");
     let mut rows: Vec<Vec<f64>> = Vec::with_capacity(processes);
     println!(
         "single thread, {processes} processes (ns per request, median over rounds and offsets)"
     );
     for process in 1..=processes {
+        // The child's errors go straight to this terminal.
         let output = std::process::Command::new(&exe)
             .env("INTERLEAVED_CHILD", "1")
+            .stderr(std::process::Stdio::inherit())
             .output()
             .expect("run the bench binary again");
+        assert!(
+            output.status.success(),
+            "process {process} failed: {}",
+            output.status
+        );
         let stdout = String::from_utf8_lossy(&output.stdout);
         let row: Vec<f64> = stdout
             .lines()
@@ -471,7 +506,7 @@ fn count(name: &str) {
         .enable_all()
         .build()
         .unwrap();
-    let uri = Uri::from_static("https://acme.myeshopbox.com/api/v2/inventoryListing");
+    let uri = bench_uri();
     let mut svc = variants(&rt)
         .into_iter()
         .find(|v| v.name() == name)
