@@ -1239,6 +1239,28 @@ async fn retry_after_is_honoured_between_attempts() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_retry_after_of_zero_still_waits_the_backoff() {
+    // `Retry-After: 0` (or a date already past) on every answer: the attempts are
+    // still spaced by the back-off, not made in a tight loop.
+    let script = Script::new(DAY);
+    for _ in 0..40 {
+        script.fail_next(down().with_retry_after(Some(Duration::ZERO)));
+    }
+    let mut svc = script.layer().layer(Api::new().service());
+    let start = Instant::now();
+    let err = send(&mut svc, get()).await.unwrap_err();
+    assert_eq!(error_kind(&err), ErrorKind::Unavailable);
+    assert!(
+        start.elapsed() > Duration::from_secs(25),
+        "{:?}",
+        start.elapsed()
+    );
+    assert_backoff_gaps(&script.gaps());
+    // At most 16 attempts fit in the 30 s budget with the back-off (README).
+    assert!(script.calls() <= 16, "{} token calls", script.calls());
+}
+
+#[tokio::test(start_paused = true)]
 async fn retry_after_beyond_the_budget_fails_now_and_is_remembered() {
     let script = Script::new(DAY);
     let api = Api::new();

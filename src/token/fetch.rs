@@ -91,7 +91,7 @@ impl Fetcher {
 
     /// Token requests until one succeeds, all before `deadline`: transient failures
     /// are retried with jittered exponential back-off (or the endpoint's
-    /// `Retry-After`) as long as the next attempt would start before the deadline —
+    /// `Retry-After`, if longer) as long as the next attempt would start before the deadline —
     /// at most [`EARLY_ATTEMPTS`] when `early`. Each attempt is abandoned after its
     /// own bound ([`Fetcher::attempt_bound`]).
     pub(crate) async fn fetch(
@@ -143,10 +143,13 @@ impl Fetcher {
             };
             counters.failure(error.kind());
             let more = error.is_transient() && !(early && attempt >= EARLY_ATTEMPTS);
+            // A `Retry-After` waits at least the back-off: `0` or a date in the past
+            // must not turn the retries into a tight loop.
             let retry_in = more.then(|| {
+                let backoff = backoff(attempt, fastrand::f64());
                 error
                     .retry_after()
-                    .unwrap_or_else(|| backoff(attempt, fastrand::f64()))
+                    .map_or(backoff, |after| after.max(backoff))
             });
             match retry_in {
                 Some(wait) if Instant::now() + wait < deadline => {
