@@ -709,6 +709,13 @@ fn bad_map_bounds_are_refused() {
         .build()
         .unwrap_err();
     assert!(err.to_string().contains("idle_timeout"));
+    // "Never" as `Duration::MAX` used to panic inside the cache's builder.
+    let err = directory
+        .layer()
+        .idle_timeout(Duration::MAX)
+        .build()
+        .unwrap_err();
+    assert!(err.to_string().contains("at most a year"), "{err}");
     let err = directory
         .layer()
         .token_url("http://example.com/t")
