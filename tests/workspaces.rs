@@ -25,7 +25,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use tower::{service_fn, BoxError, Layer, Service, ServiceExt};
 
-use support::{within, Reply, TokenServer};
+use support::{full_report, within, Reply, TokenServer};
 
 type Req = Request<Empty<Bytes>>;
 
@@ -333,6 +333,56 @@ async fn a_failed_lookup_is_unavailable_with_its_source_and_not_remembered() {
     assert!(response.body().ends_with("|acme"));
     assert_eq!(directory.calls("acme"), 2);
     assert_eq!(eshopbox.workspace_token_calls("acme"), 1);
+}
+
+#[tokio::test]
+async fn a_lookup_that_hangs_fails_at_the_token_timeout_and_is_not_remembered() {
+    let eshopbox = MockEshopbox::start().await.unwrap();
+    let hangs = Arc::new(AtomicUsize::new(1));
+    let lookups = Arc::new(AtomicUsize::new(0));
+    let credentials = eshopbox.add_workspace("acme");
+    let resolver = {
+        let (hangs, lookups) = (hangs.clone(), lookups.clone());
+        move |_: Workspace| -> Lookup {
+            lookups.fetch_add(1, Ordering::SeqCst);
+            let hang = hangs
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                .is_ok();
+            let credentials = credentials.clone();
+            Box::pin(async move {
+                if hang {
+                    std::future::pending::<()>().await;
+                }
+                Ok(Some(credentials))
+            })
+        }
+    };
+    let layer = EshopboxAuthLayer::per_workspace(resolver)
+        .token_url(&eshopbox.token_url())
+        .token_timeout(Duration::from_secs(1))
+        .build()
+        .unwrap();
+    let service = layer.layer(echo(Arc::default()));
+    let url = "https://api.myeshopbox.com/api/v1/orders";
+    let start = tokio::time::Instant::now();
+    let err = within(service.clone().oneshot(request_for(url, "acme")))
+        .await
+        .unwrap_err();
+    assert_eq!(kind(&err), Some(ErrorKind::Unavailable));
+    assert!(
+        full_report(&err).contains("token timeout of 1s"),
+        "{}",
+        full_report(&err)
+    );
+    assert!(start.elapsed() >= Duration::from_secs(1));
+    // The next request asks the (now healthy) resolver again.
+    let response = service
+        .clone()
+        .oneshot(request_for(url, "acme"))
+        .await
+        .unwrap();
+    assert!(response.body().ends_with("|acme"));
+    assert_eq!(lookups.load(Ordering::SeqCst), 2);
 }
 
 #[tokio::test]

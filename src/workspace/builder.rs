@@ -37,7 +37,9 @@ impl EshopboxAuthLayer {
     /// known workspace, `Ok(None)` for an unknown one (the request fails with
     /// [`UnknownWorkspace`](crate::ErrorKind::UnknownWorkspace)), `Err` when the lookup
     /// failed (the request fails with [`Unavailable`](crate::ErrorKind::Unavailable),
-    /// the error as its source; the next request asks again).
+    /// the error as its source; the next request asks again). A lookup that takes
+    /// longer than [`token_timeout`](crate::EshopboxAuthBuilder::token_timeout) fails
+    /// the same way.
     pub fn per_workspace<R, Fut>(resolver: R) -> WorkspaceAuthBuilder
     where
         R: Fn(Workspace) -> Fut + Send + Sync + 'static,

@@ -454,7 +454,15 @@ impl Registry {
         workspace: &Workspace,
         proxy_host: HeaderValue,
     ) -> Result<Arc<Entry>, Error> {
-        let credentials = match (self.resolve)(workspace.clone()).await {
+        // Bounded like a refresh: a resolver that hangs fails this lookup (not
+        // remembered) instead of holding every request for the workspace.
+        let timeout = self.cells.timing.timeout;
+        let answer = tokio::time::timeout(timeout, (self.resolve)(workspace.clone()))
+            .await
+            .unwrap_or_else(|_| {
+                Err(format!("no answer within the token timeout of {timeout:?}").into())
+            });
+        let credentials = match answer {
             Ok(Some(credentials)) => credentials,
             Ok(None) => {
                 count(&self.counters.unknown, names::UNKNOWN);
