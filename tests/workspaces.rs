@@ -1262,3 +1262,64 @@ async fn a_token_call_under_way_when_its_workspace_is_forgotten_leaves_nothing_b
     assert_eq!(err.kind(), ErrorKind::UnknownWorkspace);
     assert_eq!(eshopbox.workspace_token_calls("acme"), 1);
 }
+
+/// A workspace forgotten while its credentials are being looked up: the lookup's
+/// requests fail as for an unknown workspace, no token call is made, and nothing is
+/// written to the store.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_workspace_forgotten_during_its_lookup_gets_no_token() {
+    use eshopbox_auth::store::{InProcessStore, TokenStore};
+
+    let eshopbox = MockEshopbox::start().await.unwrap();
+    let credentials = eshopbox.add_workspace("acme");
+    let asked = Arc::new(tokio::sync::Notify::new());
+    let answer = Arc::new(tokio::sync::Semaphore::new(0));
+    let resolver = {
+        let (asked, answer) = (asked.clone(), answer.clone());
+        move |_: Workspace| -> Lookup {
+            let (asked, answer, credentials) = (asked.clone(), answer.clone(), credentials.clone());
+            Box::pin(async move {
+                asked.notify_one();
+                answer.acquire().await.unwrap().forget();
+                Ok(Some(credentials))
+            })
+        }
+    };
+    let store = InProcessStore::new();
+    let layer = EshopboxAuthLayer::per_workspace(resolver)
+        .token_url(&eshopbox.token_url())
+        .token_store(store.clone())
+        .build()
+        .unwrap();
+    let service = layer.layer(echo(Arc::default()));
+    let request = tokio::spawn(
+        service
+            .clone()
+            .oneshot(request_for("https://api.myeshopbox.com/x", "acme")),
+    );
+    within(asked.notified()).await;
+    assert!(layer.forget(&Workspace::new("acme")));
+    answer.add_permits(1);
+
+    let err = within(request).await.unwrap().unwrap_err();
+    assert_eq!(kind(&err), Some(ErrorKind::UnknownWorkspace), "{err}");
+    assert!(
+        full_report(&err).contains("forgotten"),
+        "{}",
+        full_report(&err)
+    );
+    assert_eq!(eshopbox.workspace_token_calls("acme"), 0);
+    let part = store.for_workspace("acme").unwrap();
+    assert!(part.load().await.unwrap().is_none());
+    // The next request looks the workspace up again and is served.
+    answer.add_permits(1);
+    let response = within(
+        service
+            .clone()
+            .oneshot(request_for("https://api.myeshopbox.com/x", "acme")),
+    )
+    .await
+    .unwrap();
+    assert!(response.body().ends_with("|acme"));
+    assert_eq!(eshopbox.workspace_token_calls("acme"), 1);
+}
