@@ -234,8 +234,11 @@ impl<P, C> EshopboxAuthBuilder<P, C> {
     /// remembered while no valid token exists, so a burst of requests makes one POST
     /// rather than one each (default 2 s). Each time, the actual period is drawn at
     /// random between half and two and a half times this: 1 to 5 s by default.
-    /// Zero turns it off; more than an hour makes `build()` fail with
-    /// [`ErrorKind::Config`](crate::ErrorKind::Config).
+    /// It is also the shortest time between two refreshes that follow an
+    /// invalidation (a 401, or [`TokenHandle::invalidate`](crate::TokenHandle::invalidate)):
+    /// an API that answers 401 to every request then costs one token call per
+    /// cooldown rather than one per request. Zero turns both off; more than an hour
+    /// makes `build()` fail with [`ErrorKind::Config`](crate::ErrorKind::Config).
     pub fn failure_cooldown(mut self, cooldown: Duration) -> Self {
         self.settings.failure_cooldown = cooldown;
         self

@@ -744,6 +744,34 @@ async fn second_401_is_returned_and_does_not_drop_the_new_token() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn an_api_refusing_every_token_costs_one_token_call_per_cooldown() {
+    // A missing permission, say: every request is answered 401, whatever its token.
+    let script = Script::new(DAY);
+    let inner = service_fn(|_: Request<Empty<Bytes>>| async {
+        let mut res = Response::new(());
+        *res.status_mut() = StatusCode::UNAUTHORIZED;
+        Ok::<_, Infallible>(res)
+    });
+    let layer = script.layer();
+    let mut svc = layer.layer(inner);
+    for _ in 0..10 {
+        let res = send(&mut svc, get()).await.unwrap();
+        assert_eq!(res.status(), StatusCode::UNAUTHORIZED);
+    }
+    // The first request's refresh came at once; every later one waited out the 2 s
+    // cooldown since the one before.
+    assert_eq!(script.calls(), 11);
+    let gaps = script.gaps();
+    assert_eq!(gaps[0], Duration::ZERO);
+    for gap in &gaps[1..] {
+        assert_eq!(*gap, Duration::from_secs(2), "{gaps:?}");
+    }
+    // Each request was resent once; the resend's 401 kept its new token.
+    assert_eq!(layer.handle().stats().resends, 10);
+    assert_eq!(layer.handle().stats().invalidations, 10);
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_closure_policy_decides_which_bodies_are_replayed() {
     let script = Script::new(DAY);
     let api = Api::new();

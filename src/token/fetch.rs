@@ -66,6 +66,10 @@ pub(crate) struct Fetcher {
     /// After a refresh that ran out of time on transient failures: when the next
     /// token call may be made, and the attempt whose back-off comes after it.
     resume: Mutex<Option<(Instant, u32)>>,
+    /// Shortest time between two refreshes that follow an invalidation (the failure
+    /// cooldown), and when the last one made its first token call.
+    spacing: Duration,
+    last_after_invalidation: Mutex<Option<Instant>>,
 }
 
 impl Fetcher {
@@ -74,6 +78,7 @@ impl Fetcher {
         on_rotated: Option<RotationHook>,
         timeout: Duration,
         attempt_timeout: Option<Duration>,
+        spacing: Duration,
     ) -> Self {
         Fetcher {
             source,
@@ -81,6 +86,8 @@ impl Fetcher {
             timeout,
             attempt_timeout,
             resume: Mutex::new(None),
+            spacing,
+            last_after_invalidation: Mutex::new(None),
         }
     }
 
@@ -101,6 +108,9 @@ impl Fetcher {
         deadline: Instant,
         early: bool,
     ) -> Result<Fetched, Error> {
+        if reason == Reason::Invalidated {
+            self.space_out(deadline).await?;
+        }
         let mut attempt = 1;
         let resume = self
             .resume
@@ -171,6 +181,38 @@ impl Fetcher {
                 }
             }
         }
+    }
+
+    /// A refresh after an invalidation (a 401) waits until the spacing has passed
+    /// since the last such refresh began. An API that answers 401 for a reason a new
+    /// token does not cure (a missing permission, say) would otherwise cost a token
+    /// call per request, and the endpoint rate-limits them; a revoked token is still
+    /// replaced, at most one spacing later.
+    async fn space_out(&self, deadline: Instant) -> Result<(), Error> {
+        let last = *self
+            .last_after_invalidation
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if let Some(next) = last.map(|at| at + self.spacing) {
+            if next >= deadline {
+                return Err(Error::unavailable(
+                    "tokens were refused (401) again and again; the next refresh would \
+                     start past the token timeout",
+                ));
+            }
+            if Instant::now() < next {
+                tracing::debug!(
+                    wait = ?next.saturating_duration_since(Instant::now()),
+                    "the last token was refused moments after the one before; spacing the refresh"
+                );
+                tokio::time::sleep_until(next).await;
+            }
+        }
+        *self
+            .last_after_invalidation
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = Some(Instant::now());
+        Ok(())
     }
 
     /// When an attempt started at `now` is abandoned: after the configured attempt
