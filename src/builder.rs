@@ -30,6 +30,9 @@ pub const DEFAULT_TOKEN_URL: &str = "https://auth.myeshopbox.com/api/v1/generate
 /// Default [`refresh_margin`](EshopboxAuthBuilder::refresh_margin): 5 minutes.
 pub const DEFAULT_REFRESH_MARGIN: Duration = Duration::from_secs(5 * 60);
 
+/// The longest [`token_timeout`](EshopboxAuthBuilder::token_timeout) accepted: a day,
+/// the life of an Eshopbox token.
+const MAX_TOKEN_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
 /// The longest [`failure_cooldown`](EshopboxAuthBuilder::failure_cooldown) accepted.
 const MAX_FAILURE_COOLDOWN: Duration = Duration::from_secs(3600);
 
@@ -152,7 +155,9 @@ impl<P, C> EshopboxAuthBuilder<P, C> {
     /// [`Unavailable`](crate::ErrorKind::Unavailable). With a
     /// [`token_store`](Self::token_store), a replica may first wait up to this long for
     /// another replica's refresh (the lock holder's) before making its own call, which
-    /// again has this long: a request can then wait up to twice the timeout.
+    /// again has this long: a request can then wait up to twice the timeout. Zero or
+    /// more than a day makes `build()` fail with
+    /// [`ErrorKind::Config`](crate::ErrorKind::Config).
     pub fn token_timeout(mut self, timeout: Duration) -> Self {
         self.settings.token_timeout = timeout;
         self
@@ -229,8 +234,11 @@ impl<P, C> EshopboxAuthBuilder<P, C> {
     /// remembered while no valid token exists, so a burst of requests makes one POST
     /// rather than one each (default 2 s). Each time, the actual period is drawn at
     /// random between half and two and a half times this: 1 to 5 s by default.
-    /// Zero turns it off; more than an hour makes `build()` fail with
-    /// [`ErrorKind::Config`](crate::ErrorKind::Config).
+    /// It is also the shortest time between two refreshes that follow an
+    /// invalidation (a 401, or [`TokenHandle::invalidate`](crate::TokenHandle::invalidate)):
+    /// an API that answers 401 to every request then costs one token call per
+    /// cooldown rather than one per request. Zero turns both off; more than an hour
+    /// makes `build()` fail with [`ErrorKind::Config`](crate::ErrorKind::Config).
     pub fn failure_cooldown(mut self, cooldown: Duration) -> Self {
         self.settings.failure_cooldown = cooldown;
         self
@@ -354,8 +362,9 @@ impl<P, C> EshopboxAuthBuilder<P, C> {
     /// Checks the settings and builds the layer.
     ///
     /// Fails with [`ErrorKind::Config`](crate::ErrorKind::Config) on an empty
-    /// credential, a token URL that does not parse or is plain `http://` on a host
-    /// other than loopback, a zero token timeout, a bad
+    /// credential, a token URL that does not parse, is plain `http://` on a host other
+    /// than loopback or has a fragment or user info, a token timeout of zero or over a
+    /// day, a bad
     /// [`allow_host`](Self::allow_host) pattern, or an HTTP client that cannot be
     /// built.
     pub fn build(self) -> Result<EshopboxAuthLayer<P, C>, Error> {
@@ -433,6 +442,9 @@ impl Settings {
     fn check(&self) -> Result<Destinations, Error> {
         if self.token_timeout.is_zero() {
             return Err(Error::config("token_timeout must be more than zero"));
+        }
+        if self.token_timeout > MAX_TOKEN_TIMEOUT {
+            return Err(Error::config("token_timeout must be at most a day"));
         }
         if self.failure_cooldown > MAX_FAILURE_COOLDOWN {
             return Err(Error::config("failure_cooldown must be at most an hour"));
@@ -576,6 +588,19 @@ mod tests {
             .build()
             .unwrap_err();
         assert!(err.to_string().contains("token_timeout"));
+        // "Never give up" is not a timeout: past a day is refused (`Duration::MAX`
+        // used to overflow the refresh's deadline, in a spawned task).
+        for long in [Duration::from_secs(24 * 3600 + 1), Duration::MAX] {
+            let err = EshopboxAuthLayer::builder(creds())
+                .token_timeout(long)
+                .build()
+                .unwrap_err();
+            assert!(err.to_string().contains("at most a day"), "{err}");
+        }
+        assert!(EshopboxAuthLayer::builder(creds())
+            .token_timeout(Duration::from_secs(24 * 3600))
+            .build()
+            .is_ok());
         let err = EshopboxAuthLayer::builder(creds())
             .attempt_timeout(Duration::ZERO)
             .build()

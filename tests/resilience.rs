@@ -89,10 +89,11 @@ fn cases() -> Vec<Case> {
             name: "503 with Retry-After: 1",
             reply: Reply::raw(503, "text/plain", "maintenance").with_header("retry-after", "1"),
             expect: Err((ErrorKind::Unavailable, "(HTTP 503)")),
-            // At 0, 1, 2, … 9 s at most: each wait is the Retry-After, until the 10 s
-            // deadline (a slow machine fits fewer).
+            // Each wait is the Retry-After or the back-off, whichever is longer, until
+            // the 10 s deadline: at 0, 1, 2, 3 s, then with back-offs of up to 1.6,
+            // 3.2 and 5 s (a slow machine fits fewer).
             posts: 2..=10,
-            until_deadline: Some(|_| Duration::from_secs(1)),
+            until_deadline: Some(|n| support::longest_backoff(n).max(Duration::from_secs(1))),
         },
         Case {
             name: "429",
@@ -164,6 +165,21 @@ fn cases() -> Vec<Case> {
             name: "5 MB body",
             reply: Reply::raw(200, "application/json", vec![b' '; 5 << 20]),
             expect: Err((ErrorKind::InvalidResponse, "more than 65536 bytes")),
+            posts: 1..=1,
+            until_deadline: None,
+        },
+        Case {
+            // A big error page (a proxy's, say) is still a 503: retried.
+            name: "503 with a 100 kB body",
+            reply: Reply::raw(503, "text/html", vec![b'x'; 100 << 10]),
+            expect: Err((ErrorKind::Unavailable, "(HTTP 503)")),
+            posts: UNTIL_DEADLINE,
+            until_deadline: Some(support::longest_backoff),
+        },
+        Case {
+            name: "400 with a 100 kB body",
+            reply: Reply::raw(400, "text/html", vec![b'x'; 100 << 10]),
+            expect: Err((ErrorKind::Rejected, "(HTTP 400)")),
             posts: 1..=1,
             until_deadline: None,
         },
@@ -302,6 +318,18 @@ async fn retry_after_applies_to_429_and_503_only() {
     let res = one_request(&server.url()).await.unwrap();
     assert_eq!(res.body(), "Bearer tok-500");
     assert_eq!(server.posts(), 2);
+}
+
+#[tokio::test]
+async fn retry_after_counts_on_an_error_page_too_long_to_read() {
+    let server = TokenServer::start(|n| match n {
+        1 => Reply::raw(503, "text/html", vec![b'x'; 100 << 10]).with_header("retry-after", "3"),
+        _ => Reply::token("tok-after-page", 86400),
+    })
+    .await;
+    let res = one_request(&server.url()).await.unwrap();
+    assert_eq!(res.body(), "Bearer tok-after-page");
+    assert!(gap(&server) >= Duration::from_secs(3), "{:?}", gap(&server));
 }
 
 #[tokio::test]

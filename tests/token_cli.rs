@@ -312,3 +312,61 @@ async fn a_stored_token_due_for_refresh_is_replaced_not_printed() {
         "a token call for a token not yet due"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unusable_store_ends_the_command_without_a_token_call() {
+    let eshopbox = MockEshopbox::start().await.unwrap();
+    let redis = RedisServer::start();
+    // The fleet seals its values with a key.
+    let key = [9u8; 32];
+    let fleet = EshopboxAuthLayer::builder(eshopbox.credentials())
+        .token_url(&eshopbox.token_url())
+        .token_store(
+            RedisStore::new(&redis.url())
+                .unwrap()
+                .key_prefix("sealed:")
+                .encryption_key(key),
+        )
+        .build()
+        .unwrap();
+    fleet.handle().get().await.unwrap();
+    assert_eq!(eshopbox.token_calls(), 1);
+    // Nothing listens on this address.
+    let (_socket, refusing) = support::refusing_address();
+    let unreachable = format!("redis://{refusing}/");
+    for (url, prefix, why) in [
+        (unreachable.as_str(), "any:", "unreachable"),
+        // The fleet's key was not given: its values cannot be read.
+        (redis.url().as_str(), "sealed:", "sealed with another key"),
+    ] {
+        let args = [
+            "--token-url",
+            &eshopbox.token_url(),
+            "--redis-url",
+            url,
+            "--redis-key-prefix",
+            prefix,
+            "--timeout",
+            "5",
+        ];
+        let output = run(&args, &[]).await;
+        assert_eq!(
+            output.status.code(),
+            Some(1),
+            "{why}: {}",
+            text(&output.stderr)
+        );
+        assert_eq!(text(&output.stdout), "", "{why}");
+        assert!(
+            text(&output.stderr).contains("token store cannot be used"),
+            "{why}: {}",
+            text(&output.stderr)
+        );
+        assert_eq!(
+            eshopbox.token_calls(),
+            1,
+            "{why}: a token call outside the store"
+        );
+        assert_no_secret(&output, None);
+    }
+}

@@ -25,7 +25,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use tower::{service_fn, BoxError, Layer, Service, ServiceExt};
 
-use support::{within, Reply, TokenServer};
+use support::{full_report, within, Reply, TokenServer};
 
 type Req = Request<Empty<Bytes>>;
 
@@ -333,6 +333,56 @@ async fn a_failed_lookup_is_unavailable_with_its_source_and_not_remembered() {
     assert!(response.body().ends_with("|acme"));
     assert_eq!(directory.calls("acme"), 2);
     assert_eq!(eshopbox.workspace_token_calls("acme"), 1);
+}
+
+#[tokio::test]
+async fn a_lookup_that_hangs_fails_at_the_token_timeout_and_is_not_remembered() {
+    let eshopbox = MockEshopbox::start().await.unwrap();
+    let hangs = Arc::new(AtomicUsize::new(1));
+    let lookups = Arc::new(AtomicUsize::new(0));
+    let credentials = eshopbox.add_workspace("acme");
+    let resolver = {
+        let (hangs, lookups) = (hangs.clone(), lookups.clone());
+        move |_: Workspace| -> Lookup {
+            lookups.fetch_add(1, Ordering::SeqCst);
+            let hang = hangs
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                .is_ok();
+            let credentials = credentials.clone();
+            Box::pin(async move {
+                if hang {
+                    std::future::pending::<()>().await;
+                }
+                Ok(Some(credentials))
+            })
+        }
+    };
+    let layer = EshopboxAuthLayer::per_workspace(resolver)
+        .token_url(&eshopbox.token_url())
+        .token_timeout(Duration::from_secs(1))
+        .build()
+        .unwrap();
+    let service = layer.layer(echo(Arc::default()));
+    let url = "https://api.myeshopbox.com/api/v1/orders";
+    let start = tokio::time::Instant::now();
+    let err = within(service.clone().oneshot(request_for(url, "acme")))
+        .await
+        .unwrap_err();
+    assert_eq!(kind(&err), Some(ErrorKind::Unavailable));
+    assert!(
+        full_report(&err).contains("token timeout of 1s"),
+        "{}",
+        full_report(&err)
+    );
+    assert!(start.elapsed() >= Duration::from_secs(1));
+    // The next request asks the (now healthy) resolver again.
+    let response = service
+        .clone()
+        .oneshot(request_for(url, "acme"))
+        .await
+        .unwrap();
+    assert!(response.body().ends_with("|acme"));
+    assert_eq!(lookups.load(Ordering::SeqCst), 2);
 }
 
 #[tokio::test]
@@ -709,6 +759,13 @@ fn bad_map_bounds_are_refused() {
         .build()
         .unwrap_err();
     assert!(err.to_string().contains("idle_timeout"));
+    // "Never" as `Duration::MAX` used to panic inside the cache's builder.
+    let err = directory
+        .layer()
+        .idle_timeout(Duration::MAX)
+        .build()
+        .unwrap_err();
+    assert!(err.to_string().contains("at most a year"), "{err}");
     let err = directory
         .layer()
         .token_url("http://example.com/t")
@@ -1203,5 +1260,66 @@ async fn a_token_call_under_way_when_its_workspace_is_forgotten_leaves_nothing_b
     // The cell makes no token call any more, even through a handle kept on it.
     let err = handle.refresh().await.unwrap_err();
     assert_eq!(err.kind(), ErrorKind::UnknownWorkspace);
+    assert_eq!(eshopbox.workspace_token_calls("acme"), 1);
+}
+
+/// A workspace forgotten while its credentials are being looked up: the lookup's
+/// requests fail as for an unknown workspace, no token call is made, and nothing is
+/// written to the store.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_workspace_forgotten_during_its_lookup_gets_no_token() {
+    use eshopbox_auth::store::{InProcessStore, TokenStore};
+
+    let eshopbox = MockEshopbox::start().await.unwrap();
+    let credentials = eshopbox.add_workspace("acme");
+    let asked = Arc::new(tokio::sync::Notify::new());
+    let answer = Arc::new(tokio::sync::Semaphore::new(0));
+    let resolver = {
+        let (asked, answer) = (asked.clone(), answer.clone());
+        move |_: Workspace| -> Lookup {
+            let (asked, answer, credentials) = (asked.clone(), answer.clone(), credentials.clone());
+            Box::pin(async move {
+                asked.notify_one();
+                answer.acquire().await.unwrap().forget();
+                Ok(Some(credentials))
+            })
+        }
+    };
+    let store = InProcessStore::new();
+    let layer = EshopboxAuthLayer::per_workspace(resolver)
+        .token_url(&eshopbox.token_url())
+        .token_store(store.clone())
+        .build()
+        .unwrap();
+    let service = layer.layer(echo(Arc::default()));
+    let request = tokio::spawn(
+        service
+            .clone()
+            .oneshot(request_for("https://api.myeshopbox.com/x", "acme")),
+    );
+    within(asked.notified()).await;
+    assert!(layer.forget(&Workspace::new("acme")));
+    answer.add_permits(1);
+
+    let err = within(request).await.unwrap().unwrap_err();
+    assert_eq!(kind(&err), Some(ErrorKind::UnknownWorkspace), "{err}");
+    assert!(
+        full_report(&err).contains("forgotten"),
+        "{}",
+        full_report(&err)
+    );
+    assert_eq!(eshopbox.workspace_token_calls("acme"), 0);
+    let part = store.for_workspace("acme").unwrap();
+    assert!(part.load().await.unwrap().is_none());
+    // The next request looks the workspace up again and is served.
+    answer.add_permits(1);
+    let response = within(
+        service
+            .clone()
+            .oneshot(request_for("https://api.myeshopbox.com/x", "acme")),
+    )
+    .await
+    .unwrap();
+    assert!(response.body().ends_with("|acme"));
     assert_eq!(eshopbox.workspace_token_calls("acme"), 1);
 }

@@ -14,7 +14,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use clap::Parser;
 use eshopbox_auth::secrecy::ExposeSecret;
-use eshopbox_auth::store::RedisStore;
+use eshopbox_auth::store::{RedisStore, TokenStore};
 use eshopbox_auth::{AccessToken, Credentials, EshopboxAuthLayer, TokenHandle, DEFAULT_TOKEN_URL};
 
 const AFTER_HELP: &str = "\
@@ -154,6 +154,7 @@ async fn run(args: Args) -> Result<String, Failure> {
         if let Some(key) = optional("ESHOPBOX_REDIS_ENCRYPTION_KEY") {
             store = store.encryption_key(hex_key(&key)?);
         }
+        check_store(&store, timeout).await?;
         // The lease must be shorter than the token timeout, however short --timeout is.
         builder = builder
             .token_store(store)
@@ -184,6 +185,29 @@ async fn run(args: Args) -> Result<String, Failure> {
         "workspace": args.workspace,
     });
     Ok(output.to_string())
+}
+
+/// Reads the fleet's token and refresh token once before anything else. A layer
+/// whose store fails refreshes on its own, which is right for a replica serving
+/// requests, but here it would spend the fleet's refresh token outside the store
+/// (and, if the endpoint rotates it, lose the new one when the command exits). So a
+/// store that cannot be reached, refuses the password or holds values sealed with
+/// another key ends the command with no token call.
+async fn check_store(store: &RedisStore, timeout: Duration) -> Result<(), Failure> {
+    let unusable = |error: &dyn std::fmt::Display| {
+        Failure::token(format!(
+            "the token store cannot be used, so no token was requested outside it: {error}"
+        ))
+    };
+    let read = async {
+        store.load().await?;
+        store.load_refresh_token().await.map(drop)
+    };
+    match tokio::time::timeout(timeout, read).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(error)) => Err(unusable(&error)),
+        Err(_) => Err(unusable(&format!("no answer within {timeout:?}"))),
+    }
 }
 
 fn optional(name: &str) -> Option<String> {

@@ -1,5 +1,5 @@
 //! The HTTP client for token requests and the token URL it may call: https, or plain
-//! http on loopback only; no redirects.
+//! http on loopback only, without fragment or user info; no redirects.
 
 use std::net::IpAddr;
 use std::time::Duration;
@@ -26,6 +26,17 @@ pub(crate) fn default_client(token_timeout: Duration) -> Result<reqwest::Client,
 pub(crate) fn check_token_url(raw: &str) -> Result<reqwest::Url, Error> {
     let url = reqwest::Url::parse(raw)
         .map_err(|e| Error::config(format!("token_url is not a valid URL: {e}")))?;
+    // The answer is checked to come from this very URL, which a fragment or user
+    // info would never match (neither is sent as part of it).
+    if url.fragment().is_some() {
+        return Err(Error::config("token_url must not have a fragment (#…)"));
+    }
+    if !url.username().is_empty() || url.password().is_some() {
+        return Err(Error::config(
+            "token_url must not carry user info (user:password@); the client id and secret \
+             are sent with every token request",
+        ));
+    }
     match url.scheme() {
         "https" => Ok(url),
         "http" if is_loopback(&url) => Ok(url),
@@ -76,10 +87,15 @@ mod tests {
             ("http://localhost.evil.com/t", "must use https"),
             ("ftp://127.0.0.1/t", "not \"ftp\""),
             ("not a url", "not a valid URL"),
+            ("http://127.0.0.1:8080/t#section", "fragment"),
+            ("https://auth.myeshopbox.com/t#", "fragment"),
+            ("http://user:pw@127.0.0.1:8080/t", "user info"),
+            ("https://user@auth.myeshopbox.com/t", "user info"),
         ] {
             let err = check_token_url(bad).unwrap_err();
             assert_eq!(err.kind(), ErrorKind::Config, "{bad}");
             assert!(err.to_string().contains(says), "{bad}: {err}");
+            assert!(!format!("{err:?}").contains("pw"), "{bad}: {err:?}");
         }
     }
 }

@@ -199,11 +199,18 @@ impl Inner {
             _ => None,
         };
 
+        // A failure's status says what it is, whatever its body: an error page too
+        // long to read is dropped unread, its status and `Retry-After` still count.
+        let failed = |bytes: &[u8]| Err(status_error(status, bytes).with_retry_after(retry_after));
         if response
             .content_length()
             .is_some_and(|len| len > MAX_BODY as u64)
         {
-            return Err(too_large(status));
+            return if status.is_success() {
+                Err(too_large(status))
+            } else {
+                failed(&[])
+            };
         }
         let mut bytes = Vec::new();
         while let Some(chunk) = response
@@ -212,13 +219,17 @@ impl Inner {
             .map_err(|e| transport_error(e, "reading the token response"))?
         {
             if bytes.len() + chunk.len() > MAX_BODY {
-                return Err(too_large(status));
+                return if status.is_success() {
+                    Err(too_large(status))
+                } else {
+                    failed(&[])
+                };
             }
             bytes.extend_from_slice(&chunk);
         }
 
         if !status.is_success() {
-            return Err(status_error(status, &bytes).with_retry_after(retry_after));
+            return failed(&bytes);
         }
         let rotated = rotated_refresh_token(&bytes);
         if let Some(rotated) = &rotated {

@@ -66,6 +66,10 @@ pub(crate) struct Fetcher {
     /// After a refresh that ran out of time on transient failures: when the next
     /// token call may be made, and the attempt whose back-off comes after it.
     resume: Mutex<Option<(Instant, u32)>>,
+    /// Shortest time between two refreshes that follow an invalidation (the failure
+    /// cooldown), and when the last one made its first token call.
+    spacing: Duration,
+    last_after_invalidation: Mutex<Option<Instant>>,
 }
 
 impl Fetcher {
@@ -74,6 +78,7 @@ impl Fetcher {
         on_rotated: Option<RotationHook>,
         timeout: Duration,
         attempt_timeout: Option<Duration>,
+        spacing: Duration,
     ) -> Self {
         Fetcher {
             source,
@@ -81,6 +86,8 @@ impl Fetcher {
             timeout,
             attempt_timeout,
             resume: Mutex::new(None),
+            spacing,
+            last_after_invalidation: Mutex::new(None),
         }
     }
 
@@ -91,7 +98,7 @@ impl Fetcher {
 
     /// Token requests until one succeeds, all before `deadline`: transient failures
     /// are retried with jittered exponential back-off (or the endpoint's
-    /// `Retry-After`) as long as the next attempt would start before the deadline —
+    /// `Retry-After`, if longer) as long as the next attempt would start before the deadline —
     /// at most [`EARLY_ATTEMPTS`] when `early`. Each attempt is abandoned after its
     /// own bound ([`Fetcher::attempt_bound`]).
     pub(crate) async fn fetch(
@@ -101,6 +108,9 @@ impl Fetcher {
         deadline: Instant,
         early: bool,
     ) -> Result<Fetched, Error> {
+        if reason == Reason::Invalidated {
+            self.space_out(deadline).await?;
+        }
         let mut attempt = 1;
         let resume = self
             .resume
@@ -143,10 +153,13 @@ impl Fetcher {
             };
             counters.failure(error.kind());
             let more = error.is_transient() && !(early && attempt >= EARLY_ATTEMPTS);
+            // A `Retry-After` waits at least the back-off: `0` or a date in the past
+            // must not turn the retries into a tight loop.
             let retry_in = more.then(|| {
+                let backoff = backoff(attempt, fastrand::f64());
                 error
                     .retry_after()
-                    .unwrap_or_else(|| backoff(attempt, fastrand::f64()))
+                    .map_or(backoff, |after| after.max(backoff))
             });
             match retry_in {
                 Some(wait) if Instant::now() + wait < deadline => {
@@ -168,6 +181,38 @@ impl Fetcher {
                 }
             }
         }
+    }
+
+    /// A refresh after an invalidation (a 401) waits until the spacing has passed
+    /// since the last such refresh began. An API that answers 401 for a reason a new
+    /// token does not cure (a missing permission, say) would otherwise cost a token
+    /// call per request, and the endpoint rate-limits them; a revoked token is still
+    /// replaced, at most one spacing later.
+    async fn space_out(&self, deadline: Instant) -> Result<(), Error> {
+        let last = *self
+            .last_after_invalidation
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if let Some(next) = last.map(|at| at + self.spacing) {
+            if next >= deadline {
+                return Err(Error::unavailable(
+                    "tokens were refused (401) again and again; the next refresh would \
+                     start past the token timeout",
+                ));
+            }
+            if Instant::now() < next {
+                tracing::debug!(
+                    wait = ?next.saturating_duration_since(Instant::now()),
+                    "the last token was refused moments after the one before; spacing the refresh"
+                );
+                tokio::time::sleep_until(next).await;
+            }
+        }
+        *self
+            .last_after_invalidation
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = Some(Instant::now());
+        Ok(())
     }
 
     /// When an attempt started at `now` is abandoned: after the configured attempt

@@ -25,6 +25,8 @@ pub const DEFAULT_MAX_WORKSPACES: usize = 10_000;
 
 /// Default [`idle_timeout`](WorkspaceAuthBuilder::idle_timeout): one hour.
 pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(60 * 60);
+/// The longest [`idle_timeout`](WorkspaceAuthBuilder::idle_timeout) accepted: a year.
+const MAX_IDLE_TIMEOUT: Duration = Duration::from_secs(365 * 24 * 3600);
 
 impl EshopboxAuthLayer {
     /// A builder for one layer serving many workspaces, each with its own
@@ -35,7 +37,9 @@ impl EshopboxAuthLayer {
     /// known workspace, `Ok(None)` for an unknown one (the request fails with
     /// [`UnknownWorkspace`](crate::ErrorKind::UnknownWorkspace)), `Err` when the lookup
     /// failed (the request fails with [`Unavailable`](crate::ErrorKind::Unavailable),
-    /// the error as its source; the next request asks again).
+    /// the error as its source; the next request asks again). A lookup that takes
+    /// longer than [`token_timeout`](crate::EshopboxAuthBuilder::token_timeout) fails
+    /// the same way.
     pub fn per_workspace<R, Fut>(resolver: R) -> WorkspaceAuthBuilder
     where
         R: Fn(Workspace) -> Fut + Send + Sync + 'static,
@@ -88,7 +92,8 @@ impl<P, C> WorkspaceAuthBuilder<P, C> {
 
     /// A workspace that no request used for this long is dropped, with its token and
     /// credentials (default [`DEFAULT_IDLE_TIMEOUT`]); its next request resolves it
-    /// again.
+    /// again. At most a year: for workspaces that are never dropped for idleness, use
+    /// a year.
     pub fn idle_timeout(mut self, idle: Duration) -> Self {
         self.idle_timeout = idle;
         self
@@ -201,14 +206,18 @@ impl<P, C> WorkspaceAuthBuilder<P, C> {
     /// Checks the settings and builds the layer.
     ///
     /// Fails with [`ErrorKind::Config`](crate::ErrorKind::Config) on what
-    /// [`EshopboxAuthBuilder::build`] refuses, a zero `max_workspaces` or a zero
-    /// `idle_timeout`. Credentials are checked when a workspace is resolved.
+    /// [`EshopboxAuthBuilder::build`] refuses, a zero `max_workspaces`, or an
+    /// `idle_timeout` of zero or over a year. Credentials are checked when a workspace
+    /// is resolved.
     pub fn build(self) -> Result<WorkspaceAuthLayer<P, C>, Error> {
         if self.max_workspaces == 0 {
             return Err(Error::config("max_workspaces must be at least 1"));
         }
         if self.idle_timeout.is_zero() {
             return Err(Error::config("idle_timeout must be more than zero"));
+        }
+        if self.idle_timeout > MAX_IDLE_TIMEOUT {
+            return Err(Error::config("idle_timeout must be at most a year"));
         }
         let (cells, shape, replay, unauthorized) = self.base.into_cell_settings()?;
         if cells

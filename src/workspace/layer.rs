@@ -54,9 +54,13 @@ impl<P, C> WorkspaceAuthLayer<P, C> {
     /// cell is retired: the token is invalidated, no token call is made for it any
     /// more (a request still waiting on it, or a [`TokenHandle`] kept on it, gets
     /// [`ErrorKind::UnknownWorkspace`](crate::ErrorKind::UnknownWorkspace)), and a
-    /// token call under way at that moment neither installs nor stores its token. The
+    /// token call under way at that moment neither installs nor stores its token (the
+    /// endpoint may still have rotated the refresh token: the rotation hook is told,
+    /// as the new one is then the only one that works). A credentials lookup under
+    /// way ends without a token: its requests get `UnknownWorkspace` too. The
     /// credentials and token are freed as soon as nothing uses them. The workspace's
-    /// next request asks the resolver again. Returns whether the workspace was kept.
+    /// next request asks the resolver again. Returns whether the workspace was kept
+    /// (or being looked up).
     ///
     /// With a [token store](crate::store), the workspace's token, lock and rotated
     /// refresh token are also deleted from the store

@@ -24,7 +24,7 @@
 //! request asks the resolver again.
 
 use std::fmt;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, PoisonError, Weak};
 use std::time::Duration;
 
@@ -129,6 +129,9 @@ type Front = papaya::HashMap<Workspace, Hot, foldhash::quality::RandomState>;
 pub(crate) struct Slot {
     entry: OnceLock<Arc<Entry>>,
     pending: Mutex<Option<watch::Receiver<Outcome>>>,
+    /// Set by `forget` (under `pending`'s lock): a lookup that ends after it must not
+    /// leave a usable entry behind.
+    forgotten: AtomicBool,
 }
 
 /// Counters of the workspace map (the token counters are per workspace, in each cell).
@@ -418,6 +421,10 @@ impl Registry {
         if let Some(entry) = slot.entry.get() {
             return Joined::Ready(entry.clone());
         }
+        if slot.forgotten.load(Ordering::Relaxed) {
+            // Taken from the map just before `forget`: no new lookup for it.
+            return Joined::Wait(watch::channel(Some(Err(forgotten(workspace)))).1);
+        }
         if let Some(rx) = pending.as_ref() {
             // A live resolution: join it. One whose task is gone: start another.
             if rx.has_changed().is_ok() {
@@ -433,15 +440,25 @@ impl Registry {
         let workspace = workspace.clone();
         let span = tracing::debug_span!("eshopbox_auth_workspace_lookup", workspace = %workspace);
         let task = async move {
-            let outcome = registry.lookup(&workspace, proxy_host).await;
-            match &outcome {
-                Ok(entry) => {
-                    let _ = slot.entry.set(entry.clone());
-                    registry.enfront(&workspace, &slot, entry);
+            let mut outcome = registry.lookup(&workspace, proxy_host).await;
+            {
+                // Under the lock `forget` takes: either it sees the entry (and retires
+                // it) or this sees that the workspace was forgotten.
+                let mut pending = slot.pending.lock().unwrap_or_else(PoisonError::into_inner);
+                if let Ok(entry) = &outcome {
+                    if slot.forgotten.load(Ordering::Relaxed) {
+                        entry.cell.retire();
+                        outcome = Err(forgotten(&workspace));
+                    } else {
+                        let _ = slot.entry.set(entry.clone());
+                    }
                 }
+                *pending = None;
+            }
+            match &outcome {
+                Ok(entry) => registry.enfront(&workspace, &slot, entry),
                 Err(_) => registry.drop_slot(&workspace, &slot),
             }
-            *slot.pending.lock().unwrap_or_else(PoisonError::into_inner) = None;
             tx.send_replace(Some(outcome));
         };
         tokio::spawn(tracing::Instrument::instrument(task, span));
@@ -454,7 +471,15 @@ impl Registry {
         workspace: &Workspace,
         proxy_host: HeaderValue,
     ) -> Result<Arc<Entry>, Error> {
-        let credentials = match (self.resolve)(workspace.clone()).await {
+        // Bounded like a refresh: a resolver that hangs fails this lookup (not
+        // remembered) instead of holding every request for the workspace.
+        let timeout = self.cells.timing.timeout;
+        let answer = tokio::time::timeout(timeout, (self.resolve)(workspace.clone()))
+            .await
+            .unwrap_or_else(|_| {
+                Err(format!("no answer within the token timeout of {timeout:?}").into())
+            });
+        let credentials = match answer {
             Ok(Some(credentials)) => credentials,
             Ok(None) => {
                 count(&self.counters.unknown, names::UNKNOWN);
@@ -540,6 +565,9 @@ impl Registry {
         };
         // At once, whatever the listener's timing: no new request finds it.
         unfront(&self.front, workspace, &slot);
+        // A lookup under way ends without an entry (see `join_or_start`).
+        let _pending = slot.pending.lock().unwrap_or_else(PoisonError::into_inner);
+        slot.forgotten.store(true, Ordering::Relaxed);
         if let Some(entry) = slot.entry.get() {
             entry.cell.retire();
         }
@@ -643,6 +671,15 @@ pub(crate) fn unknown_without_extension() -> Error {
     Error::new(
         ErrorKind::UnknownWorkspace,
         "the request names no workspace (no Workspace extension)",
+    )
+}
+
+/// The error of requests whose workspace was forgotten while they waited for its
+/// lookup.
+fn forgotten(workspace: &Workspace) -> Error {
+    unknown(
+        workspace,
+        "it was forgotten while its credentials were looked up",
     )
 }
 
