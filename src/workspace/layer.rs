@@ -43,7 +43,11 @@ impl<P, C> WorkspaceAuthLayer<P, C> {
     /// A handle on the workspace's token, if the workspace is resolved and kept: its
     /// token, stats, refresh and invalidation, as [`TokenHandle`] gives them for a
     /// single account. Looking counts as a use for the idle timeout. The handle keeps
-    /// the workspace's token cell (not its place in the map) while it lives.
+    /// the workspace's token cell (not its place in the map) while it lives: once the
+    /// workspace is dropped for size or idleness, the handle's cell is no longer the
+    /// one requests use, and with `background_refresh` it goes on refreshing until the
+    /// handle is dropped. Keep handles only while you need them. (A handle on a
+    /// workspace that was [forgotten](Self::forget) stops at once.)
     pub fn handle(&self, workspace: &Workspace) -> Option<TokenHandle> {
         self.registry
             .entry_of(workspace)
