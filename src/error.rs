@@ -26,8 +26,9 @@ pub enum ErrorKind {
     /// (`invalid_grant`, `invalid_client`, any other 4xx but 408 and 429).
     /// Trying again with the same credentials will not help.
     Rejected,
-    /// The token endpoint could not be reached, timed out, or answered 5xx, 408 or 429.
-    /// A later attempt may succeed.
+    /// The token endpoint could not be reached, timed out, or answered 5xx, 408 or 429
+    /// — or, per workspace, the credentials lookup failed or timed out. A later
+    /// attempt may succeed.
     Unavailable,
     /// The token endpoint answered, but not with a usable token: not JSON, a missing or
     /// empty `access_token`, a `token_type` other than Bearer, a token that cannot be
@@ -50,7 +51,7 @@ impl ErrorKind {
         match self {
             ErrorKind::Config => "configuration error",
             ErrorKind::Rejected => "credentials rejected",
-            ErrorKind::Unavailable => "token endpoint unavailable",
+            ErrorKind::Unavailable => "unavailable",
             ErrorKind::InvalidResponse => "invalid token response",
             ErrorKind::UntrustedDestination => "untrusted destination",
             ErrorKind::UnknownWorkspace => "unknown workspace",
