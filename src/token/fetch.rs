@@ -1,7 +1,10 @@
 //! The fetcher: owns the token source and makes one refresh's attempts — retrying
 //! transient failures with capped, jittered exponential back-off or the endpoint's
-//! `Retry-After` until the refresh's deadline would pass. Each attempt has a bound of
-//! its own, so one hung connection cannot eat the whole budget.
+//! `Retry-After` (whichever is longer) until the refresh's deadline would pass. Each
+//! attempt has a bound of its own, so one hung connection cannot eat the whole budget.
+//! Refreshes that follow an invalidation (a 401) are at least the failure cooldown
+//! apart, so an API that refuses every token costs a token call per cooldown, not per
+//! request.
 //!
 //! A refresh that requests wait for (no valid token left) keeps trying until its
 //! deadline; an early refresh (a valid token is still served) makes at most
