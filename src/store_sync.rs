@@ -30,7 +30,7 @@ use secrecy::SecretString;
 use tokio::time::Instant;
 
 use crate::boxed::BoxFuture;
-use crate::error::Error;
+use crate::error::{Error, ErrorKind};
 use crate::stats::Counters;
 use crate::store::{SharedRefreshToken, SharedToken, TokenStore};
 use crate::token::fetch::Fetched;
@@ -283,7 +283,24 @@ impl Inner {
         let before = job.refresh_token();
         // The token call gets the whole token timeout: the store calls above do not
         // eat into it.
-        let fetched = self.renewing(job.fetch()).await;
+        let mut fetched = self.renewing(job.fetch()).await;
+        if let Some(configured) = fallback(job, &fetched) {
+            // The store's refresh token was refused, and this layer was configured with
+            // another: the app was authorised again since, say. Try that one once; if
+            // it works, the store takes it (below) like a rotation.
+            tracing::warn!(
+                "the token store's refresh token was refused; trying the one this layer was \
+                 configured with"
+            );
+            job.use_refresh_token(configured);
+            fetched = self.renewing(job.fetch()).await;
+            if fetched.is_err() {
+                // Refused too: keep the store's, so nothing is shared.
+                if let Some(stored) = before.clone() {
+                    job.use_refresh_token(stored);
+                }
+            }
+        }
         // The source may have switched to a rotated refresh token even if the answer
         // was otherwise unusable: share it either way.
         if let Some(rotated) = job.rotated_since(before) {
@@ -461,4 +478,13 @@ fn to_store(token: StoredToken) -> SharedToken {
     let remaining = token.expires_at.saturating_duration_since(Instant::now());
     SharedToken::new(token.id, token.access_token, token.lifetime, remaining)
         .with_issued_at(token.issued_at)
+}
+
+/// The refresh token to try after `fetched` failed, if the source's refresh token (the
+/// store's) was refused and this layer was configured with a different one.
+fn fallback(job: &Job<'_>, fetched: &Result<Fetched, Error>) -> Option<SecretString> {
+    match fetched {
+        Err(error) if error.kind() == ErrorKind::Rejected => job.configured_refresh_token(),
+        _ => None,
+    }
 }

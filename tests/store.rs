@@ -313,3 +313,79 @@ async fn forget_workspace_empties_that_workspaces_part_of_an_in_process_store() 
     // A workspace the store never saw: nothing to do.
     store.forget_workspace("initech").await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_stored_refresh_token_gives_way_to_the_configured_one() {
+    use secrecy::ExposeSecret;
+    // An endpoint that rotates: each answer hands out the next refresh token; the app
+    // can be authorised again, which voids every earlier refresh token.
+    let valid = Arc::new(std::sync::Mutex::new(support::REFRESH_TOKEN.to_owned()));
+    let endpoint = {
+        let valid = valid.clone();
+        let mut issued = 0;
+        support::TokenServer::start_seeing(move |_, seen| {
+            let mut valid = valid.lock().unwrap();
+            if support::sent_refresh_token(seen).as_deref() != Some(valid.as_str()) {
+                return support::Reply::json(400, r#"{"error":"invalid_grant"}"#);
+            }
+            issued += 1;
+            *valid = format!("rt-{issued}");
+            support::Reply::json(
+                200,
+                &format!(
+                    r#"{{"access_token":"tok-{issued}","refresh_token":"rt-{issued}","expires_in":3600,"token_type":"Bearer"}}"#
+                ),
+            )
+        })
+        .await
+    };
+    let store = InProcessStore::new();
+    let layer = |refresh_token: &str| {
+        EshopboxAuthLayer::builder(eshopbox_auth::Credentials::new(
+            support::CLIENT_ID,
+            support::CLIENT_SECRET,
+            refresh_token,
+        ))
+        .token_url(&endpoint.url())
+        .token_store(store.clone())
+        .build()
+        .unwrap()
+    };
+    // The fleet runs, and the store keeps the rotated refresh token.
+    let fleet = layer(support::REFRESH_TOKEN);
+    fleet.handle().get().await.unwrap();
+    let stored = store.load_refresh_token().await.unwrap().unwrap();
+    assert_eq!(stored.refresh_token().expose_secret(), "rt-1");
+
+    // The app is authorised again: only the new refresh token works, and the fleet
+    // is redeployed with it.
+    *valid.lock().unwrap() = "re-authorised".to_owned();
+    let redeployed = layer("re-authorised");
+    // It takes the stored access token, until the API refuses it (revoked too).
+    let handle = redeployed.handle();
+    assert_eq!(
+        handle.get().await.unwrap().secret().expose_secret(),
+        "tok-1"
+    );
+    assert!(handle.invalidate());
+    let token = handle.get().await.unwrap();
+    assert_eq!(token.secret().expose_secret(), "tok-2");
+    let sent = support::sent_refresh_tokens(&endpoint);
+    assert_eq!(sent, [support::REFRESH_TOKEN, "rt-1", "re-authorised"]);
+    // The store now holds what that call rotated to, for the other replicas.
+    let stored = store.load_refresh_token().await.unwrap().unwrap();
+    assert_eq!(stored.refresh_token().expose_secret(), "rt-2");
+
+    // Both refused: one call with each, the error is `Rejected`, and the store keeps
+    // what it has.
+    *valid.lock().unwrap() = "revoked-for-good".to_owned();
+    let other = layer("re-authorised").handle();
+    other.get().await.unwrap();
+    assert!(other.invalidate());
+    let err = other.get().await.unwrap_err();
+    assert_eq!(err.kind(), eshopbox_auth::ErrorKind::Rejected);
+    let sent = support::sent_refresh_tokens(&endpoint);
+    assert_eq!(sent[3..], ["rt-2", "re-authorised"]);
+    let stored = store.load_refresh_token().await.unwrap().unwrap();
+    assert_eq!(stored.refresh_token().expose_secret(), "rt-2");
+}

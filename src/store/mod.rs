@@ -85,6 +85,9 @@
 //!    replica rotated it, and makes the one token call, renewing its lease every third
 //!    of it meanwhile: a slow but live holder keeps the lock; one that stops (a crash,
 //!    a long pause) loses it when the lease runs out, and another replica takes over.
+//!    If the endpoint refuses the stored refresh token and this replica was
+//!    configured with a different one (the app was authorised again), it tries that
+//!    one once; if it works, it is stored like a rotation.
 //! 4. It stores the token with its remaining life as the key's TTL — unless the stored
 //!    token has more life left — and a rotated refresh token (even one from an
 //!    otherwise unusable answer).

@@ -73,6 +73,8 @@ pub(crate) struct Fetcher {
     /// cooldown), and when the last one made its first token call.
     spacing: Duration,
     last_after_invalidation: Mutex<Option<Instant>>,
+    /// The refresh token the source was made with (before any from a token store).
+    configured_refresh_token: Option<SecretString>,
 }
 
 impl Fetcher {
@@ -84,6 +86,7 @@ impl Fetcher {
         spacing: Duration,
     ) -> Self {
         Fetcher {
+            configured_refresh_token: source.refresh_token(),
             source,
             on_rotated,
             timeout,
@@ -268,6 +271,15 @@ impl Fetcher {
         let after = self.refresh_token()?;
         let same = before.is_some_and(|b| b.expose_secret() == after.expose_secret());
         (!same).then_some(after)
+    }
+
+    /// The refresh token the source was made with, if it differs from the one it
+    /// sends now (a token store's).
+    pub(crate) fn configured_refresh_token(&self) -> Option<SecretString> {
+        let configured = self.configured_refresh_token.clone()?;
+        let current = self.refresh_token();
+        let same = current.is_some_and(|c| c.expose_secret() == configured.expose_secret());
+        (!same).then_some(configured)
     }
 
     /// Sends `refresh_token` with the next token requests (it came from the store).

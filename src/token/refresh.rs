@@ -168,6 +168,12 @@ impl<'a> Job<'a> {
         self.cell.fetcher().rotated_since(before)
     }
 
+    /// The refresh token this layer was configured with, if the source now sends
+    /// another (taken from a token store).
+    pub(crate) fn configured_refresh_token(&self) -> Option<SecretString> {
+        self.cell.fetcher().configured_refresh_token()
+    }
+
     /// Sends `refresh_token` with the next token requests (it came from the store).
     pub(crate) fn use_refresh_token(&self, refresh_token: SecretString) {
         self.cell.fetcher().use_refresh_token(refresh_token);
