@@ -202,15 +202,18 @@ impl Inner {
         // A failure's status says what it is, whatever its body: an error page too
         // long to read is dropped unread, its status and `Retry-After` still count.
         let failed = |bytes: &[u8]| Err(status_error(status, bytes).with_retry_after(retry_after));
+        let too_long = || {
+            if status.is_success() {
+                Err(too_large(status))
+            } else {
+                failed(&[])
+            }
+        };
         if response
             .content_length()
             .is_some_and(|len| len > MAX_BODY as u64)
         {
-            return if status.is_success() {
-                Err(too_large(status))
-            } else {
-                failed(&[])
-            };
+            return too_long();
         }
         let mut bytes = Vec::new();
         while let Some(chunk) = response
@@ -219,11 +222,7 @@ impl Inner {
             .map_err(|e| transport_error(e, "reading the token response"))?
         {
             if bytes.len() + chunk.len() > MAX_BODY {
-                return if status.is_success() {
-                    Err(too_large(status))
-                } else {
-                    failed(&[])
-                };
+                return too_long();
             }
             bytes.extend_from_slice(&chunk);
         }

@@ -277,9 +277,8 @@ impl Fetcher {
     /// sends now (a token store's).
     pub(crate) fn configured_refresh_token(&self) -> Option<SecretString> {
         let configured = self.configured_refresh_token.clone()?;
-        let current = self.refresh_token();
-        let same = current.is_some_and(|c| c.expose_secret() == configured.expose_secret());
-        (!same).then_some(configured)
+        self.rotated_since(Some(configured.clone()))
+            .map(|_| configured)
     }
 
     /// Sends `refresh_token` with the next token requests (it came from the store).

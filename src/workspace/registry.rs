@@ -24,7 +24,7 @@
 //! request asks the resolver again.
 
 use std::fmt;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, PoisonError, Weak};
 use std::time::Duration;
 
@@ -128,10 +128,17 @@ type Front = papaya::HashMap<Workspace, Hot, foldhash::quality::RandomState>;
 #[derive(Default)]
 pub(crate) struct Slot {
     entry: OnceLock<Arc<Entry>>,
-    pending: Mutex<Option<watch::Receiver<Outcome>>>,
-    /// Set by `forget` (under `pending`'s lock): a lookup that ends after it must not
-    /// leave a usable entry behind.
-    forgotten: AtomicBool,
+    lookup: Mutex<Lookup>,
+}
+
+/// A slot's lookup, behind the lock that `forget` also takes.
+#[derive(Default)]
+struct Lookup {
+    /// The resolution under way, if any.
+    pending: Option<watch::Receiver<Outcome>>,
+    /// Set by `forget`: a lookup that ends after it must not leave a usable entry
+    /// behind.
+    forgotten: bool,
 }
 
 /// Counters of the workspace map (the token counters are per workspace, in each cell).
@@ -417,23 +424,23 @@ impl Registry {
         workspace: &Workspace,
         proxy_host: HeaderValue,
     ) -> Joined {
-        let mut pending = slot.pending.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut lookup = slot.lookup.lock().unwrap_or_else(PoisonError::into_inner);
         if let Some(entry) = slot.entry.get() {
             return Joined::Ready(entry.clone());
         }
-        if slot.forgotten.load(Ordering::Relaxed) {
+        if lookup.forgotten {
             // Taken from the map just before `forget`: no new lookup for it.
             return Joined::Wait(watch::channel(Some(Err(forgotten(workspace)))).1);
         }
-        if let Some(rx) = pending.as_ref() {
+        if let Some(rx) = lookup.pending.as_ref() {
             // A live resolution: join it. One whose task is gone: start another.
             if rx.has_changed().is_ok() {
                 return Joined::Wait(rx.clone());
             }
         }
         let (tx, rx) = watch::channel(None);
-        *pending = Some(rx.clone());
-        drop(pending);
+        lookup.pending = Some(rx.clone());
+        drop(lookup);
         self.start_janitor();
         let registry = self.clone();
         let slot = slot.clone();
@@ -444,16 +451,16 @@ impl Registry {
             {
                 // Under the lock `forget` takes: either it sees the entry (and retires
                 // it) or this sees that the workspace was forgotten.
-                let mut pending = slot.pending.lock().unwrap_or_else(PoisonError::into_inner);
+                let mut lookup = slot.lookup.lock().unwrap_or_else(PoisonError::into_inner);
                 if let Ok(entry) = &outcome {
-                    if slot.forgotten.load(Ordering::Relaxed) {
+                    if lookup.forgotten {
                         entry.cell.retire();
                         outcome = Err(forgotten(&workspace));
                     } else {
                         let _ = slot.entry.set(entry.clone());
                     }
                 }
-                *pending = None;
+                lookup.pending = None;
             }
             match &outcome {
                 Ok(entry) => registry.enfront(&workspace, &slot, entry),
@@ -566,8 +573,8 @@ impl Registry {
         // At once, whatever the listener's timing: no new request finds it.
         unfront(&self.front, workspace, &slot);
         // A lookup under way ends without an entry (see `join_or_start`).
-        let _pending = slot.pending.lock().unwrap_or_else(PoisonError::into_inner);
-        slot.forgotten.store(true, Ordering::Relaxed);
+        let mut lookup = slot.lookup.lock().unwrap_or_else(PoisonError::into_inner);
+        lookup.forgotten = true;
         if let Some(entry) = slot.entry.get() {
             entry.cell.retire();
         }
