@@ -169,12 +169,23 @@ impl Fetcher {
             });
             match retry_in {
                 Some(wait) if Instant::now() + wait < deadline => {
-                    tracing::debug!(?reason, attempt, %error, ?wait, "token request failed; retrying");
+                    tracing::debug!(
+                        ?reason,
+                        attempt,
+                        error = &error as &dyn std::error::Error,
+                        ?wait,
+                        "token request failed; retrying"
+                    );
                     tokio::time::sleep(wait).await;
                     attempt += 1;
                 }
                 Some(wait) => {
-                    tracing::warn!(?reason, attempt, %error, "token refresh ran out of time");
+                    tracing::warn!(
+                        ?reason,
+                        attempt,
+                        error = &error as &dyn std::error::Error,
+                        "token refresh ran out of time"
+                    );
                     if !early {
                         *self.resume.lock().unwrap_or_else(PoisonError::into_inner) =
                             Some((Instant::now() + wait, attempt + 1));
@@ -182,7 +193,12 @@ impl Fetcher {
                     return Err(error);
                 }
                 None => {
-                    tracing::warn!(?reason, attempt, %error, "token refresh failed");
+                    tracing::warn!(
+                        ?reason,
+                        attempt,
+                        error = &error as &dyn std::error::Error,
+                        "token refresh failed"
+                    );
                     return Err(error);
                 }
             }

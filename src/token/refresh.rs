@@ -128,7 +128,10 @@ impl<'a> Job<'a> {
         let bearer = match Bearer::new(stored.access_token) {
             Ok(bearer) => bearer,
             Err(error) => {
-                tracing::warn!(%error, "ignoring an unusable token in the token store");
+                tracing::warn!(
+                    error = &error as &dyn std::error::Error,
+                    "ignoring an unusable token in the token store"
+                );
                 return None;
             }
         };

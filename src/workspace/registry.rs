@@ -624,7 +624,7 @@ fn forget_in_store(store: Arc<dyn TokenStore>, workspace: &Workspace, timeout: D
             }
             Ok(Err(error)) => tracing::warn!(
                 %workspace,
-                %error,
+                error = &error as &dyn std::error::Error,
                 "could not delete a forgotten workspace's keys from the token store"
             ),
             Err(_) => tracing::warn!(
