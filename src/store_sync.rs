@@ -144,7 +144,10 @@ impl Inner {
     /// Notes a store failure: logged, counted, and the store is left alone for a
     /// while.
     fn failed(&self, counters: &Counters, StoreFailed(error): StoreFailed) {
-        tracing::warn!(%error, "token store unavailable; requesting tokens directly for now");
+        tracing::warn!(
+            error = &error as &dyn std::error::Error,
+            "token store unavailable; requesting tokens directly for now"
+        );
         counters.store_failure();
         *self
             .paused_until
@@ -346,7 +349,10 @@ impl Inner {
                         break;
                     }
                     Err(StoreFailed(error)) => {
-                        tracing::warn!(%error, "could not renew the token store's refresh lock");
+                        tracing::warn!(
+                            error = &error as &dyn std::error::Error,
+                            "could not renew the token store's refresh lock"
+                        );
                         break;
                     }
                 }
@@ -433,7 +439,10 @@ impl Inner {
     /// runs out.
     async fn release(&self) {
         if let Err(StoreFailed(error)) = self.call(self.store.unlock(&self.owner)).await {
-            tracing::warn!(%error, "could not release the token store's refresh lock");
+            tracing::warn!(
+                error = &error as &dyn std::error::Error,
+                "could not release the token store's refresh lock"
+            );
         }
     }
 

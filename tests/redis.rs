@@ -708,3 +708,54 @@ async fn forgetting_a_workspace_deletes_its_keys_from_redis() {
     })
     .await;
 }
+
+/// A Redis that refuses the layer's password says so at once, in the log: it is not
+/// reported as a store that did not answer, and the connection is not tried again a
+/// second later.
+#[tokio::test]
+async fn a_refused_redis_password_is_logged_as_such() {
+    let redis = RedisServer::start();
+    redis.command(
+        redis::cmd("CONFIG")
+            .arg("SET")
+            .arg("requirepass")
+            .arg("right-password"),
+    );
+    let admin =
+        redis::Client::open(redis.url().replace("redis://", "redis://:right-password@")).unwrap();
+    let connections_so_far = || -> u64 {
+        let mut connection = admin.get_connection().unwrap();
+        let info: String = redis::cmd("INFO")
+            .arg("stats")
+            .query(&mut connection)
+            .unwrap();
+        info.lines()
+            .find_map(|line| line.strip_prefix("total_connections_received:"))
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap()
+    };
+    let endpoint = TokenServer::counting(3600).await;
+    let store =
+        RedisStore::new(&redis.url().replace("redis://", "redis://:wrong-password@")).unwrap();
+    let layer = EshopboxAuthLayer::builder(support::credentials())
+        .token_url(&endpoint.url())
+        .token_store(store)
+        .build()
+        .unwrap();
+    let (captured, _guard) = support::telemetry::capture(tracing::Level::WARN);
+    let before = connections_so_far();
+
+    let seen = burst(&[layer], &EchoApi::default(), 1).await;
+
+    // The request was served with a token asked for directly.
+    assert_eq!(seen, ["Bearer tok-1"]);
+    // One connection from the layer, one for this reading.
+    assert_eq!(connections_so_far() - before, 2);
+    let log = captured.text();
+    assert!(log.contains("token store unavailable"), "{log}");
+    assert!(log.contains("AuthenticationFailed"), "{log}");
+    assert!(!log.contains("did not answer"), "{log}");
+    assert!(!log.contains("wrong-password"), "{log}");
+}

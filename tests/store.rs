@@ -389,3 +389,80 @@ async fn a_refused_stored_refresh_token_gives_way_to_the_configured_one() {
     let stored = store.load_refresh_token().await.unwrap().unwrap();
     assert_eq!(stored.refresh_token().expose_secret(), "rt-2");
 }
+
+/// A source whose provider rotates refresh tokens and can void them all (the app
+/// authorised again): it answers only the refresh token it considers valid.
+struct Rotating {
+    /// The one refresh token the provider accepts now.
+    valid: Arc<std::sync::Mutex<String>>,
+    /// The one this source sends next.
+    sending: std::sync::Mutex<String>,
+    /// When each token call was made.
+    calls: Arc<std::sync::Mutex<Vec<tokio::time::Instant>>>,
+    issued: AtomicUsize,
+}
+
+impl eshopbox_auth::source::TokenSource for Rotating {
+    fn fetch(
+        &self,
+    ) -> eshopbox_auth::source::BoxFuture<'_, Result<eshopbox_auth::source::FetchedToken, Error>>
+    {
+        Box::pin(async move {
+            self.calls.lock().unwrap().push(tokio::time::Instant::now());
+            let mut valid = self.valid.lock().unwrap();
+            let mut sending = self.sending.lock().unwrap();
+            if *sending != *valid {
+                return Err(Error::rejected("invalid_grant"));
+            }
+            let n = self.issued.fetch_add(1, Ordering::SeqCst) + 1;
+            *valid = format!("rt-{n}");
+            sending.clone_from(&valid);
+            Ok(eshopbox_auth::source::FetchedToken::new(format!("tok-{n}"))
+                .rotated_refresh_token(valid.clone()))
+        })
+    }
+
+    fn refresh_token(&self) -> Option<secrecy::SecretString> {
+        Some(self.sending.lock().unwrap().clone().into())
+    }
+
+    fn use_refresh_token(&self, refresh_token: secrecy::SecretString) {
+        use secrecy::ExposeSecret;
+        *self.sending.lock().unwrap() = refresh_token.expose_secret().to_owned();
+    }
+}
+
+// The refresh after a 401 is spaced from the last one by the failure cooldown, but
+// the configured refresh token, tried after the stored one was refused, is the same
+// refresh: it goes at once.
+#[tokio::test(start_paused = true)]
+async fn the_configured_refresh_token_after_a_refused_stored_one_is_not_spaced_out() {
+    let valid = Arc::new(std::sync::Mutex::new("configured-1".to_owned()));
+    let calls = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let store = InProcessStore::new();
+    let layer = |configured: &str| {
+        EshopboxAuthLayer::with_source(Rotating {
+            valid: valid.clone(),
+            sending: std::sync::Mutex::new(configured.to_owned()),
+            calls: calls.clone(),
+            issued: AtomicUsize::new(0),
+        })
+        .token_store(store.clone())
+        .build()
+        .unwrap()
+    };
+    // The fleet rotates configured-1 into rt-1, which the store keeps.
+    layer("configured-1").handle().get().await.unwrap();
+    // Authorised again: only configured-2 works, and a replica is deployed with it. It
+    // takes the stored access token until the API refuses it.
+    *valid.lock().unwrap() = "configured-2".to_owned();
+    let handle = layer("configured-2").handle();
+    handle.get().await.unwrap();
+    assert!(handle.invalidate());
+    handle.get().await.unwrap();
+
+    let calls = calls.lock().unwrap().clone();
+    // The fleet's call; then rt-1 (refused) and configured-2, in the same instant.
+    assert_eq!(calls.len(), 3);
+    assert_eq!(calls[2] - calls[1], Duration::ZERO, "{calls:?}");
+}

@@ -334,10 +334,30 @@ async fn an_unusable_store_ends_the_command_without_a_token_call() {
     // Nothing listens on this address.
     let (_socket, refusing) = support::refusing_address();
     let unreachable = format!("redis://{refusing}/");
-    for (url, prefix, why) in [
-        (unreachable.as_str(), "any:", "unreachable"),
+    let wrong_password = redis.url().replace("redis://", "redis://:wrong-password@");
+    redis.command(
+        redis::cmd("CONFIG")
+            .arg("SET")
+            .arg("requirepass")
+            .arg("right-password"),
+    );
+    let with_password = redis.url().replace("redis://", "redis://:right-password@");
+    // Each case, and the cause the command names.
+    for (url, prefix, why, cause) in [
+        (unreachable.as_str(), "any:", "unreachable", "refused"),
+        (
+            wrong_password.as_str(),
+            "any:",
+            "a wrong password",
+            "authentication failed",
+        ),
         // The fleet's key was not given: its values cannot be read.
-        (redis.url().as_str(), "sealed:", "sealed with another key"),
+        (
+            with_password.as_str(),
+            "sealed:",
+            "sealed with another key",
+            "encrypted",
+        ),
     ] {
         let args = [
             "--token-url",
@@ -362,11 +382,17 @@ async fn an_unusable_store_ends_the_command_without_a_token_call() {
             "{why}: {}",
             text(&output.stderr)
         );
+        assert!(
+            text(&output.stderr).to_lowercase().contains(cause),
+            "{why}: {}",
+            text(&output.stderr)
+        );
         assert_eq!(
             eshopbox.token_calls(),
             1,
             "{why}: a token call outside the store"
         );
         assert_no_secret(&output, None);
+        assert!(!text(&output.stderr).contains("-password"), "{why}");
     }
 }

@@ -386,6 +386,52 @@ async fn a_lookup_that_hangs_fails_at_the_token_timeout_and_is_not_remembered() 
 }
 
 #[tokio::test]
+async fn a_resolver_that_panics_fails_the_lookup_and_leaves_nothing_behind() {
+    let eshopbox = MockEshopbox::start().await.unwrap();
+    let panics = Arc::new(AtomicUsize::new(1));
+    let lookups = Arc::new(AtomicUsize::new(0));
+    let credentials = eshopbox.add_workspace("acme");
+    let resolver = {
+        let (panics, lookups) = (panics.clone(), lookups.clone());
+        move |_: Workspace| -> Lookup {
+            lookups.fetch_add(1, Ordering::SeqCst);
+            let panic = panics
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                .is_ok();
+            let credentials = credentials.clone();
+            Box::pin(async move {
+                assert!(!panic, "the resolver's bug");
+                Ok(Some(credentials))
+            })
+        }
+    };
+    let layer = EshopboxAuthLayer::per_workspace(resolver)
+        .token_url(&eshopbox.token_url())
+        .build()
+        .unwrap();
+    let service = layer.layer(echo(Arc::default()));
+    let url = "https://api.myeshopbox.com/api/v1/orders";
+    let err = within(service.clone().oneshot(request_for(url, "acme")))
+        .await
+        .unwrap_err();
+    assert_eq!(kind(&err), Some(ErrorKind::Unavailable));
+    assert!(
+        full_report(&err).contains("credentials lookup for workspace acme panicked"),
+        "{}",
+        full_report(&err)
+    );
+    // Not remembered: the map keeps nothing, and the next request asks again.
+    assert_eq!(layer.workspaces(), 0);
+    let response = within(service.clone().oneshot(request_for(url, "acme")))
+        .await
+        .unwrap();
+    assert!(response.body().ends_with("|acme"));
+    assert_eq!(lookups.load(Ordering::SeqCst), 2);
+    assert_eq!(layer.workspaces(), 1);
+    assert_eq!(eshopbox.token_calls(), 1);
+}
+
+#[tokio::test]
 async fn the_destination_guard_applies_to_every_workspace() {
     let eshopbox = MockEshopbox::start().await.unwrap();
     let directory = Directory::default();

@@ -88,11 +88,24 @@ impl Failure {
 impl From<eshopbox_auth::Error> for Failure {
     fn from(error: eshopbox_auth::Error) -> Self {
         if error.kind() == eshopbox_auth::ErrorKind::Config {
-            Failure::usage(error.to_string())
+            Failure::usage(with_causes(&error))
         } else {
-            Failure::token(error.to_string())
+            Failure::token(with_causes(&error))
         }
     }
+}
+
+/// An error's message followed by those of its causes (a refused password, a refused
+/// connection), which the message alone does not name.
+fn with_causes(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = error.to_string();
+    let mut cause = error.source();
+    while let Some(next) = cause {
+        text.push_str(": ");
+        text.push_str(&next.to_string());
+        cause = next.source();
+    }
+    text
 }
 
 /// A token whose refresh is due within this long is not printed (see `usable_token`).
@@ -205,7 +218,7 @@ async fn check_store(store: &RedisStore, timeout: Duration) -> Result<(), Failur
     };
     match tokio::time::timeout(timeout, read).await {
         Ok(Ok(())) => Ok(()),
-        Ok(Err(error)) => Err(unusable(&error)),
+        Ok(Err(error)) => Err(unusable(&with_causes(&error))),
         Err(_) => Err(unusable(&format!("no answer within {timeout:?}"))),
     }
 }

@@ -50,7 +50,11 @@ pub(crate) fn spawn_background(cell: &Arc<TokenCell>) -> Result<(), Error> {
                     failures += 1;
                     let wait =
                         Duration::from_secs(1 << failures.min(5)).min(Duration::from_secs(30));
-                    tracing::debug!(%error, ?wait, "background token refresh failed");
+                    tracing::debug!(
+                        error = &error as &dyn std::error::Error,
+                        ?wait,
+                        "background token refresh failed"
+                    );
                     retry_at = Some(Instant::now() + wait);
                 }
             }

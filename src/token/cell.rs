@@ -236,12 +236,17 @@ impl TokenCell {
 
     /// The fetcher's attempts: a few while a valid token is still served (an early
     /// refresh), until the deadline when requests wait. A failure pushes a still-valid
-    /// token's next refresh back.
-    pub(super) async fn fetch(&self, reason: Reason, deadline: Instant) -> Result<Fetched, Error> {
+    /// token's next refresh back. `space`: see [`Fetcher::fetch`](super::fetch::Fetcher::fetch).
+    pub(super) async fn fetch(
+        &self,
+        reason: Reason,
+        deadline: Instant,
+        space: bool,
+    ) -> Result<Fetched, Error> {
         let early = self.need(Instant::now()).is_ok();
         let fetched = self
             .fetcher
-            .fetch(&self.counters, reason, deadline, early)
+            .fetch(&self.counters, reason, deadline, early, space)
             .await;
         if let Err(error) = &fetched {
             self.back_off(error);

@@ -4,7 +4,9 @@
 //! attempt has a bound of its own, so one hung connection cannot eat the whole budget.
 //! Refreshes that follow an invalidation (a 401) are at least the failure cooldown
 //! apart, so an API that refuses every token costs a token call per cooldown, not per
-//! request.
+//! request. Only a refresh's first token call is spaced: a second one in the same
+//! refresh (the configured refresh token, tried after a stored one was refused) goes
+//! at once.
 //!
 //! A refresh that requests wait for (no valid token left) keeps trying until its
 //! deadline; an early refresh (a valid token is still served) makes at most
@@ -106,15 +108,18 @@ impl Fetcher {
     /// are retried with jittered exponential back-off (or the endpoint's
     /// `Retry-After`, if longer) as long as the next attempt would start before the deadline —
     /// at most [`EARLY_ATTEMPTS`] when `early`. Each attempt is abandoned after its
-    /// own bound ([`Fetcher::attempt_bound`]).
+    /// own bound ([`Fetcher::attempt_bound`]). With `space` (the first token call of
+    /// a refresh that follows an invalidation), the first attempt waits until the
+    /// failure cooldown has passed since the last such call.
     pub(crate) async fn fetch(
         &self,
         counters: &Counters,
         reason: Reason,
         deadline: Instant,
         early: bool,
+        space: bool,
     ) -> Result<Fetched, Error> {
-        if reason == Reason::Invalidated {
+        if space {
             self.space_out(deadline).await?;
         }
         let mut attempt = 1;
@@ -169,12 +174,23 @@ impl Fetcher {
             });
             match retry_in {
                 Some(wait) if Instant::now() + wait < deadline => {
-                    tracing::debug!(?reason, attempt, %error, ?wait, "token request failed; retrying");
+                    tracing::debug!(
+                        ?reason,
+                        attempt,
+                        error = &error as &dyn std::error::Error,
+                        ?wait,
+                        "token request failed; retrying"
+                    );
                     tokio::time::sleep(wait).await;
                     attempt += 1;
                 }
                 Some(wait) => {
-                    tracing::warn!(?reason, attempt, %error, "token refresh ran out of time");
+                    tracing::warn!(
+                        ?reason,
+                        attempt,
+                        error = &error as &dyn std::error::Error,
+                        "token refresh ran out of time"
+                    );
                     if !early {
                         *self.resume.lock().unwrap_or_else(PoisonError::into_inner) =
                             Some((Instant::now() + wait, attempt + 1));
@@ -182,7 +198,12 @@ impl Fetcher {
                     return Err(error);
                 }
                 None => {
-                    tracing::warn!(?reason, attempt, %error, "token refresh failed");
+                    tracing::warn!(
+                        ?reason,
+                        attempt,
+                        error = &error as &dyn std::error::Error,
+                        "token refresh failed"
+                    );
                     return Err(error);
                 }
             }

@@ -103,7 +103,10 @@ impl TokenCell {
                     launch.go();
                 }
                 Err(e) => {
-                    tracing::warn!(error = %e, "could not start a background token refresh");
+                    tracing::warn!(
+                        error = &e as &dyn std::error::Error,
+                        "could not start a background token refresh"
+                    );
                 }
             }
         }

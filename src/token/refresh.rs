@@ -7,6 +7,7 @@
 //! refresh token. It answers with what it [`Obtained`] — a stored token to adopt, or
 //! a fetched one — and the cell installs that. It never sees the cell itself.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -79,6 +80,9 @@ pub(crate) struct Job<'a> {
     cell: &'a TokenCell,
     reason: Reason,
     deadline: Instant,
+    /// Whether a token call was made for this refresh already (only the first one
+    /// after an invalidation is spaced out).
+    called: AtomicBool,
 }
 
 impl<'a> Job<'a> {
@@ -128,7 +132,10 @@ impl<'a> Job<'a> {
         let bearer = match Bearer::new(stored.access_token) {
             Ok(bearer) => bearer,
             Err(error) => {
-                tracing::warn!(%error, "ignoring an unusable token in the token store");
+                tracing::warn!(
+                    error = &error as &dyn std::error::Error,
+                    "ignoring an unusable token in the token store"
+                );
                 return None;
             }
         };
@@ -155,7 +162,9 @@ impl<'a> Job<'a> {
     /// does not count).
     pub(crate) async fn fetch(&self) -> Result<Fetched, Error> {
         let deadline = Instant::now() + self.cell.fetcher().timeout();
-        self.cell.fetch(self.reason, deadline).await
+        let first = !self.called.swap(true, Ordering::Relaxed);
+        let space = first && self.reason == Reason::Invalidated;
+        self.cell.fetch(self.reason, deadline, space).await
     }
 
     /// The refresh token the source sends next, if it has one.
@@ -206,6 +215,7 @@ impl TokenCell {
                 cell: self,
                 reason,
                 deadline: Instant::now() + timeout,
+                called: AtomicBool::new(false),
             };
             if let Some(obtained) = coordinator.obtain(job).await {
                 return obtained.and_then(|obtained| self.install(obtained));
@@ -213,7 +223,8 @@ impl TokenCell {
         }
         // Straight to the source, with the whole token timeout.
         let before = self.fetcher().refresh_token();
-        let fetched = self.fetch(reason, Instant::now() + timeout).await;
+        let space = reason == Reason::Invalidated;
+        let fetched = self.fetch(reason, Instant::now() + timeout, space).await;
         if let Some(coordinator) = self.coordinator().filter(|_| !self.retired()) {
             if let Some(rotated) = self.fetcher().rotated_since(before) {
                 // A rotation (even from an otherwise unusable answer) reaches the

@@ -447,7 +447,31 @@ impl Registry {
         let workspace = workspace.clone();
         let span = tracing::debug_span!("eshopbox_auth_workspace_lookup", workspace = %workspace);
         let task = async move {
-            let mut outcome = registry.lookup(&workspace, proxy_host).await;
+            // The resolver runs in a task of its own, so that a panic in it fails
+            // this lookup like any resolver error (counted, not remembered) instead
+            // of leaving the slot behind.
+            let lookup = tokio::spawn({
+                let (registry, workspace) = (registry.clone(), workspace.clone());
+                async move { registry.lookup(&workspace, proxy_host).await }
+            });
+            let mut outcome = match lookup.await {
+                Ok(outcome) => outcome,
+                Err(ended) => {
+                    count(
+                        &registry.counters.resolver_failures,
+                        names::RESOLVER_FAILURES,
+                    );
+                    let how = if ended.is_panic() {
+                        "panicked"
+                    } else {
+                        "was cancelled"
+                    };
+                    tracing::warn!(workspace = %workspace, "workspace credentials lookup {how}");
+                    Err(Error::unavailable(format!(
+                        "credentials lookup for workspace {workspace} {how}"
+                    )))
+                }
+            };
             {
                 // Under the lock `forget` takes: either it sees the entry (and retires
                 // it) or this sees that the workspace was forgotten.
@@ -624,7 +648,7 @@ fn forget_in_store(store: Arc<dyn TokenStore>, workspace: &Workspace, timeout: D
             }
             Ok(Err(error)) => tracing::warn!(
                 %workspace,
-                %error,
+                error = &error as &dyn std::error::Error,
                 "could not delete a forgotten workspace's keys from the token store"
             ),
             Err(_) => tracing::warn!(

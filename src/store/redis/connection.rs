@@ -73,10 +73,15 @@ impl Connector {
     pub(super) async fn query<T: FromRedisValue>(&self, command: &Cmd) -> RedisResult<T> {
         match self {
             Connector::Single { client, connection } => {
+                // No connection retries inside the manager: its first pause is a
+                // second or more, longer than the layer's default store timeout, so a
+                // refused password or a server that is down showed only as a timeout.
+                // A failed connection is made again at the next command; a dropped
+                // one is retried once below.
                 let config = ConnectionManagerConfig::new()
                     .set_connection_timeout(TIMEOUT)
                     .set_response_timeout(TIMEOUT)
-                    .set_number_of_retries(1);
+                    .set_number_of_retries(0);
                 let mut connection = connection
                     .get_or_try_init(|| ConnectionManager::new_with_config(client.clone(), config))
                     .await?
