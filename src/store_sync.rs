@@ -333,17 +333,19 @@ impl Inner {
         })
     }
 
-    /// Runs `work` while renewing the lock's lease every third of it. If a renewal
-    /// fails or finds the lock taken, renewing stops and `work` goes on.
+    /// Runs `work` while renewing the lock's lease every third of it. A renewal that
+    /// fails is tried again a tenth of the lease later, while the lease may still
+    /// hold; if one finds the lock taken, renewing stops and `work` goes on.
     async fn renewing<F: Future>(&self, work: F) -> F::Output {
         let renew = async {
+            let mut wait = self.lease / 3;
             loop {
-                tokio::time::sleep(self.lease / 3).await;
+                tokio::time::sleep(wait).await;
                 match self
                     .call(self.store.try_lock(&self.owner, self.lease))
                     .await
                 {
-                    Ok(true) => {}
+                    Ok(true) => wait = self.lease / 3,
                     Ok(false) => {
                         tracing::warn!("lost the token store's refresh lock during the token call");
                         break;
@@ -351,9 +353,9 @@ impl Inner {
                     Err(StoreFailed(error)) => {
                         tracing::warn!(
                             error = &error as &dyn std::error::Error,
-                            "could not renew the token store's refresh lock"
+                            "could not renew the token store's refresh lock; trying again"
                         );
-                        break;
+                        wait = self.lease / 10;
                     }
                 }
             }

@@ -466,3 +466,64 @@ async fn the_configured_refresh_token_after_a_refused_stored_one_is_not_spaced_o
     assert_eq!(calls.len(), 3);
     assert_eq!(calls[2] - calls[1], Duration::ZERO, "{calls:?}");
 }
+
+// A renewal that fails (the store did not answer once) must not give the lock up:
+// the holder keeps renewing, so another replica does not take the lock while the
+// token call goes on and spend the same refresh token.
+#[tokio::test(start_paused = true)]
+async fn a_failed_lease_renewal_is_tried_again_and_the_lock_kept() {
+    let calls = Arc::new(AtomicUsize::new(0));
+    let slow = {
+        let calls = calls.clone();
+        move || {
+            let calls = calls.clone();
+            eshopbox_auth::source::source_fn(move || {
+                let calls = calls.clone();
+                async move {
+                    let n = calls.fetch_add(1, Ordering::SeqCst) + 1;
+                    // Four leases.
+                    tokio::time::sleep(Duration::from_secs(4)).await;
+                    Ok(eshopbox_auth::source::FetchedToken::new(format!("tok-{n}")))
+                }
+            })
+        }
+    };
+    let store = InProcessStore::new();
+    let lock_calls = Arc::new(AtomicUsize::new(0));
+    let holder_store = {
+        let lock_calls = lock_calls.clone();
+        Hooked::new(store.clone(), move |call| {
+            // The first renewal (the second lock call) fails.
+            if call == StoreCall::TryLock && lock_calls.fetch_add(1, Ordering::SeqCst) == 1 {
+                Fate::Fail
+            } else {
+                Fate::Pass
+            }
+        })
+    };
+    let holder = EshopboxAuthLayer::with_source(slow())
+        .token_store(holder_store)
+        .lock_lease(Duration::from_secs(1))
+        .build()
+        .unwrap();
+    let other = EshopboxAuthLayer::with_source(slow())
+        .token_store(store.clone())
+        .lock_lease(Duration::from_secs(1))
+        .build()
+        .unwrap();
+    let api = EchoApi::default();
+    let first = tokio::spawn({
+        let (holder, api) = (holder.clone(), api.clone());
+        async move { burst(&[holder], &api, 1).await }
+    });
+    // Past the lease the holder would have had without renewing.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let second = burst(&[other], &api, 1).await;
+    assert_eq!(first.await.unwrap(), ["Bearer tok-1"]);
+    assert_eq!(second, ["Bearer tok-1"]);
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
+    assert!(
+        lock_calls.load(Ordering::SeqCst) > 2,
+        "renewed after the failure"
+    );
+}
