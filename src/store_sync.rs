@@ -402,25 +402,19 @@ impl Inner {
 
     /// Before a token call: the refresh token to send is the newest one. Ours, if the
     /// store had not taken it yet, is offered first; then the stored version is used.
-    /// A store that lost its copy (a restart without persistence) gets ours back.
+    /// A store that lost its copy (a restart without persistence) is not given ours
+    /// back before the call: another replica may have rotated it since, and the others
+    /// would take a spent one from the store. What our call rotates is stored after
+    /// it, as always.
     async fn sync_refresh_token(&self, job: &Job<'_>) -> Result<(), StoreFailed> {
         self.flush_rotation().await?;
-        match self.call(self.store.load_refresh_token()).await? {
-            Some(stored) => {
-                let mut rotation = self.rotation();
-                let known = rotation.current.as_ref().map(SharedRefreshToken::id);
-                if known != Some(stored.id()) {
-                    job.use_refresh_token(stored.refresh_token().clone());
-                    rotation.current = Some(stored);
-                    rotation.unsaved = false;
-                }
-            }
-            None => {
-                let current = self.rotation().current.clone();
-                if let Some(current) = current {
-                    self.call(self.store.save_refresh_token(&current, None))
-                        .await?;
-                }
+        if let Some(stored) = self.call(self.store.load_refresh_token()).await? {
+            let mut rotation = self.rotation();
+            let known = rotation.current.as_ref().map(SharedRefreshToken::id);
+            if known != Some(stored.id()) {
+                job.use_refresh_token(stored.refresh_token().clone());
+                rotation.current = Some(stored);
+                rotation.unsaved = false;
             }
         }
         Ok(())

@@ -182,6 +182,48 @@ async fn the_newest_refresh_token_survives_a_redis_restart_that_lost_the_data() 
     );
 }
 
+// A replica that stayed idle while another rotated the refresh token on does not put
+// its spent copy into a store that lost its data: the others would take it and be
+// refused too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_spent_refresh_token_is_not_put_back_into_a_store_that_lost_its_data() {
+    let mut redis = RedisServer::start();
+    let endpoint = support::rotating_endpoint(3600).await;
+    let layer = || {
+        EshopboxAuthLayer::builder(support::credentials())
+            .token_url(&endpoint.url())
+            .token_store(redis.store())
+            .build()
+            .unwrap()
+    };
+    let (busy, idle) = (layer(), layer());
+    let api = EchoApi::default();
+    burst(&[busy.clone(), idle.clone()], &api, 5).await; // tok-1, rt-1 for both
+    for _ in 0..3 {
+        busy.handle().invalidate();
+        burst(&[busy.clone()], &api, 1).await;
+    }
+    // The busy replica rotated on to rt-4; the idle one still knows rt-1.
+    redis.stop();
+    redis.restart();
+
+    idle.handle().invalidate();
+    let error = idle.handle().get().await.unwrap_err();
+    assert_eq!(error.kind(), eshopbox_auth::ErrorKind::Rejected);
+    assert!(
+        redis.store().load_refresh_token().await.unwrap().is_none(),
+        "a spent refresh token was put into the store"
+    );
+    // The busy replica goes on with the one it knows.
+    busy.handle().invalidate();
+    let token = busy.handle().get().await.unwrap();
+    assert_eq!(token.secret().expose_secret(), "tok-5");
+    let sent = support::sent_refresh_tokens(&endpoint);
+    assert_eq!(sent[sent.len() - 1], "rt-4");
+    let stored = redis.store().load_refresh_token().await.unwrap().unwrap();
+    assert_eq!(stored.refresh_token().expose_secret(), "rt-5");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tokens_are_stored_encrypted_with_an_encryption_key() {
     let redis = RedisServer::start();

@@ -171,8 +171,11 @@
 //!   and resends the command once. Until the Sentinels have promoted a replica, calls
 //!   fail and replicas refresh directly; afterwards the store works again by itself.
 //! - *Single server:* a dropped connection is re-established and the command resent
-//!   once; a restart that lost the data only costs one token call (and each replica
-//!   puts the newest refresh token it knows back).
+//!   once; a restart that lost the data only costs one token call. A replica does not
+//!   put the refresh token it knows back before its call (another may have rotated it
+//!   since): what its call rotates is stored after it. With a rotating provider, a
+//!   replica that stayed idle while others rotated knows only a spent one, so its own
+//!   refresh is refused until a replica with the newest one has stored a token.
 //!
 //! # What the tests show
 //!
