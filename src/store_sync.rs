@@ -7,7 +7,8 @@
 //! it [`Obtained`], which the cell installs.
 //!
 //! - Every store call is bounded by a timeout. A store failure before the token call
-//!   hands the refresh back to the cell, which then calls the token endpoint directly.
+//!   hands the refresh back to the cell, which then calls the token endpoint directly
+//!   (with `store_required`, the refresh fails instead).
 //!   After the token call, the first store failure ends the store work for this
 //!   refresh (the token is already in use here). Either way the store is left alone
 //!   for a short while, so a dead store does not slow every refresh down.
@@ -57,6 +58,8 @@ struct Inner {
     lease: Duration,
     /// Bound on each store call.
     call_timeout: Duration,
+    /// No direct token call when the store fails: the refresh fails.
+    required: bool,
     /// Set after a store failure: refresh directly until then.
     paused_until: Mutex<Option<Instant>>,
     /// The refresh token version this layer sends.
@@ -87,13 +90,19 @@ struct Locked {
 }
 
 impl StoreSync {
-    pub(crate) fn new(store: Arc<dyn TokenStore>, lease: Duration, call_timeout: Duration) -> Self {
+    pub(crate) fn new(
+        store: Arc<dyn TokenStore>,
+        lease: Duration,
+        call_timeout: Duration,
+        required: bool,
+    ) -> Self {
         StoreSync {
             inner: Arc::new(Inner {
                 store,
                 owner: format!("{:016x}{:016x}", fastrand::u64(..), fastrand::u64(..)),
                 lease,
                 call_timeout,
+                required,
                 paused_until: Mutex::new(None),
                 rotation: Mutex::default(),
                 flushing: AtomicBool::new(false),
@@ -105,11 +114,23 @@ impl StoreSync {
 impl Coordinator for StoreSync {
     fn obtain<'a>(&'a self, job: Job<'a>) -> BoxFuture<'a, Option<Result<Obtained, Error>>> {
         Box::pin(async move {
-            if !self.inner.available() {
+            // Required: every refresh tries the store, since nothing else may be done.
+            if !self.inner.required && !self.inner.available() {
                 return None;
             }
             match self.inner.refresh(&job).await {
                 Ok(outcome) => Some(outcome),
+                Err(StoreFailed(error)) if self.inner.required => {
+                    tracing::warn!(
+                        error = &error as &dyn std::error::Error,
+                        "token store unavailable; no token is requested outside it (store_required)"
+                    );
+                    job.counters().store_failure();
+                    Some(Err(Error::unavailable(
+                        "the token store failed, and this layer requests tokens only through it",
+                    )
+                    .with_boxed_source(Box::new(error))))
+                }
                 Err(failure) => {
                     self.inner.failed(job.counters(), failure);
                     None

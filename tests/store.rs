@@ -527,3 +527,46 @@ async fn a_failed_lease_renewal_is_tried_again_and_the_lock_kept() {
         "renewed after the failure"
     );
 }
+
+#[tokio::test(start_paused = true)]
+async fn with_store_required_a_failing_store_fails_the_refresh_without_a_token_call() {
+    let calls = Arc::new(AtomicUsize::new(0));
+    let down = Arc::new(AtomicBool::new(true));
+    let store = {
+        let down = down.clone();
+        Hooked::new(InProcessStore::new(), move |_| {
+            if down.load(Ordering::SeqCst) {
+                Fate::Fail
+            } else {
+                Fate::Pass
+            }
+        })
+    };
+    let layer = EshopboxAuthLayer::with_source(counting(calls.clone()))
+        .token_store(store)
+        .store_required(true)
+        .build()
+        .unwrap();
+    let handle = layer.handle();
+    for _ in 0..3 {
+        let error = handle.get().await.unwrap_err();
+        assert_eq!(error.kind(), eshopbox_auth::ErrorKind::Unavailable);
+        assert!(error.to_string().contains("only through it"), "{error}");
+    }
+    assert_eq!(calls.load(Ordering::SeqCst), 0);
+    assert_eq!(handle.stats().store_failures, 3);
+    // Back: the next refresh goes through it, at once (no pause after failures).
+    down.store(false, Ordering::SeqCst);
+    handle.get().await.unwrap();
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
+}
+
+#[test]
+fn store_required_without_a_store_is_a_config_error() {
+    let error = EshopboxAuthLayer::with_source(counting(Arc::default()))
+        .store_required(true)
+        .build()
+        .unwrap_err();
+    assert_eq!(error.kind(), eshopbox_auth::ErrorKind::Config);
+    assert!(error.to_string().contains("store_required"), "{error}");
+}

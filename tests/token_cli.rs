@@ -335,6 +335,22 @@ async fn an_unusable_store_ends_the_command_without_a_token_call() {
     let (_socket, refusing) = support::refusing_address();
     let unreachable = format!("redis://{refusing}/");
     let wrong_password = redis.url().replace("redis://", "redis://:wrong-password@");
+    // A user that may read but not write (as with a reader endpoint): the command's
+    // first look at the store passes, its lock is refused.
+    redis.command(
+        redis::cmd("ACL")
+            .arg("SETUSER")
+            .arg("reader")
+            .arg("on")
+            .arg(">reader-password")
+            .arg("~*")
+            .arg("+@read")
+            .arg("+eval")
+            .arg("+evalsha"),
+    );
+    let reader = redis
+        .url()
+        .replace("redis://", "redis://reader:reader-password@");
     redis.command(
         redis::cmd("CONFIG")
             .arg("SET")
@@ -350,6 +366,12 @@ async fn an_unusable_store_ends_the_command_without_a_token_call() {
             "any:",
             "a wrong password",
             "authentication failed",
+        ),
+        (
+            reader.as_str(),
+            "any:",
+            "a read-only user",
+            "can't run this command",
         ),
         // The fleet's key was not given: its values cannot be read.
         (
@@ -377,8 +399,10 @@ async fn an_unusable_store_ends_the_command_without_a_token_call() {
             text(&output.stderr)
         );
         assert_eq!(text(&output.stdout), "", "{why}");
+        // Found at the first look, or (the read-only user) when taking the lock.
         assert!(
-            text(&output.stderr).contains("token store cannot be used"),
+            text(&output.stderr).contains("token store cannot be used")
+                || text(&output.stderr).contains("requests tokens only through it"),
             "{why}: {}",
             text(&output.stderr)
         );

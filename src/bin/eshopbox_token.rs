@@ -169,8 +169,11 @@ async fn run(args: Args) -> Result<String, Failure> {
         }
         check_store(&store, timeout).await?;
         // The lease must be shorter than the token timeout, however short --timeout is.
+        // Required: a store that fails later (it can be read but not written, say)
+        // must not let the command spend the fleet's refresh token on its own.
         builder = builder
             .token_store(store)
+            .store_required(true)
             .lock_lease((timeout / 2).min(Duration::from_secs(10)));
     }
     let layer = builder.build()?;

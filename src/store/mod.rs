@@ -116,7 +116,10 @@
 //! one). Requests only ever see the replica's local token, so none fails because Redis
 //! did. (During an outage each replica refreshes on its own; with a provider that
 //! rotates refresh tokens, replicas can then spend each other's refresh token — the
-//! store cannot help while it is down.) In a Redis Cluster the client follows `MOVED`
+//! store cannot help while it is down. With
+//! [`store_required`](crate::EshopboxAuthBuilder::store_required) a replica does not
+//! refresh on its own: its refreshes fail while the store is out, and requests use
+//! the still-valid token meanwhile.) In a Redis Cluster the client follows `MOVED`
 //! and `ASK` redirections and a failover's new master itself, within `store_timeout`;
 //! behind Sentinels the store asks them for the new master when the old one's
 //! connection breaks or it answers `READONLY`.

@@ -604,6 +604,7 @@ impl Registry {
                     part,
                     settings.lock_lease,
                     settings.store_timeout,
+                    settings.store_required,
                 )) as Box<dyn Coordinator>)
             }
             None => None,
