@@ -201,7 +201,7 @@ async fn a_spent_refresh_token_is_not_put_back_into_a_store_that_lost_its_data()
     burst(&[busy.clone(), idle.clone()], &api, 5).await; // tok-1, rt-1 for both
     for _ in 0..3 {
         busy.handle().invalidate();
-        burst(&[busy.clone()], &api, 1).await;
+        burst(std::slice::from_ref(&busy), &api, 1).await;
     }
     // The busy replica rotated on to rt-4; the idle one still knows rt-1.
     redis.stop();
