@@ -261,6 +261,10 @@ impl Inner {
             if Instant::now() + pause >= job.deadline() {
                 // The holder is alive (it renews its lease) but slow. Calling the
                 // endpoint now could spend the refresh token it is using.
+                tracing::warn!(
+                    "the token store's refresh lock was held by another process for the \
+                     whole token timeout; no token call was made"
+                );
                 return Ok(Err(Error::unavailable(
                     "another process's token call took the whole token timeout",
                 )));

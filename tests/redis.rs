@@ -271,6 +271,16 @@ async fn lock_and_token_removal_are_owner_and_id_checked() {
         .try_lock("owner-b", Duration::from_secs(5))
         .await
         .unwrap());
+    // A lock without an expiry (set by hand) is not taken, but given one lease.
+    redis.command(redis::cmd("SET").arg("{test:}lock").arg("by-hand"));
+    assert_eq!(redis.pttl("{test:}lock"), -1);
+    assert!(!store
+        .try_lock("owner-c", Duration::from_secs(5))
+        .await
+        .unwrap());
+    assert_eq!(redis.get("{test:}lock").as_deref(), Some(&b"by-hand"[..]));
+    assert!((1..=5000).contains(&redis.pttl("{test:}lock")));
+    redis.command(redis::cmd("DEL").arg("{test:}lock"));
 
     let token = eshopbox_auth::store::SharedToken::new(
         0xfeed,

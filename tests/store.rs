@@ -570,3 +570,28 @@ fn store_required_without_a_store_is_a_config_error() {
     assert_eq!(error.kind(), eshopbox_auth::ErrorKind::Config);
     assert!(error.to_string().contains("store_required"), "{error}");
 }
+
+// A lock another process keeps past the token timeout (a replica configured with a
+// much longer lease died holding it): no token call, a clear error, and a warning.
+#[tokio::test(start_paused = true)]
+async fn a_lock_held_for_the_whole_token_timeout_fails_the_refresh_with_a_warning() {
+    let store = InProcessStore::new();
+    assert!(store
+        .try_lock("another-process", Duration::from_secs(3600))
+        .await
+        .unwrap());
+    let calls = Arc::new(AtomicUsize::new(0));
+    let layer = EshopboxAuthLayer::with_source(counting(calls.clone()))
+        .token_store(store)
+        .token_timeout(Duration::from_secs(10))
+        .lock_lease(Duration::from_secs(1))
+        .build()
+        .unwrap();
+    let (captured, _guard) = support::telemetry::capture(tracing::Level::WARN);
+    let error = layer.handle().get().await.unwrap_err();
+    assert_eq!(error.kind(), eshopbox_auth::ErrorKind::Unavailable);
+    assert!(error.to_string().contains("whole token timeout"), "{error}");
+    assert_eq!(calls.load(Ordering::SeqCst), 0);
+    let log = captured.text();
+    assert!(log.contains("held by another process"), "{log}");
+}
