@@ -36,6 +36,7 @@ use crate::stats::Counters;
 use crate::store::{SharedRefreshToken, SharedToken, TokenStore};
 use crate::token::fetch::Fetched;
 use crate::token::refresh::{Adopted, Coordinator, Job, Obtained, StoredToken};
+use crate::token::value::Bearer;
 
 /// First pause between two looks at the store while another replica refreshes.
 const POLL_MIN: Duration = Duration::from_millis(10);
@@ -281,10 +282,20 @@ impl Inner {
         job: &Job<'_>,
         usable: &impl Fn(&SharedToken) -> bool,
     ) -> Result<Option<Adopted>, StoreFailed> {
-        let stored = self.call(self.store.load()).await?;
-        let adopted = stored
-            .filter(usable)
-            .and_then(|stored| job.adopt(from_store(&stored)));
+        let Some(stored) = self.call(self.store.load()).await?.filter(usable) else {
+            return Ok(None);
+        };
+        if Bearer::new(stored.access_token().clone()).is_err() {
+            // It would stay until it expires (a save keeps a token with more life
+            // left), and every replica would refresh on its own meanwhile.
+            tracing::warn!(
+                "removing a token from the token store that cannot be sent (whitespace or \
+                 control characters in it)"
+            );
+            self.call(self.store.remove(stored.id())).await?;
+            return Ok(None);
+        }
+        let adopted = job.adopt(from_store(&stored));
         if adopted.is_some() {
             // Also take the refresh token it may have rotated, so this layer knows the
             // newest one even if the store later loses it.

@@ -371,16 +371,46 @@ async fn replicas_share_a_token_over_tls() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_malformed_value_in_redis_is_replaced() {
     let redis = RedisServer::start();
-    for garbage in ["not a token", "0123456789abcdef zzzzzzzzzzzzzzzz x"] {
-        redis.command(redis::cmd("SET").arg("{test:}token").arg(garbage));
+    // Values with an hour to live, which a save would keep (they have more life left
+    // than a new token of an hour): one in this crate's format whose payload does not
+    // parse, and one holding a token with a line break.
+    let unparsable = || {
+        redis.command(
+            redis::cmd("SET")
+                .arg("{test:}token")
+                .arg("0123456789abcdef p{broken")
+                .arg("PX")
+                .arg(7_200_000),
+        );
+    };
+    let unsendable = || async {
+        let token = SharedToken::new(
+            7,
+            "tok\r\nX-Injected: 1".to_owned().into(),
+            Duration::from_secs(7200),
+            Duration::from_secs(7200),
+        );
+        redis.store().save(&token).await.unwrap();
+    };
+    for garbage in [
+        "not a token",
+        "0123456789abcdef zzzzzzzzzzzzzzzz x",
+        "unparsable",
+        "unsendable",
+    ] {
+        match garbage {
+            "unparsable" => unparsable(),
+            "unsendable" => unsendable().await,
+            _ => redis.command(redis::cmd("SET").arg("{test:}token").arg(garbage)),
+        }
         let endpoint = TokenServer::counting(3600).await;
         let layers = endpoint_replicas(2, &endpoint, || redis.store());
         let seen = burst(&layers, &EchoApi::default(), 10).await;
-        assert!(seen.iter().all(|auth| auth == "Bearer tok-1"));
+        assert!(seen.iter().all(|auth| auth == "Bearer tok-1"), "{garbage}");
         assert_eq!(
             endpoint.posts(),
             1,
-            "one call, then the other replica adopted it"
+            "{garbage}: one call, then the other replica adopted it"
         );
         let stored = redis.store().load().await.unwrap().unwrap();
         assert_eq!(
