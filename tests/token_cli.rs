@@ -95,6 +95,20 @@ async fn json_has_the_token_its_expiry_and_the_workspace() {
     assert!(json["expires_at_unix"].as_u64().unwrap() > 1_700_000_000);
     assert!(httpdate::parse_http_date(json["expires_at"].as_str().unwrap()).is_ok());
     assert_eq!(json["workspace"], "acme");
+
+    // An empty ESHOPBOX_WORKSPACE is no workspace, as empty credential variables are
+    // unset.
+    let output = run(
+        &["--json"],
+        &[
+            ("ESHOPBOX_TOKEN_URL", &eshopbox.token_url()),
+            ("ESHOPBOX_WORKSPACE", ""),
+        ],
+    )
+    .await;
+    assert!(output.status.success(), "{}", text(&output.stderr));
+    let json: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(json["workspace"], serde_json::Value::Null);
 }
 
 #[tokio::test]

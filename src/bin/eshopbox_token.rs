@@ -135,7 +135,9 @@ fn main() -> ExitCode {
     }
 }
 
-async fn run(args: Args) -> Result<String, Failure> {
+async fn run(mut args: Args) -> Result<String, Failure> {
+    // Empty means unset, as for the credentials' variables.
+    args.workspace = args.workspace.filter(|workspace| !workspace.is_empty());
     let credentials = Credentials::new(
         required("ESHOPBOX_CLIENT_ID")?,
         required("ESHOPBOX_CLIENT_SECRET")?,

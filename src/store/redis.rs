@@ -231,7 +231,7 @@ impl RedisStore {
     /// [`from_sentinel_client`](Self::from_sentinel_client).
     ///
     /// Fails with [`ErrorKind::Config`](crate::ErrorKind::Config) if there is no
-    /// Sentinel or a URL does not parse.
+    /// Sentinel, a URL does not parse, or `master_name` is blank.
     ///
     /// ```no_run
     /// # fn main() -> Result<(), eshopbox_auth::Error> {
@@ -260,6 +260,9 @@ impl RedisStore {
             return Err(Error::config(
                 "Sentinel mode needs at least one Sentinel URL",
             ));
+        }
+        if master_name.trim().is_empty() {
+            return Err(Error::config("Sentinel mode needs the master's name"));
         }
         let client = SentinelClient::build(
             sentinels,
