@@ -310,7 +310,8 @@ impl<P, C> EshopboxAuthBuilder<P, C> {
     /// bracketed IPv6 address), or `*.` and a domain of at least two labels:
     /// `*.partner.example` matches every subdomain of `partner.example`, **not**
     /// `partner.example` itself (add that too if it is wanted). Hosts are compared
-    /// case-insensitively; the port does not matter.
+    /// case-insensitively, IPv6 addresses by value (`[2001:db8::1]` is
+    /// `[2001:0db8:0::1]`); the port does not matter.
     ///
     /// `build()` fails with [`Config`](crate::ErrorKind::Config) on a pattern that is
     /// empty, `*`, a one-label wildcard like `*.com`, has a wildcard elsewhere, or
