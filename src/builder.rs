@@ -74,6 +74,7 @@ struct Settings {
     store: Option<Arc<dyn TokenStore>>,
     lock_lease: Duration,
     store_timeout: Duration,
+    store_required: bool,
     allowed_hosts: Vec<String>,
     allow_insecure_http: bool,
 }
@@ -122,6 +123,7 @@ impl EshopboxAuthBuilder {
                 store: None,
                 lock_lease: DEFAULT_LOCK_LEASE,
                 store_timeout: DEFAULT_STORE_TIMEOUT,
+                store_required: false,
                 allowed_hosts: Vec::new(),
                 allow_insecure_http: false,
             },
@@ -287,6 +289,19 @@ impl<P, C> EshopboxAuthBuilder<P, C> {
         self
     }
 
+    /// Requests tokens only through the token store (default `false`). When the
+    /// store fails (down, refusing the password, read-only), a refresh fails with
+    /// [`ErrorKind::Unavailable`](crate::ErrorKind::Unavailable) instead of calling
+    /// the token endpoint directly; requests keep using a still-valid token meanwhile.
+    /// For a provider that rotates refresh tokens, where a replica's direct call
+    /// spends the refresh token the others share: the price is failed refreshes while
+    /// the store is out. `eshopbox-token` works this way. Needs
+    /// [`token_store`](Self::token_store).
+    pub fn store_required(mut self, required: bool) -> Self {
+        self.settings.store_required = required;
+        self
+    }
+
     /// Trusts one more host with the token, besides `myeshopbox.com`, `eshopbox.com`,
     /// their subdomains and loopback (which are always trusted). Call it once per
     /// host.
@@ -295,7 +310,8 @@ impl<P, C> EshopboxAuthBuilder<P, C> {
     /// bracketed IPv6 address), or `*.` and a domain of at least two labels:
     /// `*.partner.example` matches every subdomain of `partner.example`, **not**
     /// `partner.example` itself (add that too if it is wanted). Hosts are compared
-    /// case-insensitively; the port does not matter.
+    /// case-insensitively, IPv6 addresses by value (`[2001:db8::1]` is
+    /// `[2001:0db8:0::1]`); the port does not matter.
     ///
     /// `build()` fails with [`Config`](crate::ErrorKind::Config) on a pattern that is
     /// empty, `*`, a one-label wildcard like `*.com`, has a wildcard elsewhere, or
@@ -407,6 +423,7 @@ impl<P, C> EshopboxAuthBuilder<P, C> {
                 store,
                 self.settings.lock_lease,
                 self.settings.store_timeout,
+                self.settings.store_required,
             )) as Box<dyn Coordinator>
         });
         let cell = TokenCell::new(
@@ -465,6 +482,9 @@ impl Settings {
         if self.store_timeout.is_zero() {
             return Err(Error::config("store_timeout must be more than zero"));
         }
+        if self.store_required && self.store.is_none() {
+            return Err(Error::config("store_required needs a token_store"));
+        }
         Destinations::new(&self.allowed_hosts, self.allow_insecure_http)
     }
 }
@@ -480,6 +500,7 @@ pub(crate) struct CellSettings {
     pub(crate) store: Option<Arc<dyn TokenStore>>,
     pub(crate) lock_lease: Duration,
     pub(crate) store_timeout: Duration,
+    pub(crate) store_required: bool,
     pub(crate) background_refresh: bool,
 }
 
@@ -508,6 +529,7 @@ impl<P, C> EshopboxAuthBuilder<P, C> {
             store: self.settings.store,
             lock_lease: self.settings.lock_lease,
             store_timeout: self.settings.store_timeout,
+            store_required: self.settings.store_required,
             background_refresh: self.settings.background_refresh,
         };
         let shape = Shape {
@@ -558,6 +580,7 @@ impl<P: fmt::Debug, C: fmt::Debug> fmt::Debug for EshopboxAuthBuilder<P, C> {
             .field("token_store", &self.settings.store.is_some())
             .field("lock_lease", &self.settings.lock_lease)
             .field("store_timeout", &self.settings.store_timeout)
+            .field("store_required", &self.settings.store_required)
             .field("allowed_hosts", &self.settings.allowed_hosts)
             .field("allow_insecure_http", &self.settings.allow_insecure_http)
             .field(

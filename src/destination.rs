@@ -112,8 +112,17 @@ impl Destinations {
         Err(refusal(scheme, host, trusted))
     }
 
-    /// Whether `host` is an Eshopbox host or matches an `allow_host` pattern.
+    /// Whether `host` is an Eshopbox host or matches an `allow_host` pattern. An IPv6
+    /// literal is compared in its canonical form, as the patterns are kept: `http::Uri`
+    /// keeps it as written (`[2001:db8:0::1]`), `url::Url` shortens it.
     fn trusts(&self, host: &str) -> bool {
+        if let Some(ip) = ipv6_literal(host) {
+            let canonical = format!("[{ip}]");
+            return self
+                .extra
+                .iter()
+                .any(|pattern| pattern.matches(canonical.as_bytes()));
+        }
         let host = host.strip_suffix('.').unwrap_or(host).as_bytes();
         ESHOPBOX_DOMAINS.iter().any(|domain| {
             host.eq_ignore_ascii_case(domain.as_bytes()) || is_subdomain(host, domain)
@@ -153,11 +162,10 @@ impl HostPattern {
                 "a wildcard is only allowed as \"*.\" followed by a domain of at least two labels",
             ));
         }
-        let literal = lower
-            .strip_prefix('[')
-            .and_then(|rest| rest.strip_suffix(']'))
-            .is_some_and(|ip| ip.parse::<Ipv6Addr>().is_ok());
-        if !literal && !is_domain(&lower) {
+        if let Some(ip) = ipv6_literal(&lower) {
+            return Ok(HostPattern::Exact(format!("[{ip}]").into()));
+        }
+        if !is_domain(&lower) {
             return Err(bad(
                 "expected a host name, an IPv4 address or a bracketed IPv6 address, without a port",
             ));
@@ -267,6 +275,11 @@ fn is_domain(name: &str) -> bool {
                     .bytes()
                     .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
         })
+}
+
+/// The address of a bracketed IPv6 literal (`[2001:db8::1]`).
+fn ipv6_literal(host: &str) -> Option<Ipv6Addr> {
+    host.strip_prefix('[')?.strip_suffix(']')?.parse().ok()
 }
 
 /// `localhost`, an address in `127.0.0.0/8`, or `[::1]`.
@@ -574,6 +587,7 @@ mod tests {
                 "*.partner.example".into(),
                 "10.1.2.3".into(),
                 "[fd00::1]".into(),
+                "[2001:DB8:0:0::1]".into(),
             ],
             false,
         )
@@ -585,6 +599,10 @@ mod tests {
             "https://a.b.PARTNER.example/",
             "https://10.1.2.3/",
             "https://[fd00::1]/",
+            "https://[FD00:0::1]/",
+            "https://[fd00:0000:0:0:0:0:0:0001]/",
+            "https://[2001:db8::1]/",
+            "https://[2001:0db8::0:1]:443/",
             "https://acme.myeshopbox.com/",
         ] {
             assert!(allows(&guard, uri), "{uri}");
@@ -596,6 +614,8 @@ mod tests {
             "https://x.gateway.internal.example/",
             "https://internal.example/",
             "https://10.1.2.4/",
+            "https://[fd00::2]/",
+            "https://[2001:db8::1:0]/",
         ] {
             assert!(!allows(&guard, uri), "{uri}");
         }

@@ -7,7 +7,8 @@
 //! it [`Obtained`], which the cell installs.
 //!
 //! - Every store call is bounded by a timeout. A store failure before the token call
-//!   hands the refresh back to the cell, which then calls the token endpoint directly.
+//!   hands the refresh back to the cell, which then calls the token endpoint directly
+//!   (with `store_required`, the refresh fails instead).
 //!   After the token call, the first store failure ends the store work for this
 //!   refresh (the token is already in use here). Either way the store is left alone
 //!   for a short while, so a dead store does not slow every refresh down.
@@ -35,6 +36,7 @@ use crate::stats::Counters;
 use crate::store::{SharedRefreshToken, SharedToken, TokenStore};
 use crate::token::fetch::Fetched;
 use crate::token::refresh::{Adopted, Coordinator, Job, Obtained, StoredToken};
+use crate::token::value::Bearer;
 
 /// First pause between two looks at the store while another replica refreshes.
 const POLL_MIN: Duration = Duration::from_millis(10);
@@ -57,6 +59,8 @@ struct Inner {
     lease: Duration,
     /// Bound on each store call.
     call_timeout: Duration,
+    /// No direct token call when the store fails: the refresh fails.
+    required: bool,
     /// Set after a store failure: refresh directly until then.
     paused_until: Mutex<Option<Instant>>,
     /// The refresh token version this layer sends.
@@ -87,13 +91,19 @@ struct Locked {
 }
 
 impl StoreSync {
-    pub(crate) fn new(store: Arc<dyn TokenStore>, lease: Duration, call_timeout: Duration) -> Self {
+    pub(crate) fn new(
+        store: Arc<dyn TokenStore>,
+        lease: Duration,
+        call_timeout: Duration,
+        required: bool,
+    ) -> Self {
         StoreSync {
             inner: Arc::new(Inner {
                 store,
                 owner: format!("{:016x}{:016x}", fastrand::u64(..), fastrand::u64(..)),
                 lease,
                 call_timeout,
+                required,
                 paused_until: Mutex::new(None),
                 rotation: Mutex::default(),
                 flushing: AtomicBool::new(false),
@@ -105,11 +115,23 @@ impl StoreSync {
 impl Coordinator for StoreSync {
     fn obtain<'a>(&'a self, job: Job<'a>) -> BoxFuture<'a, Option<Result<Obtained, Error>>> {
         Box::pin(async move {
-            if !self.inner.available() {
+            // Required: every refresh tries the store, since nothing else may be done.
+            if !self.inner.required && !self.inner.available() {
                 return None;
             }
             match self.inner.refresh(&job).await {
                 Ok(outcome) => Some(outcome),
+                Err(StoreFailed(error)) if self.inner.required => {
+                    tracing::warn!(
+                        error = &error as &dyn std::error::Error,
+                        "token store unavailable; no token is requested outside it (store_required)"
+                    );
+                    job.counters().store_failure();
+                    Some(Err(Error::unavailable(
+                        "the token store failed, and this layer requests tokens only through it",
+                    )
+                    .with_boxed_source(Box::new(error))))
+                }
                 Err(failure) => {
                     self.inner.failed(job.counters(), failure);
                     None
@@ -240,6 +262,10 @@ impl Inner {
             if Instant::now() + pause >= job.deadline() {
                 // The holder is alive (it renews its lease) but slow. Calling the
                 // endpoint now could spend the refresh token it is using.
+                tracing::warn!(
+                    "the token store's refresh lock was held by another process for the \
+                     whole token timeout; no token call was made"
+                );
                 return Ok(Err(Error::unavailable(
                     "another process's token call took the whole token timeout",
                 )));
@@ -256,10 +282,20 @@ impl Inner {
         job: &Job<'_>,
         usable: &impl Fn(&SharedToken) -> bool,
     ) -> Result<Option<Adopted>, StoreFailed> {
-        let stored = self.call(self.store.load()).await?;
-        let adopted = stored
-            .filter(usable)
-            .and_then(|stored| job.adopt(from_store(&stored)));
+        let Some(stored) = self.call(self.store.load()).await?.filter(usable) else {
+            return Ok(None);
+        };
+        if Bearer::new(stored.access_token().clone()).is_err() {
+            // It would stay until it expires (a save keeps a token with more life
+            // left), and every replica would refresh on its own meanwhile.
+            tracing::warn!(
+                "removing a token from the token store that cannot be sent (whitespace or \
+                 control characters in it)"
+            );
+            self.call(self.store.remove(stored.id())).await?;
+            return Ok(None);
+        }
+        let adopted = job.adopt(from_store(&stored));
         if adopted.is_some() {
             // Also take the refresh token it may have rotated, so this layer knows the
             // newest one even if the store later loses it.
@@ -333,17 +369,19 @@ impl Inner {
         })
     }
 
-    /// Runs `work` while renewing the lock's lease every third of it. If a renewal
-    /// fails or finds the lock taken, renewing stops and `work` goes on.
+    /// Runs `work` while renewing the lock's lease every third of it. A renewal that
+    /// fails is tried again a tenth of the lease later, while the lease may still
+    /// hold; if one finds the lock taken, renewing stops and `work` goes on.
     async fn renewing<F: Future>(&self, work: F) -> F::Output {
         let renew = async {
+            let mut wait = self.lease / 3;
             loop {
-                tokio::time::sleep(self.lease / 3).await;
+                tokio::time::sleep(wait).await;
                 match self
                     .call(self.store.try_lock(&self.owner, self.lease))
                     .await
                 {
-                    Ok(true) => {}
+                    Ok(true) => wait = self.lease / 3,
                     Ok(false) => {
                         tracing::warn!("lost the token store's refresh lock during the token call");
                         break;
@@ -351,9 +389,9 @@ impl Inner {
                     Err(StoreFailed(error)) => {
                         tracing::warn!(
                             error = &error as &dyn std::error::Error,
-                            "could not renew the token store's refresh lock"
+                            "could not renew the token store's refresh lock; trying again"
                         );
-                        break;
+                        wait = self.lease / 10;
                     }
                 }
             }
@@ -400,25 +438,19 @@ impl Inner {
 
     /// Before a token call: the refresh token to send is the newest one. Ours, if the
     /// store had not taken it yet, is offered first; then the stored version is used.
-    /// A store that lost its copy (a restart without persistence) gets ours back.
+    /// A store that lost its copy (a restart without persistence) is not given ours
+    /// back before the call: another replica may have rotated it since, and the others
+    /// would take a spent one from the store. What our call rotates is stored after
+    /// it, as always.
     async fn sync_refresh_token(&self, job: &Job<'_>) -> Result<(), StoreFailed> {
         self.flush_rotation().await?;
-        match self.call(self.store.load_refresh_token()).await? {
-            Some(stored) => {
-                let mut rotation = self.rotation();
-                let known = rotation.current.as_ref().map(SharedRefreshToken::id);
-                if known != Some(stored.id()) {
-                    job.use_refresh_token(stored.refresh_token().clone());
-                    rotation.current = Some(stored);
-                    rotation.unsaved = false;
-                }
-            }
-            None => {
-                let current = self.rotation().current.clone();
-                if let Some(current) = current {
-                    self.call(self.store.save_refresh_token(&current, None))
-                        .await?;
-                }
+        if let Some(stored) = self.call(self.store.load_refresh_token()).await? {
+            let mut rotation = self.rotation();
+            let known = rotation.current.as_ref().map(SharedRefreshToken::id);
+            if known != Some(stored.id()) {
+                job.use_refresh_token(stored.refresh_token().clone());
+                rotation.current = Some(stored);
+                rotation.unsaved = false;
             }
         }
         Ok(())

@@ -146,3 +146,28 @@ async fn token_store_paths_log_no_secret() {
     let all = format!("{text}\n{debug}\n{report}");
     assert_no_secret(&all, &["tok-1", "tok-2", "rt-1", "rt-2"]);
 }
+
+// An error answer whose OAuth `error` code is a secret the request sent (or part of
+// one) loses the code: it would end up in the error's `Display`.
+#[tokio::test]
+async fn an_error_code_echoing_a_secret_is_dropped() {
+    for echoed in [
+        support::REFRESH_TOKEN,
+        support::CLIENT_SECRET,
+        "long-lived-refresh",
+    ] {
+        let body = format!(r#"{{"error":"{echoed}"}}"#);
+        let server = TokenServer::start(move |_| Reply::json(400, &body)).await;
+        let layer = EshopboxAuthLayer::builder(credentials())
+            .token_url(&server.url())
+            .build()
+            .unwrap();
+        let error = layer.handle().get().await.unwrap_err();
+        assert_eq!(error.kind(), ErrorKind::Rejected);
+        assert_eq!(error.oauth_error(), None, "{echoed}");
+        assert!(
+            !format!("{error} {error:?}").contains(echoed),
+            "{echoed}: {error}"
+        );
+    }
+}

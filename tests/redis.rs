@@ -182,6 +182,48 @@ async fn the_newest_refresh_token_survives_a_redis_restart_that_lost_the_data() 
     );
 }
 
+// A replica that stayed idle while another rotated the refresh token on does not put
+// its spent copy into a store that lost its data: the others would take it and be
+// refused too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_spent_refresh_token_is_not_put_back_into_a_store_that_lost_its_data() {
+    let mut redis = RedisServer::start();
+    let endpoint = support::rotating_endpoint(3600).await;
+    let layer = || {
+        EshopboxAuthLayer::builder(support::credentials())
+            .token_url(&endpoint.url())
+            .token_store(redis.store())
+            .build()
+            .unwrap()
+    };
+    let (busy, idle) = (layer(), layer());
+    let api = EchoApi::default();
+    burst(&[busy.clone(), idle.clone()], &api, 5).await; // tok-1, rt-1 for both
+    for _ in 0..3 {
+        busy.handle().invalidate();
+        burst(std::slice::from_ref(&busy), &api, 1).await;
+    }
+    // The busy replica rotated on to rt-4; the idle one still knows rt-1.
+    redis.stop();
+    redis.restart();
+
+    idle.handle().invalidate();
+    let error = idle.handle().get().await.unwrap_err();
+    assert_eq!(error.kind(), eshopbox_auth::ErrorKind::Rejected);
+    assert!(
+        redis.store().load_refresh_token().await.unwrap().is_none(),
+        "a spent refresh token was put into the store"
+    );
+    // The busy replica goes on with the one it knows.
+    busy.handle().invalidate();
+    let token = busy.handle().get().await.unwrap();
+    assert_eq!(token.secret().expose_secret(), "tok-5");
+    let sent = support::sent_refresh_tokens(&endpoint);
+    assert_eq!(sent[sent.len() - 1], "rt-4");
+    let stored = redis.store().load_refresh_token().await.unwrap().unwrap();
+    assert_eq!(stored.refresh_token().expose_secret(), "rt-5");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tokens_are_stored_encrypted_with_an_encryption_key() {
     let redis = RedisServer::start();
@@ -229,6 +271,16 @@ async fn lock_and_token_removal_are_owner_and_id_checked() {
         .try_lock("owner-b", Duration::from_secs(5))
         .await
         .unwrap());
+    // A lock without an expiry (set by hand) is not taken, but given one lease.
+    redis.command(redis::cmd("SET").arg("{test:}lock").arg("by-hand"));
+    assert_eq!(redis.pttl("{test:}lock"), -1);
+    assert!(!store
+        .try_lock("owner-c", Duration::from_secs(5))
+        .await
+        .unwrap());
+    assert_eq!(redis.get("{test:}lock").as_deref(), Some(&b"by-hand"[..]));
+    assert!((1..=5000).contains(&redis.pttl("{test:}lock")));
+    redis.command(redis::cmd("DEL").arg("{test:}lock"));
 
     let token = eshopbox_auth::store::SharedToken::new(
         0xfeed,
@@ -319,16 +371,46 @@ async fn replicas_share_a_token_over_tls() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_malformed_value_in_redis_is_replaced() {
     let redis = RedisServer::start();
-    for garbage in ["not a token", "0123456789abcdef zzzzzzzzzzzzzzzz x"] {
-        redis.command(redis::cmd("SET").arg("{test:}token").arg(garbage));
+    // Values with an hour to live, which a save would keep (they have more life left
+    // than a new token of an hour): one in this crate's format whose payload does not
+    // parse, and one holding a token with a line break.
+    let unparsable = || {
+        redis.command(
+            redis::cmd("SET")
+                .arg("{test:}token")
+                .arg("0123456789abcdef p{broken")
+                .arg("PX")
+                .arg(7_200_000),
+        );
+    };
+    let unsendable = || async {
+        let token = SharedToken::new(
+            7,
+            "tok\r\nX-Injected: 1".to_owned().into(),
+            Duration::from_secs(7200),
+            Duration::from_secs(7200),
+        );
+        redis.store().save(&token).await.unwrap();
+    };
+    for garbage in [
+        "not a token",
+        "0123456789abcdef zzzzzzzzzzzzzzzz x",
+        "unparsable",
+        "unsendable",
+    ] {
+        match garbage {
+            "unparsable" => unparsable(),
+            "unsendable" => unsendable().await,
+            _ => redis.command(redis::cmd("SET").arg("{test:}token").arg(garbage)),
+        }
         let endpoint = TokenServer::counting(3600).await;
         let layers = endpoint_replicas(2, &endpoint, || redis.store());
         let seen = burst(&layers, &EchoApi::default(), 10).await;
-        assert!(seen.iter().all(|auth| auth == "Bearer tok-1"));
+        assert!(seen.iter().all(|auth| auth == "Bearer tok-1"), "{garbage}");
         assert_eq!(
             endpoint.posts(),
             1,
-            "one call, then the other replica adopted it"
+            "{garbage}: one call, then the other replica adopted it"
         );
         let stored = redis.store().load().await.unwrap().unwrap();
         assert_eq!(

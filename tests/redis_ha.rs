@@ -669,6 +669,11 @@ fn cluster_and_sentinel_need_valid_urls_that_errors_do_not_repeat() {
     assert!(!format!("{error} {error:?}").contains("hunter2"));
     let error = RedisStore::sentinel(Vec::<String>::new(), MASTER_NAME).unwrap_err();
     assert_eq!(error.kind(), eshopbox_auth::ErrorKind::Config);
+    for blank in ["", " "] {
+        let error = RedisStore::sentinel(["redis://127.0.0.1:26379"], blank).unwrap_err();
+        assert_eq!(error.kind(), eshopbox_auth::ErrorKind::Config);
+        assert!(error.to_string().contains("master's name"), "{error}");
+    }
     let error = RedisStore::sentinel(["redis://:hunter2@[::1"], MASTER_NAME).unwrap_err();
     assert!(!format!("{error} {error:?}").contains("hunter2"));
     let store = RedisStore::cluster(["rediss://:hunter2@redis.example:6380"]).unwrap();

@@ -466,3 +466,132 @@ async fn the_configured_refresh_token_after_a_refused_stored_one_is_not_spaced_o
     assert_eq!(calls.len(), 3);
     assert_eq!(calls[2] - calls[1], Duration::ZERO, "{calls:?}");
 }
+
+// A renewal that fails (the store did not answer once) must not give the lock up:
+// the holder keeps renewing, so another replica does not take the lock while the
+// token call goes on and spend the same refresh token.
+#[tokio::test(start_paused = true)]
+async fn a_failed_lease_renewal_is_tried_again_and_the_lock_kept() {
+    let calls = Arc::new(AtomicUsize::new(0));
+    let slow = {
+        let calls = calls.clone();
+        move || {
+            let calls = calls.clone();
+            eshopbox_auth::source::source_fn(move || {
+                let calls = calls.clone();
+                async move {
+                    let n = calls.fetch_add(1, Ordering::SeqCst) + 1;
+                    // Four leases.
+                    tokio::time::sleep(Duration::from_secs(4)).await;
+                    Ok(eshopbox_auth::source::FetchedToken::new(format!("tok-{n}")))
+                }
+            })
+        }
+    };
+    let store = InProcessStore::new();
+    let lock_calls = Arc::new(AtomicUsize::new(0));
+    let holder_store = {
+        let lock_calls = lock_calls.clone();
+        Hooked::new(store.clone(), move |call| {
+            // The first renewal (the second lock call) fails.
+            if call == StoreCall::TryLock && lock_calls.fetch_add(1, Ordering::SeqCst) == 1 {
+                Fate::Fail
+            } else {
+                Fate::Pass
+            }
+        })
+    };
+    let holder = EshopboxAuthLayer::with_source(slow())
+        .token_store(holder_store)
+        .lock_lease(Duration::from_secs(1))
+        .build()
+        .unwrap();
+    let other = EshopboxAuthLayer::with_source(slow())
+        .token_store(store.clone())
+        .lock_lease(Duration::from_secs(1))
+        .build()
+        .unwrap();
+    let api = EchoApi::default();
+    let first = tokio::spawn({
+        let (holder, api) = (holder.clone(), api.clone());
+        async move { burst(&[holder], &api, 1).await }
+    });
+    // Past the lease the holder would have had without renewing.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let second = burst(&[other], &api, 1).await;
+    assert_eq!(first.await.unwrap(), ["Bearer tok-1"]);
+    assert_eq!(second, ["Bearer tok-1"]);
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
+    assert!(
+        lock_calls.load(Ordering::SeqCst) > 2,
+        "renewed after the failure"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn with_store_required_a_failing_store_fails_the_refresh_without_a_token_call() {
+    let calls = Arc::new(AtomicUsize::new(0));
+    let down = Arc::new(AtomicBool::new(true));
+    let store = {
+        let down = down.clone();
+        Hooked::new(InProcessStore::new(), move |_| {
+            if down.load(Ordering::SeqCst) {
+                Fate::Fail
+            } else {
+                Fate::Pass
+            }
+        })
+    };
+    let layer = EshopboxAuthLayer::with_source(counting(calls.clone()))
+        .token_store(store)
+        .store_required(true)
+        .build()
+        .unwrap();
+    let handle = layer.handle();
+    for _ in 0..3 {
+        let error = handle.get().await.unwrap_err();
+        assert_eq!(error.kind(), eshopbox_auth::ErrorKind::Unavailable);
+        assert!(error.to_string().contains("only through it"), "{error}");
+    }
+    assert_eq!(calls.load(Ordering::SeqCst), 0);
+    assert_eq!(handle.stats().store_failures, 3);
+    // Back: the next refresh goes through it, at once (no pause after failures).
+    down.store(false, Ordering::SeqCst);
+    handle.get().await.unwrap();
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
+}
+
+#[test]
+fn store_required_without_a_store_is_a_config_error() {
+    let error = EshopboxAuthLayer::with_source(counting(Arc::default()))
+        .store_required(true)
+        .build()
+        .unwrap_err();
+    assert_eq!(error.kind(), eshopbox_auth::ErrorKind::Config);
+    assert!(error.to_string().contains("store_required"), "{error}");
+}
+
+// A lock another process keeps past the token timeout (a replica configured with a
+// much longer lease died holding it): no token call, a clear error, and a warning.
+#[tokio::test(start_paused = true)]
+async fn a_lock_held_for_the_whole_token_timeout_fails_the_refresh_with_a_warning() {
+    let store = InProcessStore::new();
+    assert!(store
+        .try_lock("another-process", Duration::from_secs(3600))
+        .await
+        .unwrap());
+    let calls = Arc::new(AtomicUsize::new(0));
+    let layer = EshopboxAuthLayer::with_source(counting(calls.clone()))
+        .token_store(store)
+        .token_timeout(Duration::from_secs(10))
+        .lock_lease(Duration::from_secs(1))
+        .build()
+        .unwrap();
+    let (captured, _guard) = support::telemetry::capture(tracing::Level::WARN);
+    let error = layer.handle().get().await.unwrap_err();
+    assert_eq!(error.kind(), eshopbox_auth::ErrorKind::Unavailable);
+    assert!(error.to_string().contains("whole token timeout"), "{error}");
+    assert_eq!(calls.load(Ordering::SeqCst), 0);
+    let log = captured.text();
+    assert!(log.contains("held by another process"), "{log}");
+}

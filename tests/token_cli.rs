@@ -95,6 +95,20 @@ async fn json_has_the_token_its_expiry_and_the_workspace() {
     assert!(json["expires_at_unix"].as_u64().unwrap() > 1_700_000_000);
     assert!(httpdate::parse_http_date(json["expires_at"].as_str().unwrap()).is_ok());
     assert_eq!(json["workspace"], "acme");
+
+    // An empty ESHOPBOX_WORKSPACE is no workspace, as empty credential variables are
+    // unset.
+    let output = run(
+        &["--json"],
+        &[
+            ("ESHOPBOX_TOKEN_URL", &eshopbox.token_url()),
+            ("ESHOPBOX_WORKSPACE", ""),
+        ],
+    )
+    .await;
+    assert!(output.status.success(), "{}", text(&output.stderr));
+    let json: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(json["workspace"], serde_json::Value::Null);
 }
 
 #[tokio::test]
@@ -335,6 +349,22 @@ async fn an_unusable_store_ends_the_command_without_a_token_call() {
     let (_socket, refusing) = support::refusing_address();
     let unreachable = format!("redis://{refusing}/");
     let wrong_password = redis.url().replace("redis://", "redis://:wrong-password@");
+    // A user that may read but not write (as with a reader endpoint): the command's
+    // first look at the store passes, its lock is refused.
+    redis.command(
+        redis::cmd("ACL")
+            .arg("SETUSER")
+            .arg("reader")
+            .arg("on")
+            .arg(">reader-password")
+            .arg("~*")
+            .arg("+@read")
+            .arg("+eval")
+            .arg("+evalsha"),
+    );
+    let reader = redis
+        .url()
+        .replace("redis://", "redis://reader:reader-password@");
     redis.command(
         redis::cmd("CONFIG")
             .arg("SET")
@@ -350,6 +380,12 @@ async fn an_unusable_store_ends_the_command_without_a_token_call() {
             "any:",
             "a wrong password",
             "authentication failed",
+        ),
+        (
+            reader.as_str(),
+            "any:",
+            "a read-only user",
+            "can't run this command",
         ),
         // The fleet's key was not given: its values cannot be read.
         (
@@ -377,8 +413,10 @@ async fn an_unusable_store_ends_the_command_without_a_token_call() {
             text(&output.stderr)
         );
         assert_eq!(text(&output.stdout), "", "{why}");
+        // Found at the first look, or (the read-only user) when taking the lock.
         assert!(
-            text(&output.stderr).contains("token store cannot be used"),
+            text(&output.stderr).contains("token store cannot be used")
+                || text(&output.stderr).contains("requests tokens only through it"),
             "{why}: {}",
             text(&output.stderr)
         );

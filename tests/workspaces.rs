@@ -386,6 +386,52 @@ async fn a_lookup_that_hangs_fails_at_the_token_timeout_and_is_not_remembered() 
 }
 
 #[tokio::test]
+async fn unusable_credentials_from_the_resolver_fail_with_a_config_error_naming_the_workspace() {
+    let directory = Directory::default();
+    directory.add(
+        "acme",
+        eshopbox_auth::Credentials::new(support::CLIENT_ID, "", support::REFRESH_TOKEN),
+    );
+    let layer = directory.layer().build().unwrap();
+    let service = layer.layer(echo(Arc::default()));
+    let url = "https://api.myeshopbox.com/x";
+    for _ in 0..2 {
+        let err = within(service.clone().oneshot(request_for(url, "acme")))
+            .await
+            .unwrap_err();
+        assert_eq!(kind(&err), Some(ErrorKind::Config));
+        let report = full_report(&err);
+        assert!(report.contains("workspace acme"), "{report}");
+        assert!(report.contains("client_secret is empty"), "{report}");
+    }
+    // Not remembered: each request asked the resolver.
+    assert_eq!(directory.calls("acme"), 2);
+    assert_eq!(layer.workspaces(), 0);
+}
+
+#[test]
+fn outside_a_tokio_runtime_a_request_fails_with_a_config_error() {
+    let directory = Directory::default();
+    directory.add("acme", support::credentials());
+    let layer = directory.layer().build().unwrap();
+    let mut service = layer.layer(echo(Arc::default()));
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    assert!(service.poll_ready(&mut cx).is_ready());
+    let mut future =
+        std::pin::pin!(service.call(request_for("https://api.myeshopbox.com/x", "acme")));
+    match future.as_mut().poll(&mut cx) {
+        std::task::Poll::Ready(Err(err)) => {
+            assert_eq!(kind(&err), Some(ErrorKind::Config), "{}", full_report(&err));
+            assert!(full_report(&err).contains("no tokio runtime"));
+        }
+        std::task::Poll::Ready(Ok(_)) => panic!("served without a runtime"),
+        std::task::Poll::Pending => panic!("waits for a lookup no runtime runs"),
+    }
+    assert_eq!(directory.calls("acme"), 0);
+    assert_eq!(layer.workspaces(), 0);
+}
+
+#[tokio::test]
 async fn a_resolver_that_panics_fails_the_lookup_and_leaves_nothing_behind() {
     let eshopbox = MockEshopbox::start().await.unwrap();
     let panics = Arc::new(AtomicUsize::new(1));

@@ -46,6 +46,11 @@ async fn spans_name_the_workspace_and_metrics_carry_no_workspace_label() {
         request.extensions_mut().insert(Workspace::new(name));
         let _ = service.clone().oneshot(request).await;
     }
+    // A request naming no workspace counts as unknown too.
+    let request = Request::get("https://api.myeshopbox.com/x")
+        .body(Empty::new())
+        .unwrap();
+    let _ = service.clone().oneshot(request).await;
 
     let logs = captured.text();
     for name in ["acme", "globex"] {
@@ -69,7 +74,7 @@ async fn spans_name_the_workspace_and_metrics_carry_no_workspace_label() {
     );
     assert_eq!(counters["eshopbox_auth_token_requests_total[]"], 2);
     assert_eq!(counters["eshopbox_auth_workspaces_resolved_total[]"], 2);
-    assert_eq!(counters["eshopbox_auth_workspaces_unknown_total[]"], 1);
+    assert_eq!(counters["eshopbox_auth_workspaces_unknown_total[]"], 2);
     // Per workspace, from its handle.
     let acme = layer.handle(&Workspace::new("acme")).unwrap().stats();
     assert_eq!(acme.token_requests, 1);

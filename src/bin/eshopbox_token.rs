@@ -135,7 +135,9 @@ fn main() -> ExitCode {
     }
 }
 
-async fn run(args: Args) -> Result<String, Failure> {
+async fn run(mut args: Args) -> Result<String, Failure> {
+    // Empty means unset, as for the credentials' variables.
+    args.workspace = args.workspace.filter(|workspace| !workspace.is_empty());
     let credentials = Credentials::new(
         required("ESHOPBOX_CLIENT_ID")?,
         required("ESHOPBOX_CLIENT_SECRET")?,
@@ -169,8 +171,11 @@ async fn run(args: Args) -> Result<String, Failure> {
         }
         check_store(&store, timeout).await?;
         // The lease must be shorter than the token timeout, however short --timeout is.
+        // Required: a store that fails later (it can be read but not written, say)
+        // must not let the command spend the fleet's refresh token on its own.
         builder = builder
             .token_store(store)
+            .store_required(true)
             .lock_lease((timeout / 2).min(Duration::from_secs(10)));
     }
     let layer = builder.build()?;

@@ -116,7 +116,10 @@
 //! one). Requests only ever see the replica's local token, so none fails because Redis
 //! did. (During an outage each replica refreshes on its own; with a provider that
 //! rotates refresh tokens, replicas can then spend each other's refresh token — the
-//! store cannot help while it is down.) In a Redis Cluster the client follows `MOVED`
+//! store cannot help while it is down. With
+//! [`store_required`](crate::EshopboxAuthBuilder::store_required) a replica does not
+//! refresh on its own: its refreshes fail while the store is out, and requests use
+//! the still-valid token meanwhile.) In a Redis Cluster the client follows `MOVED`
 //! and `ASK` redirections and a failover's new master itself, within `store_timeout`;
 //! behind Sentinels the store asks them for the new master when the old one's
 //! connection breaks or it answers `READONLY`.
@@ -171,8 +174,11 @@
 //!   and resends the command once. Until the Sentinels have promoted a replica, calls
 //!   fail and replicas refresh directly; afterwards the store works again by itself.
 //! - *Single server:* a dropped connection is re-established and the command resent
-//!   once; a restart that lost the data only costs one token call (and each replica
-//!   puts the newest refresh token it knows back).
+//!   once; a restart that lost the data only costs one token call. A replica does not
+//!   put the refresh token it knows back before its call (another may have rotated it
+//!   since): what its call rotates is stored after it. With a rotating provider, a
+//!   replica that stayed idle while others rotated knows only a spent one, so its own
+//!   refresh is refused until a replica with the newest one has stored a token.
 //!
 //! # What the tests show
 //!

@@ -34,6 +34,7 @@ const CLUSTER_RETRY_MIN_MS: u64 = 50;
 const CLUSTER_RETRY_MAX_MS: u64 = 500;
 /// A stored value's clear header: its id, 16 hex digits, and a space.
 const HEADER_LEN: usize = 17;
+
 /// How much longer than the truth a `PTTL` answer can be: Redis counts expiries on a
 /// whole-millisecond clock.
 const PTTL_ROUNDING: Duration = Duration::from_millis(1);
@@ -230,7 +231,7 @@ impl RedisStore {
     /// [`from_sentinel_client`](Self::from_sentinel_client).
     ///
     /// Fails with [`ErrorKind::Config`](crate::ErrorKind::Config) if there is no
-    /// Sentinel or a URL does not parse.
+    /// Sentinel, a URL does not parse, or `master_name` is blank.
     ///
     /// ```no_run
     /// # fn main() -> Result<(), eshopbox_auth::Error> {
@@ -259,6 +260,9 @@ impl RedisStore {
             return Err(Error::config(
                 "Sentinel mode needs at least one Sentinel URL",
             ));
+        }
+        if master_name.trim().is_empty() {
+            return Err(Error::config("Sentinel mode needs the master's name"));
         }
         let client = SentinelClient::build(
             sentinels,
@@ -372,10 +376,7 @@ impl RedisStore {
     /// nothing stored, so the next write replaces it; a value this store cannot
     /// decrypt is an error: it belongs to replicas with another key.
     fn unseal(&self, key: &str, value: &[u8]) -> Result<Option<(u64, Vec<u8>)>, Error> {
-        let id = (value.len() > HEADER_LEN && value[HEADER_LEN - 1] == b' ')
-            .then(|| std::str::from_utf8(&value[..HEADER_LEN - 1]).ok())
-            .flatten()
-            .and_then(|hex| u64::from_str_radix(hex, 16).ok());
+        let id = header_id(value);
         let (header, sealed) = value.split_at(HEADER_LEN.min(value.len()));
         match id {
             Some(id) if matches!(sealed.first(), Some(&PLAIN | &SEALED)) => {
@@ -399,7 +400,17 @@ impl RedisStore {
         let Some(value) = value else {
             return Ok(None);
         };
-        self.decode_token(&value, ttl_ms, asked_at)
+        let token = self.decode_token(&value, ttl_ms, asked_at)?;
+        if token.is_none() {
+            // In this crate's format but unusable (a payload that does not parse): the
+            // next save would keep it while it has more life left than the new token,
+            // and every replica would refresh on its own until then. Removed, by its id.
+            if let Some(id) = header_id(&value) {
+                tracing::warn!(%key, "removing an unusable token from Redis");
+                TokenStore::remove(self, id).await?;
+            }
+        }
+        Ok(token)
     }
 
     /// A stored token value, read at `asked_at` with `ttl_ms` left (`PTTL`: negative
@@ -653,6 +664,14 @@ impl fmt::Debug for RedisStore {
             .field("encrypted", &self.cipher.is_some())
             .finish_non_exhaustive()
     }
+}
+
+/// The id in a stored value's header (16 hex digits and a space), if it has one.
+fn header_id(value: &[u8]) -> Option<u64> {
+    (value.len() > HEADER_LEN && value[HEADER_LEN - 1] == b' ')
+        .then(|| std::str::from_utf8(&value[..HEADER_LEN - 1]).ok())
+        .flatten()
+        .and_then(|hex| u64::from_str_radix(hex, 16).ok())
 }
 
 fn id_prefix(id: u64) -> String {

@@ -58,6 +58,8 @@ pub(crate) struct TokenCell {
     invalidated: AtomicBool,
     /// Set by [`TokenCell::retire`]: no token is fetched, installed or stored any more.
     retired: AtomicBool,
+    /// Set by [`TokenCell::end_background`]: the background refresher stops.
+    background_ended: AtomicBool,
     next_generation: AtomicU64,
     /// The store id of the token a 401 invalidated (0: none), for the store.
     failed_store_id: AtomicU64,
@@ -84,6 +86,7 @@ impl TokenCell {
             changes: watch::channel(None).0,
             invalidated: AtomicBool::new(false),
             retired: AtomicBool::new(false),
+            background_ended: AtomicBool::new(false),
             next_generation: AtomicU64::new(1),
             failed_store_id: AtomicU64::new(0),
             flight: Flight::default(),
@@ -186,6 +189,22 @@ impl TokenCell {
     /// Whether [`retire`](Self::retire) was called.
     pub(crate) fn retired(&self) -> bool {
         self.retired.load(Ordering::Acquire)
+    }
+
+    /// Stops the background refresher before its next token call (its workspace was
+    /// dropped for size or idleness). Requests that still hold the cell, and
+    /// handles on it, refresh on demand as before.
+    #[cfg(feature = "workspaces")]
+    pub(crate) fn end_background(&self) {
+        self.background_ended.store(true, Ordering::Release);
+        // Wakes the refresher (and tells the front map's snapshot to look again).
+        self.changes.send_modify(|_| {});
+    }
+
+    /// Whether the background refresher should end: the cell was retired, or
+    /// [`end_background`](Self::end_background) was called.
+    pub(crate) fn background_over(&self) -> bool {
+        self.retired() || self.background_ended.load(Ordering::Acquire)
     }
 
     /// The current token, if any (valid or not).

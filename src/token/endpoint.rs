@@ -201,7 +201,10 @@ impl Inner {
 
         // A failure's status says what it is, whatever its body: an error page too
         // long to read is dropped unread, its status and `Retry-After` still count.
-        let failed = |bytes: &[u8]| Err(status_error(status, bytes).with_retry_after(retry_after));
+        let failed = |bytes: &[u8]| {
+            let code = oauth_error_code(bytes).filter(|code| !self.touches_secret(code));
+            Err(status_error(status, code).with_retry_after(retry_after))
+        };
         let too_long = || {
             if status.is_success() {
                 Err(too_large(status))
@@ -241,6 +244,24 @@ impl Inner {
 }
 
 impl Inner {
+    /// Whether `text` holds a secret this endpoint sends (the client secret, the
+    /// refresh token) or is part of one: an error answer that echoes one must not
+    /// carry it into an error message.
+    fn touches_secret(&self, text: &str) -> bool {
+        let touches =
+            |secret: &str| !secret.is_empty() && (text.contains(secret) || secret.contains(text));
+        touches(self.config.client_secret.expose_secret())
+            || match &self.config.grant {
+                GrantKind::RefreshToken(current) => touches(
+                    current
+                        .lock()
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .expose_secret(),
+                ),
+                GrantKind::ClientCredentials { .. } => false,
+            }
+    }
+
     /// Uses a rotated refresh token from now on and tells the application.
     fn rotate(&self, rotated: &SecretString) {
         let GrantKind::RefreshToken(refresh_token) = &self.config.grant else {
@@ -260,10 +281,10 @@ impl Inner {
     }
 }
 
-/// An error for a non-2xx answer. 408, 429 and 5xx are worth retrying later; other
-/// 4xx mean the credentials or the refresh token were refused.
-fn status_error(status: StatusCode, body: &[u8]) -> Error {
-    let code = oauth_error_code(body);
+/// An error for a non-2xx answer, with its OAuth `error` code if any. 408, 429 and
+/// 5xx are worth retrying later; other 4xx mean the credentials or the refresh token
+/// were refused.
+fn status_error(status: StatusCode, code: Option<String>) -> Error {
     let (kind, message) = if status == StatusCode::REQUEST_TIMEOUT
         || status == StatusCode::TOO_MANY_REQUESTS
         || status.is_server_error()
@@ -345,7 +366,7 @@ mod tests {
 
     #[test]
     fn statuses_are_classified() {
-        let kind = |code: u16| status_error(StatusCode::from_u16(code).unwrap(), b"").kind();
+        let kind = |code: u16| status_error(StatusCode::from_u16(code).unwrap(), None).kind();
         for code in [400, 401, 403, 404, 422] {
             assert_eq!(kind(code), ErrorKind::Rejected, "{code}");
         }

@@ -157,6 +157,10 @@ impl<P, C> WorkspaceAuthBuilder<P, C> {
         store_timeout(timeout: Duration)
     );
     forward!(
+        /// See [`EshopboxAuthBuilder::store_required`].
+        store_required(required: bool)
+    );
+    forward!(
         /// See [`EshopboxAuthBuilder::allow_host`].
         allow_host(pattern: &str)
     );

@@ -45,9 +45,10 @@ impl<P, C> WorkspaceAuthLayer<P, C> {
     /// single account. Looking counts as a use for the idle timeout. The handle keeps
     /// the workspace's token cell (not its place in the map) while it lives: once the
     /// workspace is dropped for size or idleness, the handle's cell is no longer the
-    /// one requests use, and with `background_refresh` it goes on refreshing until the
-    /// handle is dropped. Keep handles only while you need them. (A handle on a
-    /// workspace that was [forgotten](Self::forget) stops at once.)
+    /// one requests use; its background refresher (with `background_refresh`) stops,
+    /// and the handle refreshes on demand until it is dropped. Keep handles only
+    /// while you need them. (A handle on a workspace that was
+    /// [forgotten](Self::forget) stops at once.)
     pub fn handle(&self, workspace: &Workspace) -> Option<TokenHandle> {
         self.registry
             .entry_of(workspace)
@@ -107,5 +108,107 @@ impl<S, P: Clone, C: Clone> Layer<S> for WorkspaceAuthLayer<P, C> {
             self.replay.clone(),
             self.unauthorized.clone(),
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::{Credentials, EshopboxAuthLayer};
+
+    fn layer(max_workspaces: usize) -> WorkspaceAuthLayer {
+        EshopboxAuthLayer::per_workspace(|_: Workspace| async {
+            Ok(Some(Credentials::new("id", "secret", "refresh")))
+        })
+        .max_workspaces(max_workspaces)
+        .build()
+        .unwrap()
+    }
+
+    fn paused_runtime() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .start_paused(true)
+            .build()
+            .unwrap()
+    }
+
+    // Warm requests report their use to the cache on the clock's ticks; a clock that
+    // stopped with the first lookup's runtime would let busy workspaces expire.
+    #[test]
+    fn the_clock_goes_on_after_the_first_lookups_runtime_is_gone() {
+        let layer = layer(10);
+        let registry = &layer.registry;
+        let acme = Workspace::new("acme");
+        paused_runtime()
+            .block_on(registry.resolve(acme.clone()))
+            .unwrap();
+        paused_runtime().block_on(async {
+            assert!(registry.warm(&acme, false).is_some());
+            let before = registry.ticks();
+            // Ticks of a second with the default idle timeout.
+            tokio::time::sleep(Duration::from_secs(10)).await;
+            assert!(
+                registry.ticks() >= before + 9,
+                "{} ticks",
+                registry.ticks() - before
+            );
+        });
+    }
+
+    // The cache may hold a dropped slot until its next housekeeping: the listener
+    // (or, for a workspace it declined, the lookup) stops the refresher at once.
+    #[test]
+    fn a_workspace_dropped_for_size_stops_its_refresher() {
+        let layer = layer(1);
+        let registry = &layer.registry;
+        paused_runtime().block_on(async {
+            let acme = registry.resolve(Workspace::new("acme")).await.unwrap();
+            let globex = registry.resolve(Workspace::new("globex")).await.unwrap();
+            assert_eq!(registry.len(), 1);
+            let kept = |name: &str| registry.entry_of(&Workspace::new(name)).is_some();
+            for (name, entry) in [("acme", &acme), ("globex", &globex)] {
+                assert_eq!(entry.cell.background_over(), !kept(name), "{name}");
+            }
+        });
+    }
+
+    // A workspace the cache declined while it was being looked up: the listener ran
+    // before there was a cell, so the lookup stops the refresher as it ends.
+    #[test]
+    fn a_workspace_declined_during_its_lookup_gets_no_refresher() {
+        let gate = Arc::new(tokio::sync::Semaphore::new(0));
+        let layer = {
+            let gate = gate.clone();
+            EshopboxAuthLayer::per_workspace(move |workspace: Workspace| {
+                let gate = gate.clone();
+                async move {
+                    if workspace.name() == "globex" {
+                        gate.acquire().await.unwrap().forget();
+                    }
+                    Ok(Some(Credentials::new("id", "secret", "refresh")))
+                }
+            })
+            .max_workspaces(1)
+            .build()
+            .unwrap()
+        };
+        let registry = layer.registry.clone();
+        paused_runtime().block_on(async {
+            let acme = registry.resolve(Workspace::new("acme")).await.unwrap();
+            let globex = tokio::spawn(registry.resolve(Workspace::new("globex")));
+            tokio::task::yield_now().await;
+            // The cache settles on one of the two while globex has no cell yet.
+            assert_eq!(registry.len(), 1);
+            gate.add_permits(1);
+            let globex = globex.await.unwrap().unwrap();
+            let kept = |name: &str| registry.entry_of(&Workspace::new(name)).is_some();
+            assert!(kept("acme") != kept("globex"));
+            for (name, entry) in [("acme", &acme), ("globex", &globex)] {
+                assert_eq!(entry.cell.background_over(), !kept(name), "{name}");
+            }
+        });
     }
 }

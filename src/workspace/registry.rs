@@ -24,7 +24,7 @@
 //! request asks the resolver again.
 
 use std::fmt;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, PoisonError, Weak};
 use std::time::Duration;
 
@@ -179,10 +179,13 @@ pub(crate) struct Registry {
     cells: CellSettings,
     on_rotated: Option<WorkspaceRotationHook>,
     counters: Arc<Counters>,
-    /// How often the janitor runs the cache's housekeeping; started once, with the
-    /// first lookup (which runs inside a tokio runtime).
+    /// How often the janitor runs the cache's housekeeping. It is started with the
+    /// first lookup, on that lookup's runtime, and again by the next warm request if
+    /// that runtime shut down.
     janitor_every: Duration,
-    janitor: OnceLock<()>,
+    janitor_running: AtomicBool,
+    /// This registry, for restarting the janitor from the request path.
+    this: OnceLock<Weak<Registry>>,
 }
 
 /// A snapshot of the workspace map's counters.
@@ -219,6 +222,11 @@ impl Registry {
                 unfront(&kept, &workspace, &slot);
                 // Explicit removals (`forget`, a failed lookup) are not evictions.
                 if matches!(cause, RemovalCause::Size | RemovalCause::Expired) {
+                    // The cache may hold the slot a while longer (until its next
+                    // housekeeping); the refresher must not go on meanwhile.
+                    if let Some(entry) = slot.entry.get() {
+                        entry.cell.end_background();
+                    }
                     count(&evictions.evicted, names::EVICTED);
                     tracing::debug!(workspace = %workspace, ?cause, "workspace dropped from the map");
                 }
@@ -238,33 +246,41 @@ impl Registry {
             counters,
             janitor_every: (idle_timeout / 2)
                 .clamp(Duration::from_millis(100), Duration::from_secs(60)),
-            janitor: OnceLock::new(),
+            janitor_running: AtomicBool::new(false),
+            this: OnceLock::new(),
         }
     }
 
     /// The cache evicts while it is used; the janitor makes sure that idle workspaces
     /// are dropped (and their timers and refreshers end) even when no request comes.
-    /// It holds the registry weakly and ends with it.
-    fn start_janitor(self: &Arc<Self>) {
-        self.janitor.get_or_init(|| {
-            let weak = Arc::downgrade(self);
-            let tick = self.tick_every;
-            let housekeeping = self.janitor_every;
-            tokio::spawn(async move {
-                let mut since = Duration::ZERO;
-                loop {
-                    tokio::time::sleep(tick).await;
-                    let Some(registry) = weak.upgrade() else {
-                        return;
-                    };
-                    registry.ticks.fetch_add(1, Ordering::Relaxed);
-                    since += tick;
-                    if since >= housekeeping {
-                        since = Duration::ZERO;
-                        registry.cache.run_pending_tasks();
-                    }
+    /// It holds the registry weakly and ends with it. It also moves the coarse clock
+    /// on: without it, warm requests would stop reporting their use and busy
+    /// workspaces would be dropped as idle. So when its runtime shuts down, it moves
+    /// the clock once more as it goes, and the next warm request starts another on
+    /// its own runtime (see [`Registry::touch`]).
+    fn start_janitor(self: &Arc<Self>, runtime: &tokio::runtime::Handle) {
+        if self.janitor_running.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let weak = Arc::downgrade(self);
+        let _ = self.this.set(weak.clone());
+        let tick = self.tick_every;
+        let housekeeping = self.janitor_every;
+        runtime.spawn(async move {
+            let _gone = JanitorGone(weak.clone());
+            let mut since = Duration::ZERO;
+            loop {
+                tokio::time::sleep(tick).await;
+                let Some(registry) = weak.upgrade() else {
+                    return;
+                };
+                registry.ticks.fetch_add(1, Ordering::Relaxed);
+                since += tick;
+                if since >= housekeeping {
+                    since = Duration::ZERO;
+                    registry.cache.run_pending_tasks();
                 }
-            });
+            }
         });
     }
 
@@ -348,11 +364,19 @@ impl Registry {
     }
 
     /// Records a use of the workspace with the cache (its idle clock and eviction
-    /// policy).
+    /// policy), and starts the janitor again if its runtime shut down.
     #[cold]
     #[inline(never)]
     fn touch(&self, workspace: &Workspace) {
         let _ = self.cache.get(workspace);
+        if !self.janitor_running.load(Ordering::Acquire) {
+            if let (Some(this), Ok(runtime)) = (
+                self.this.get().and_then(Weak::upgrade),
+                tokio::runtime::Handle::try_current(),
+            ) {
+                this.start_janitor(&runtime);
+            }
+        }
     }
 
     /// Puts a resolved workspace in the front map, unless the cache no longer keeps
@@ -373,6 +397,9 @@ impl Registry {
             .is_some_and(|kept| Arc::ptr_eq(&kept, slot));
         if !kept {
             unfront(&self.front, workspace, slot);
+            // Served, but not kept: its requests refresh it on demand while they
+            // last, and no refresher outlives them.
+            entry.cell.end_background();
         }
     }
 
@@ -438,10 +465,22 @@ impl Registry {
                 return Joined::Wait(rx.clone());
             }
         }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            // Nothing can run the lookup: the slot goes, like a failed lookup's.
+            drop(lookup);
+            self.drop_slot(workspace, slot);
+            return Joined::Wait(
+                watch::channel(Some(Err(Error::config(
+                    "no tokio runtime: a workspace's credentials lookup must run inside a tokio \
+                 runtime",
+                ))))
+                .1,
+            );
+        };
         let (tx, rx) = watch::channel(None);
         lookup.pending = Some(rx.clone());
         drop(lookup);
-        self.start_janitor();
+        self.start_janitor(&runtime);
         let registry = self.clone();
         let slot = slot.clone();
         let workspace = workspace.clone();
@@ -492,7 +531,7 @@ impl Registry {
             }
             tx.send_replace(Some(outcome));
         };
-        tokio::spawn(tracing::Instrument::instrument(task, span));
+        runtime.spawn(tracing::Instrument::instrument(task, span));
         Joined::Wait(rx)
     }
 
@@ -525,7 +564,13 @@ impl Registry {
                 .with_boxed_source(source));
             }
         };
-        credentials.validate()?;
+        if let Err(error) = credentials.validate() {
+            count(&self.counters.resolver_failures, names::RESOLVER_FAILURES);
+            return Err(Error::config(format!(
+                "the resolver's credentials for workspace {workspace} cannot be used"
+            ))
+            .with_boxed_source(Box::new(error)));
+        }
         let entry = self.entry(workspace, credentials, proxy_host)?;
         count(&self.counters.resolved, names::RESOLVED);
         Ok(entry)
@@ -559,6 +604,7 @@ impl Registry {
                     part,
                     settings.lock_lease,
                     settings.store_timeout,
+                    settings.store_required,
                 )) as Box<dyn Coordinator>)
             }
             None => None,
@@ -603,6 +649,12 @@ impl Registry {
             entry.cell.retire();
         }
         true
+    }
+
+    /// The coarse clock's ticks so far.
+    #[cfg(test)]
+    pub(crate) fn ticks(&self) -> u64 {
+        self.ticks.load(Ordering::Relaxed)
     }
 
     /// How many workspaces the map keeps (after its pending evictions ran).
@@ -659,10 +711,24 @@ fn forget_in_store(store: Arc<dyn TokenStore>, workspace: &Workspace, timeout: D
     });
 }
 
+/// Marks the janitor gone when its task ends (its runtime shut down, or the registry
+/// was dropped), and moves the coarse clock once so that the next warm request of
+/// every workspace reaches [`Registry::touch`].
+struct JanitorGone(Weak<Registry>);
+
+impl Drop for JanitorGone {
+    fn drop(&mut self) {
+        if let Some(registry) = self.0.upgrade() {
+            registry.janitor_running.store(false, Ordering::Release);
+            registry.ticks.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
 impl fmt::Debug for Registry {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Registry")
-            .field("workspaces", &self.cache.entry_count())
+            .field("workspaces", &self.len())
             .field("max_workspaces", &self.cache.policy().max_capacity())
             .field("idle_timeout", &self.cache.policy().time_to_idle())
             .field("stats", &self.stats())
@@ -697,12 +763,16 @@ fn proxy_host(workspace: &Workspace) -> Result<HeaderValue, Error> {
     HeaderValue::from_str(name).map_err(|_| unknown(workspace, "not a valid header value"))
 }
 
-/// A request without a `Workspace` extension.
-pub(crate) fn unknown_without_extension() -> Error {
-    Error::new(
-        ErrorKind::UnknownWorkspace,
-        "the request names no workspace (no Workspace extension)",
-    )
+impl Registry {
+    /// A request without a `Workspace` extension: counted with the unknown ones.
+    #[cold]
+    pub(crate) fn unnamed(&self) -> Error {
+        count(&self.counters.unknown, names::UNKNOWN);
+        Error::new(
+            ErrorKind::UnknownWorkspace,
+            "the request names no workspace (no Workspace extension)",
+        )
+    }
 }
 
 /// The error of requests whose workspace was forgotten while they waited for its

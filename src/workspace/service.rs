@@ -9,7 +9,7 @@ use http::{Request, Response};
 use tower::{BoxError, Service};
 
 use super::future::ResponseFuture;
-use super::registry::{unknown_without_extension, Entry, Registry, Warm};
+use super::registry::{Entry, Registry, Warm};
 use super::Workspace;
 use crate::classify::{Http401, UnauthorizedPolicy};
 use crate::future::{ResponseFuture as AuthFuture, Unsent};
@@ -89,7 +89,7 @@ where
             return ResponseFuture::failed(error);
         }
         let Some(workspace) = request.extensions().get::<Workspace>() else {
-            return ResponseFuture::failed(unknown_without_extension());
+            return ResponseFuture::failed(self.registry.unnamed());
         };
         let retry = self.shape.retry_on_unauthorized;
         let entry = match self.registry.warm(workspace, !retry) {

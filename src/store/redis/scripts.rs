@@ -49,7 +49,9 @@ return 0
 ";
 
 /// Takes the lock for owner `ARGV[1]` for `ARGV[2]` ms, or extends it if that owner
-/// holds it.
+/// holds it. A lock without an expiry was not set by a store (which always sets one;
+/// it was set by hand, say): it gets one lease, so that it cannot block every
+/// refresh for good.
 pub(super) const TAKE_OR_RENEW: &str = r"
 local holder = redis.call('GET', KEYS[1])
 if holder == ARGV[1] then
@@ -57,6 +59,9 @@ if holder == ARGV[1] then
     return 1
 end
 if holder then
+    if redis.call('PTTL', KEYS[1]) == -1 then
+        redis.call('PEXPIRE', KEYS[1], ARGV[2])
+    end
     return 0
 end
 redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
