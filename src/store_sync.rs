@@ -130,7 +130,7 @@ impl Coordinator for StoreSync {
                     Some(Err(Error::unavailable(
                         "the token store failed, and this layer requests tokens only through it",
                     )
-                    .with_boxed_source(Box::new(error))))
+                    .with_source(error)))
                 }
                 Err(failure) => {
                     self.inner.failed(job.counters(), failure);

@@ -189,14 +189,8 @@ async fn the_newest_refresh_token_survives_a_redis_restart_that_lost_the_data() 
 async fn a_spent_refresh_token_is_not_put_back_into_a_store_that_lost_its_data() {
     let mut redis = RedisServer::start();
     let endpoint = support::rotating_endpoint(3600).await;
-    let layer = || {
-        EshopboxAuthLayer::builder(support::credentials())
-            .token_url(&endpoint.url())
-            .token_store(redis.store())
-            .build()
-            .unwrap()
-    };
-    let (busy, idle) = (layer(), layer());
+    let layers = endpoint_replicas(2, &endpoint, || redis.store());
+    let (busy, idle) = (layers[0].clone(), layers[1].clone());
     let api = EchoApi::default();
     burst(&[busy.clone(), idle.clone()], &api, 5).await; // tok-1, rt-1 for both
     for _ in 0..3 {

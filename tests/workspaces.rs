@@ -335,28 +335,38 @@ async fn a_failed_lookup_is_unavailable_with_its_source_and_not_remembered() {
     assert_eq!(eshopbox.workspace_token_calls("acme"), 1);
 }
 
+/// A resolver answering `credentials`, whose first lookup runs `first` before it
+/// answers; and the count of its lookups.
+fn resolver_with_first<F>(
+    credentials: Credentials,
+    first: impl Fn() -> F + Send + Sync + 'static,
+) -> (
+    impl Fn(Workspace) -> Lookup + Send + Sync + 'static,
+    Arc<AtomicUsize>,
+)
+where
+    F: Future<Output = ()> + Send + 'static,
+{
+    let lookups = Arc::new(AtomicUsize::new(0));
+    let counted = lookups.clone();
+    let resolver = move |_: Workspace| -> Lookup {
+        let before = (counted.fetch_add(1, Ordering::SeqCst) == 0).then(&first);
+        let credentials = credentials.clone();
+        Box::pin(async move {
+            if let Some(before) = before {
+                before.await;
+            }
+            Ok(Some(credentials))
+        })
+    };
+    (resolver, lookups)
+}
+
 #[tokio::test]
 async fn a_lookup_that_hangs_fails_at_the_token_timeout_and_is_not_remembered() {
     let eshopbox = MockEshopbox::start().await.unwrap();
-    let hangs = Arc::new(AtomicUsize::new(1));
-    let lookups = Arc::new(AtomicUsize::new(0));
-    let credentials = eshopbox.add_workspace("acme");
-    let resolver = {
-        let (hangs, lookups) = (hangs.clone(), lookups.clone());
-        move |_: Workspace| -> Lookup {
-            lookups.fetch_add(1, Ordering::SeqCst);
-            let hang = hangs
-                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
-                .is_ok();
-            let credentials = credentials.clone();
-            Box::pin(async move {
-                if hang {
-                    std::future::pending::<()>().await;
-                }
-                Ok(Some(credentials))
-            })
-        }
-    };
+    let (resolver, lookups) =
+        resolver_with_first(eshopbox.add_workspace("acme"), std::future::pending::<()>);
     let layer = EshopboxAuthLayer::per_workspace(resolver)
         .token_url(&eshopbox.token_url())
         .token_timeout(Duration::from_secs(1))
@@ -434,23 +444,9 @@ fn outside_a_tokio_runtime_a_request_fails_with_a_config_error() {
 #[tokio::test]
 async fn a_resolver_that_panics_fails_the_lookup_and_leaves_nothing_behind() {
     let eshopbox = MockEshopbox::start().await.unwrap();
-    let panics = Arc::new(AtomicUsize::new(1));
-    let lookups = Arc::new(AtomicUsize::new(0));
-    let credentials = eshopbox.add_workspace("acme");
-    let resolver = {
-        let (panics, lookups) = (panics.clone(), lookups.clone());
-        move |_: Workspace| -> Lookup {
-            lookups.fetch_add(1, Ordering::SeqCst);
-            let panic = panics
-                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
-                .is_ok();
-            let credentials = credentials.clone();
-            Box::pin(async move {
-                assert!(!panic, "the resolver's bug");
-                Ok(Some(credentials))
-            })
-        }
-    };
+    let (resolver, lookups) = resolver_with_first(eshopbox.add_workspace("acme"), || async {
+        panic!("the resolver's bug");
+    });
     let layer = EshopboxAuthLayer::per_workspace(resolver)
         .token_url(&eshopbox.token_url())
         .build()

@@ -128,8 +128,18 @@
 //! Redis: protect the server (ACLs, private network), use a `rediss://` URL for TLS, and
 //! set `encryption_key` to store them encrypted (XChaCha20-Poly1305, a random nonce per
 //! value, bound to the key name and to the value's id). A replica with a different key
-//! cannot read them and refreshes on its own; so does one that finds a value moved
-//! under another key, relabelled or altered.
+//! cannot read them and refreshes on its own (it logs "could not decrypt"); so does
+//! one that finds a value moved under another key, relabelled or altered. Give every
+//! replica the same key: with a provider that rotates refresh tokens, the replicas
+//! whose key differs from the one that stored the refresh token last send spent ones
+//! and are refused. With `store_required`, such a replica fails its refreshes
+//! instead of calling the endpoint on its own.
+//!
+//! **A restart that loses the data during a token call** loses the lock too: another
+//! replica can then take it and make a call of its own. With a provider that rotates
+//! refresh tokens, one of the two calls is refused, and that replica's waiting
+//! requests fail (`Rejected`) until its next refresh adopts the other's token.
+//! Redis persistence (AOF or RDB) or a replicated setup avoids it.
 //!
 //! `InProcessStore` does the same between layers of one process; `TokenStore` is a
 //! public trait for other stores. Rotations are shared for the Eshopbox grant,

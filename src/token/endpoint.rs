@@ -117,15 +117,7 @@ impl TokenSource for GrantEndpoint {
     }
 
     fn refresh_token(&self) -> Option<SecretString> {
-        match &self.inner.config.grant {
-            GrantKind::RefreshToken(current) => Some(
-                current
-                    .lock()
-                    .unwrap_or_else(PoisonError::into_inner)
-                    .clone(),
-            ),
-            GrantKind::ClientCredentials { .. } => None,
-        }
+        self.inner.refresh_token()
     }
 }
 
@@ -251,15 +243,22 @@ impl Inner {
         let touches =
             |secret: &str| !secret.is_empty() && (text.contains(secret) || secret.contains(text));
         touches(self.config.client_secret.expose_secret())
-            || match &self.config.grant {
-                GrantKind::RefreshToken(current) => touches(
-                    current
-                        .lock()
-                        .unwrap_or_else(PoisonError::into_inner)
-                        .expose_secret(),
-                ),
-                GrantKind::ClientCredentials { .. } => false,
-            }
+            || self
+                .refresh_token()
+                .is_some_and(|current| touches(current.expose_secret()))
+    }
+
+    /// The refresh token sent next, if this is a refresh-token grant.
+    fn refresh_token(&self) -> Option<SecretString> {
+        match &self.config.grant {
+            GrantKind::RefreshToken(current) => Some(
+                current
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .clone(),
+            ),
+            GrantKind::ClientCredentials { .. } => None,
+        }
     }
 
     /// Uses a rotated refresh token from now on and tells the application.
