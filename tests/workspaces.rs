@@ -268,15 +268,30 @@ async fn requests_without_a_known_workspace_fail_before_the_inner_service() {
     let err = service.clone().oneshot(bare).await.unwrap_err();
     assert_eq!(kind(&err), Some(ErrorKind::UnknownWorkspace));
     // Names that cannot be a header value: the resolver is not even asked.
-    for bad in ["", "two words", "line\nbreak", "tab\there"] {
+    // Nor for a name longer than a DNS name may be; its error message shows only
+    // the start of it.
+    let long = "x".repeat(100_000);
+    for bad in ["", "two words", "line\nbreak", "tab\there", &long] {
         let err = service
             .clone()
             .oneshot(request_for(url, bad))
             .await
             .unwrap_err();
         assert_eq!(kind(&err), Some(ErrorKind::UnknownWorkspace), "{bad:?}");
+        assert!(err.to_string().len() < 400, "{err}");
     }
-    assert_eq!(directory.total_calls(), 0);
+    // 253 bytes is still a name.
+    let longest = "x".repeat(253);
+    let err = service
+        .clone()
+        .oneshot(request_for(url, &longest))
+        .await
+        .unwrap_err();
+    assert!(
+        err.to_string().contains("the resolver does not know it"),
+        "{err}"
+    );
+    assert_eq!(directory.total_calls(), 1);
     // The resolver does not know it.
     let err = service
         .clone()

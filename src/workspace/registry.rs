@@ -753,12 +753,19 @@ fn unfront(front: &Front, workspace: &Workspace, slot: &Slot) {
         .remove_if(workspace, |_, hot| Weak::ptr_eq(&hot.entry, &entry));
 }
 
-/// The `ProxyHost` value for a workspace name: non-empty, no whitespace, a valid
-/// header value; else the request fails with `UnknownWorkspace`.
+/// The longest workspace name: a DNS name's longest text form.
+const MAX_NAME: usize = 253;
+
+/// The `ProxyHost` value for a workspace name: non-empty, no whitespace, at most
+/// [`MAX_NAME`] bytes, a valid header value; else the request fails with
+/// `UnknownWorkspace`.
 fn proxy_host(workspace: &Workspace) -> Result<HeaderValue, Error> {
     let name = workspace.name();
     if name.is_empty() || name.bytes().any(|b| b.is_ascii_whitespace()) {
         return Err(unknown(workspace, "not a workspace name"));
+    }
+    if name.len() > MAX_NAME {
+        return Err(unknown(workspace, "longer than a workspace name may be"));
     }
     HeaderValue::from_str(name).map_err(|_| unknown(workspace, "not a valid header value"))
 }
