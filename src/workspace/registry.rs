@@ -295,7 +295,8 @@ impl Registry {
         self.used(workspace, hot);
         if snapshot_allowed {
             if let Some(snapshot) = &hot.token {
-                if snapshot.token.is_fresh() && matches!(snapshot.changes.has_changed(), Ok(false))
+                if snapshot.token.is_fresh_now()
+                    && matches!(snapshot.changes.has_changed(), Ok(false))
                 {
                     return Some(Warm::Fresh {
                         proxy_host: hot.proxy_host.clone(),
@@ -344,7 +345,7 @@ impl Registry {
     ) {
         // Subscribed before the read: a change after it shows in the receiver.
         let changes = entry.cell.subscribe();
-        let Some(token) = entry.cell.peek().filter(|token| token.is_fresh()) else {
+        let Some(token) = entry.cell.peek().filter(|token| token.is_fresh_now()) else {
             return;
         };
         let entry = Arc::downgrade(entry);
