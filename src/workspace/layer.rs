@@ -158,6 +158,33 @@ mod tests {
         });
     }
 
+    // A janitor started on a runtime that is shutting down is dropped unrun: the next
+    // warm request on a live runtime starts another.
+    #[test]
+    fn a_janitor_dropped_unrun_is_started_again() {
+        let layer = layer(10);
+        let registry = &layer.registry;
+        let acme = Workspace::new("acme");
+        let first = paused_runtime();
+        first.block_on(registry.resolve(acme.clone())).unwrap();
+        let dead = first.handle().clone();
+        drop(first);
+        {
+            let _entered = dead.enter();
+            assert!(registry.warm(&acme, false).is_some());
+        }
+        paused_runtime().block_on(async {
+            assert!(registry.warm(&acme, false).is_some());
+            let before = registry.ticks();
+            tokio::time::sleep(Duration::from_secs(10)).await;
+            assert!(
+                registry.ticks() >= before + 9,
+                "{} ticks",
+                registry.ticks() - before
+            );
+        });
+    }
+
     // The cache may hold a dropped slot until its next housekeeping: the listener
     // (or, for a workspace it declined, the lookup) stops the refresher at once.
     #[test]

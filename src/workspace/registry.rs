@@ -266,8 +266,11 @@ impl Registry {
         let _ = self.this.set(weak.clone());
         let tick = self.tick_every;
         let housekeeping = self.janitor_every;
+        // Made before the task: a runtime that is shutting down drops the task
+        // without running it, and the guard then still says the janitor is gone.
+        let gone = JanitorGone(weak.clone());
         runtime.spawn(async move {
-            let _gone = JanitorGone(weak.clone());
+            let _gone = gone;
             let mut since = Duration::ZERO;
             loop {
                 tokio::time::sleep(tick).await;
@@ -492,7 +495,9 @@ impl Registry {
             // of leaving the slot behind.
             let lookup = tokio::spawn({
                 let (registry, workspace) = (registry.clone(), workspace.clone());
-                async move { registry.lookup(&workspace, proxy_host).await }
+                tracing::Instrument::in_current_span(async move {
+                    registry.lookup(&workspace, proxy_host).await
+                })
             });
             let mut outcome = match lookup.await {
                 Ok(outcome) => outcome,
