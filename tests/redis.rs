@@ -170,7 +170,8 @@ async fn the_newest_refresh_token_survives_a_redis_restart_that_lost_the_data() 
     redis.stop();
     redis.restart();
     invalidate_all();
-    // Replica 1 never rotated, yet sends rt-2, and stores it again.
+    // Replica 1 never rotated, yet sends rt-2 (learnt from the store), and stores
+    // what that call rotated to.
     let seen = burst(&layers[1..2], &api, 5).await;
     assert!(seen.iter().all(|auth| auth == "Bearer tok-3"), "{seen:?}");
     let sent = support::sent_refresh_tokens(&endpoint);

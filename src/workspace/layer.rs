@@ -207,12 +207,14 @@ mod tests {
     #[test]
     fn a_workspace_declined_during_its_lookup_gets_no_refresher() {
         let gate = Arc::new(tokio::sync::Semaphore::new(0));
+        let asked = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let layer = {
-            let gate = gate.clone();
+            let (gate, asked) = (gate.clone(), asked.clone());
             EshopboxAuthLayer::per_workspace(move |workspace: Workspace| {
-                let gate = gate.clone();
+                let (gate, asked) = (gate.clone(), asked.clone());
                 async move {
                     if workspace.name() == "globex" {
+                        asked.store(true, std::sync::atomic::Ordering::SeqCst);
                         gate.acquire().await.unwrap().forget();
                     }
                     Ok(Some(Credentials::new("id", "secret", "refresh")))
@@ -226,7 +228,14 @@ mod tests {
         paused_runtime().block_on(async {
             let acme = registry.resolve(Workspace::new("acme")).await.unwrap();
             let globex = tokio::spawn(registry.resolve(Workspace::new("globex")));
-            tokio::task::yield_now().await;
+            // Until the resolver is asked for globex (its slot is in the cache by then).
+            for _ in 0..1000 {
+                if asked.load(std::sync::atomic::Ordering::SeqCst) {
+                    break;
+                }
+                tokio::task::yield_now().await;
+            }
+            assert!(asked.load(std::sync::atomic::Ordering::SeqCst));
             // The cache settles on one of the two while globex has no cell yet.
             assert_eq!(registry.len(), 1);
             gate.add_permits(1);
