@@ -662,7 +662,9 @@ async fn forget_drops_a_workspace_and_its_next_request_resolves_again() {
     assert_eq!(directory.calls("globex"), 1);
 }
 
-#[tokio::test]
+// Multi-thread runtimes: there each token has a phase timer (a task), which must end
+// with its workspace.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_map_is_bounded_and_every_workspace_is_served_anyway() {
     bounded_map(true).await;
 }
@@ -670,7 +672,7 @@ async fn the_map_is_bounded_and_every_workspace_is_served_anyway() {
 /// With retry off, warm requests are sent from the front map's snapshot of the
 /// token: an evicted workspace's snapshot (its token, and so the token's phase
 /// timer) must end with the workspace too.
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_retry_off_the_map_is_bounded_and_evicted_workspaces_snapshots_end() {
     bounded_map(false).await;
 }
@@ -1145,8 +1147,9 @@ async fn with_retry_off_every_change_of_a_workspaces_token_reaches_its_next_requ
 
 /// With retry off the front map's node holds a snapshot of the token: a forgotten
 /// workspace's token (whose phase timer is a task that ends with it) is dropped at
-/// once all the same, not when the map gets round to freeing removed nodes.
-#[tokio::test]
+/// once all the same, not when the map gets round to freeing removed nodes. (On a
+/// multi-thread runtime: a current-thread one reads the clock, with no timer.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_retry_off_a_forgotten_workspaces_token_is_dropped_at_once() {
     let server = TokenServer::counting(86400).await;
     let directory = Directory::default();
