@@ -137,7 +137,26 @@ impl Variant {
     }
 }
 
+/// The runtime the layers get their tokens on. A multi-thread one by default, whose
+/// timers keep each token's phase (one load per request); with
+/// `CURRENT_THREAD_TOKENS=1`, `rt`, a current-thread runtime, whose tokens are
+/// checked against the clock on every request instead.
+fn token_runtime(rt: &tokio::runtime::Runtime) -> &tokio::runtime::Runtime {
+    static TOKENS: std::sync::OnceLock<tokio::runtime::Runtime> = std::sync::OnceLock::new();
+    if std::env::var_os("CURRENT_THREAD_TOKENS").is_some() {
+        return rt;
+    }
+    TOKENS.get_or_init(|| {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap()
+    })
+}
+
 fn variants(rt: &tokio::runtime::Runtime) -> Vec<Variant> {
+    let rt = token_runtime(rt);
     let server = rt.block_on(support::TokenServer::counting(86400));
     let warm = |retry: bool| {
         let layer = EshopboxAuthLayer::builder(support::credentials())

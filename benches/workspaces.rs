@@ -127,7 +127,10 @@ struct Warm {
 }
 
 fn set_up() -> Warm {
-    let rt = tokio::runtime::Builder::new_current_thread()
+    // A multi-thread runtime, whose timers keep each token's phase: on a
+    // current-thread one, tokens are checked against the clock on every request.
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
         .enable_all()
         .build()
         .unwrap();

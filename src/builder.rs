@@ -380,7 +380,8 @@ impl<P, C> EshopboxAuthBuilder<P, C> {
     /// Fails with [`ErrorKind::Config`](crate::ErrorKind::Config) on an empty
     /// credential, a token URL that does not parse, is plain `http://` on a host other
     /// than loopback or has a fragment or user info, a token timeout of zero or over a
-    /// day, a bad
+    /// day, a lock lease not shorter than the token timeout, a zero store timeout,
+    /// [`store_required`](Self::store_required) without a token store, a bad
     /// [`allow_host`](Self::allow_host) pattern, or an HTTP client that cannot be
     /// built.
     pub fn build(self) -> Result<EshopboxAuthLayer<P, C>, Error> {

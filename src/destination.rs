@@ -48,6 +48,8 @@ pub(crate) struct Destinations {
 enum HostPattern {
     /// Exactly this host.
     Exact(Box<str>),
+    /// Exactly this IPv6 address, however a URI writes it.
+    Ipv6(Ipv6Addr),
     /// Every subdomain of this domain, not the domain itself (`*.partner.example`).
     Subdomains(Box<str>),
 }
@@ -113,15 +115,11 @@ impl Destinations {
     }
 
     /// Whether `host` is an Eshopbox host or matches an `allow_host` pattern. An IPv6
-    /// literal is compared in its canonical form, as the patterns are kept: `http::Uri`
-    /// keeps it as written (`[2001:db8:0::1]`), `url::Url` shortens it.
+    /// literal is compared by value: `http::Uri` keeps it as written
+    /// (`[2001:db8:0::1]`), `url::Url` shortens it.
     fn trusts(&self, host: &str) -> bool {
         if let Some(ip) = ipv6_literal(host) {
-            let canonical = format!("[{ip}]");
-            return self
-                .extra
-                .iter()
-                .any(|pattern| pattern.matches(canonical.as_bytes()));
+            return self.extra.contains(&HostPattern::Ipv6(ip));
         }
         let host = host.strip_suffix('.').unwrap_or(host).as_bytes();
         ESHOPBOX_DOMAINS.iter().any(|domain| {
@@ -163,7 +161,7 @@ impl HostPattern {
             ));
         }
         if let Some(ip) = ipv6_literal(&lower) {
-            return Ok(HostPattern::Exact(format!("[{ip}]").into()));
+            return Ok(HostPattern::Ipv6(ip));
         }
         if !is_domain(&lower) {
             return Err(bad(
@@ -177,6 +175,8 @@ impl HostPattern {
         match self {
             HostPattern::Exact(exact) => host.eq_ignore_ascii_case(exact.as_bytes()),
             HostPattern::Subdomains(domain) => is_subdomain(host, domain),
+            // Compared in `trusts`: an address is no name.
+            HostPattern::Ipv6(_) => false,
         }
     }
 }

@@ -115,28 +115,32 @@ impl StoreSync {
 impl Coordinator for StoreSync {
     fn obtain<'a>(&'a self, job: Job<'a>) -> BoxFuture<'a, Option<Result<Obtained, Error>>> {
         Box::pin(async move {
-            // Required: every refresh tries the store, since nothing else may be done.
-            if !self.inner.required && !self.inner.available() {
+            // A failed store is left alone for a while: refreshes go to the token
+            // endpoint directly meanwhile or, when the store is required, fail at once.
+            let failure = if self.inner.available() {
+                match self.inner.refresh(&job).await {
+                    Ok(outcome) => return Some(outcome),
+                    Err(failure) => Some(self.inner.failed(job.counters(), failure)),
+                }
+            } else {
+                None
+            };
+            if !self.inner.required {
                 return None;
             }
-            match self.inner.refresh(&job).await {
-                Ok(outcome) => Some(outcome),
-                Err(StoreFailed(error)) if self.inner.required => {
-                    tracing::warn!(
-                        error = &error as &dyn std::error::Error,
-                        "token store unavailable; no token is requested outside it (store_required)"
-                    );
-                    job.counters().store_failure();
-                    Some(Err(Error::unavailable(
-                        "the token store failed, and this layer requests tokens only through it",
-                    )
-                    .with_source(error)))
-                }
-                Err(failure) => {
-                    self.inner.failed(job.counters(), failure);
-                    None
-                }
-            }
+            let error = match failure {
+                Some(cause) => Error::unavailable(
+                    "the token store failed, and this layer requests tokens only through it",
+                )
+                .with_source(cause),
+                None => Error::unavailable(
+                    "the token store failed moments ago, and this layer requests tokens only \
+                     through it",
+                ),
+            };
+            // Like a failed token call: a still-valid token's next refresh is put off.
+            job.back_off(&error);
+            Some(Err(error))
         })
     }
 
@@ -164,17 +168,25 @@ impl Inner {
     }
 
     /// Notes a store failure: logged, counted, and the store is left alone for a
-    /// while.
-    fn failed(&self, counters: &Counters, StoreFailed(error): StoreFailed) {
-        tracing::warn!(
-            error = &error as &dyn std::error::Error,
-            "token store unavailable; requesting tokens directly for now"
-        );
+    /// while. Returns the store's error.
+    fn failed(&self, counters: &Counters, StoreFailed(error): StoreFailed) -> Error {
+        if self.required {
+            tracing::warn!(
+                error = &error as &dyn std::error::Error,
+                "token store unavailable; refreshes fail until it answers (store_required)"
+            );
+        } else {
+            tracing::warn!(
+                error = &error as &dyn std::error::Error,
+                "token store unavailable; requesting tokens directly for now"
+            );
+        }
         counters.store_failure();
         *self
             .paused_until
             .lock()
             .unwrap_or_else(PoisonError::into_inner) = Some(Instant::now() + STORE_PAUSE);
+        error
     }
 
     fn rotation(&self) -> MutexGuard<'_, Rotation> {
@@ -356,7 +368,7 @@ impl Inner {
         let store_ok = match self.publish(fetched.as_ref().ok()).await {
             Ok(()) => true,
             Err(failure) => {
-                self.failed(job.counters(), failure);
+                let _ = self.failed(job.counters(), failure);
                 if self.rotation().unsaved {
                     self.offer_later();
                 }

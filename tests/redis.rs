@@ -170,7 +170,8 @@ async fn the_newest_refresh_token_survives_a_redis_restart_that_lost_the_data() 
     redis.stop();
     redis.restart();
     invalidate_all();
-    // Replica 1 never rotated, yet sends rt-2, and stores it again.
+    // Replica 1 never rotated, yet sends rt-2 (learnt from the store), and stores
+    // what that call rotated to.
     let seen = burst(&layers[1..2], &api, 5).await;
     assert!(seen.iter().all(|auth| auth == "Bearer tok-3"), "{seen:?}");
     let sent = support::sent_refresh_tokens(&endpoint);
@@ -783,6 +784,72 @@ async fn forgetting_a_workspace_deletes_its_keys_from_redis() {
         redis.get("test:{initech}:refresh-token").is_none()
     })
     .await;
+}
+
+/// A reconnect the server refuses (its password changed) does not leave the store
+/// failing for good: once the password is right again, the store works again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_recovers_after_a_refused_reconnect() {
+    let redis = RedisServer::start();
+    redis.command(
+        redis::cmd("CONFIG")
+            .arg("SET")
+            .arg("requirepass")
+            .arg("password-1"),
+    );
+    let with = |password: &str| {
+        redis
+            .url()
+            .replace("redis://", &format!("redis://:{password}@"))
+    };
+    let admin = |password: &str| {
+        redis::Client::open(with(password))
+            .unwrap()
+            .get_connection()
+            .unwrap()
+    };
+    let store = RedisStore::new(&with("password-1")).unwrap();
+    store.load().await.unwrap();
+
+    // The password changes and connections are cut: the store's reconnect is refused.
+    let mut connection = admin("password-1");
+    redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("requirepass")
+        .arg("password-2")
+        .query::<()>(&mut connection)
+        .unwrap();
+    redis::cmd("CLIENT")
+        .arg("KILL")
+        .arg("TYPE")
+        .arg("normal")
+        .query::<()>(&mut connection)
+        .unwrap();
+    let error = store.load().await.unwrap_err();
+    assert!(
+        full_report_of(&error).contains("uthentication"),
+        "{error:?}"
+    );
+
+    // The old password is back: so is the store.
+    redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("requirepass")
+        .arg("password-1")
+        .query::<()>(&mut admin("password-2"))
+        .unwrap();
+    store.load().await.unwrap();
+}
+
+/// An error with its causes.
+fn full_report_of(error: &Error) -> String {
+    let mut text = format!("{error}");
+    let mut cause = std::error::Error::source(error);
+    while let Some(next) = cause {
+        text.push_str(&format!(": {next}"));
+        cause = next.source();
+    }
+    text
 }
 
 /// A Redis that refuses the layer's password says so at once, in the log: it is not

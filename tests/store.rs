@@ -543,22 +543,43 @@ async fn with_store_required_a_failing_store_fails_the_refresh_without_a_token_c
         })
     };
     let layer = EshopboxAuthLayer::with_source(counting(calls.clone()))
-        .token_store(store)
+        .token_store(store.clone())
         .store_required(true)
         .build()
         .unwrap();
     let handle = layer.handle();
+    // The first refresh finds the store down; the next ones, moments later, fail at
+    // once without asking it again (it is left alone for a while, as without
+    // `store_required`).
     for _ in 0..3 {
         let error = handle.get().await.unwrap_err();
         assert_eq!(error.kind(), eshopbox_auth::ErrorKind::Unavailable);
         assert!(error.to_string().contains("only through it"), "{error}");
     }
     assert_eq!(calls.load(Ordering::SeqCst), 0);
-    assert_eq!(handle.stats().store_failures, 3);
-    // Back: the next refresh goes through it, at once (no pause after failures).
+    assert_eq!(handle.stats().store_failures, 1);
+    assert_eq!(store.calls(), 1);
+    // Back, and tried again after the pause.
     down.store(false, Ordering::SeqCst);
-    handle.get().await.unwrap();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let token = handle.get().await.unwrap();
     assert_eq!(calls.load(Ordering::SeqCst), 1);
+
+    // In the soft window, a failing store puts the next refresh off, as a failed
+    // token call would: many requests, one store call.
+    tokio::time::sleep_until(token.info().refresh_at).await;
+    down.store(true, Ordering::SeqCst);
+    let before = store.calls();
+    let api = EchoApi::default();
+    for _ in 0..50 {
+        let seen = burst(std::slice::from_ref(&layer), &api, 1).await;
+        assert_eq!(seen, ["Bearer tok-1"]);
+    }
+    assert_eq!(store.calls() - before, 1);
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
+    let now = handle.token().unwrap().info();
+    assert_eq!(now.generation, token.info().generation);
+    assert!(now.refresh_at > token.info().refresh_at, "put off");
 }
 
 #[test]

@@ -114,7 +114,8 @@
 //! token endpoint, leaves Redis alone for 3 s, then uses it again; a refresh token
 //! rotated meanwhile is offered to Redis every 3 s until it takes it (or holds a newer
 //! one). Requests only ever see the replica's local token, so none fails because Redis
-//! did. (During an outage each replica refreshes on its own; with a provider that
+//! did — with the exceptions below: `store_required`, and a provider that rotates
+//! refresh tokens while replicas refresh on their own. (During an outage each replica refreshes on its own; with a provider that
 //! rotates refresh tokens, replicas can then spend each other's refresh token — the
 //! store cannot help while it is down. With
 //! [`store_required`](crate::EshopboxAuthBuilder::store_required) a replica does not

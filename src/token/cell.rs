@@ -345,7 +345,7 @@ impl TokenCell {
 
     /// After a failed refresh, pushes the still-valid token's next refresh attempt back,
     /// so the soft window does not turn into a retry loop. The token itself stays.
-    fn back_off(&self, error: &Error) {
+    pub(super) fn back_off(&self, error: &Error) {
         loop {
             let current = self.current.load_full();
             let Some(token) = current.as_deref() else {

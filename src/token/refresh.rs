@@ -183,6 +183,12 @@ impl<'a> Job<'a> {
         self.cell.fetcher().configured_refresh_token()
     }
 
+    /// After a failure outside the token call (the store's): puts a still-valid
+    /// token's next refresh off, as a failed token call does.
+    pub(crate) fn back_off(&self, error: &Error) {
+        self.cell.back_off(error);
+    }
+
     /// Sends `refresh_token` with the next token requests (it came from the store).
     pub(crate) fn use_refresh_token(&self, refresh_token: SecretString) {
         self.cell.fetcher().use_refresh_token(refresh_token);

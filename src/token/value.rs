@@ -87,7 +87,8 @@ pub(crate) enum Phase {
     Stale = 1,
     /// At or after `expires_at`.
     Expired = 2,
-    /// The timer is gone (its runtime shut down): read the clock.
+    /// No timer moves the phase (its runtime shut down, or it is a current-thread
+    /// runtime, whose timers run only while something drives it): read the clock.
     Untimed = 3,
 }
 
@@ -207,6 +208,14 @@ impl Token {
         self.phase.load(Ordering::Acquire) == Phase::Fresh as u8
     }
 
+    /// Whether the token is fresh now: by its timer, or by the clock when it has none
+    /// (one load while a timer keeps it fresh).
+    #[inline]
+    pub(crate) fn is_fresh_now(&self) -> bool {
+        self.is_fresh()
+            || (self.timed_phase() == Phase::Untimed && self.phase_now() == Phase::Fresh)
+    }
+
     /// The timer-driven phase ([`Phase::Untimed`] once the timer is gone).
     pub(crate) fn timed_phase(&self) -> Phase {
         Phase::from_u8(self.phase.load(Ordering::Acquire))
@@ -224,6 +233,11 @@ impl Token {
 
     /// Spawns the timer that moves this token's phase on. It holds the token weakly
     /// and ends as soon as the token is dropped. Must run inside a tokio runtime.
+    ///
+    /// On a current-thread runtime there is no timer: such a runtime runs its timers
+    /// only while something drives it, and one driven now and then (`block_on` per
+    /// call, say) would let an expired token look fresh to the first request after a
+    /// pause. The token's phase is read from the clock on every request instead.
     pub(crate) fn schedule(token: &Arc<Token>) {
         let gone = token
             .gone
@@ -233,12 +247,17 @@ impl Token {
         let Some(mut gone) = gone else {
             return;
         };
+        let runtime = tokio::runtime::Handle::current();
+        if runtime.runtime_flavor() == tokio::runtime::RuntimeFlavor::CurrentThread {
+            token.phase.store(Phase::Untimed as u8, Ordering::Release);
+            return;
+        }
         let (refresh_at, expires_at) = (token.refresh_at, token.expires_at);
         let mut timer = Timer {
             token: Arc::downgrade(token),
             done: false,
         };
-        tokio::spawn(async move {
+        runtime.spawn(async move {
             // `Ok` from the timeout means the token was dropped first.
             if tokio::time::timeout_at(refresh_at, &mut gone).await.is_ok() {
                 timer.disarm();
@@ -303,21 +322,27 @@ mod tests {
         Bearer::new(SecretString::from("t")).unwrap()
     }
 
+    fn multi_thread() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap()
+    }
+
     #[test]
     fn a_token_whose_timer_is_gone_falls_back_to_the_clock() {
         let now = Instant::now();
         let hour = Duration::from_secs(3600);
         let fresh = Arc::new(Token::new(bearer(), 1, now + hour, now + 2 * hour));
         let stale = Arc::new(Token::new(bearer(), 2, now, now + hour));
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
+        let runtime = multi_thread();
         runtime.block_on(async {
             Token::schedule(&fresh);
             Token::schedule(&stale);
         });
-        // The timers never ran: their runtime is dropped with them.
+        assert_eq!(fresh.timed_phase(), Phase::Fresh);
+        // The timers are dropped with their runtime.
         drop(runtime);
         assert_eq!(fresh.timed_phase(), Phase::Untimed);
         assert_eq!(fresh.phase_now(), Phase::Fresh);
@@ -326,23 +351,71 @@ mod tests {
         assert_eq!(expired.phase_now(), Phase::Expired);
     }
 
-    #[tokio::test(start_paused = true)]
-    async fn the_timer_moves_the_phase_on_at_refresh_and_expiry() {
-        let now = Instant::now();
-        let token = Arc::new(Token::new(
-            bearer(),
-            1,
-            now + Duration::from_secs(10),
-            now + Duration::from_secs(20),
-        ));
-        Token::schedule(&token);
-        assert!(token.is_fresh());
-        tokio::time::sleep(Duration::from_secs(10)).await;
-        tokio::task::yield_now().await;
-        assert_eq!(token.timed_phase(), Phase::Stale);
-        tokio::time::sleep(Duration::from_secs(10)).await;
-        tokio::task::yield_now().await;
-        assert_eq!(token.timed_phase(), Phase::Expired);
+    #[test]
+    fn the_timer_moves_the_phase_on_at_refresh_and_expiry() {
+        let runtime = multi_thread();
+        runtime.block_on(async {
+            let now = Instant::now();
+            let token = Arc::new(Token::new(
+                bearer(),
+                1,
+                now + Duration::from_millis(20),
+                now + Duration::from_millis(40),
+            ));
+            Token::schedule(&token);
+            // Each phase is reached by the timer (not read from the clock), and never
+            // before its time; the wait for it is bounded.
+            for (phase, at) in [
+                (Phase::Stale, token.refresh_at),
+                (Phase::Expired, token.expires_at),
+            ] {
+                tokio::time::timeout(Duration::from_secs(30), async {
+                    // (A loaded machine may see both moves at once.)
+                    while (token.timed_phase() as u8) < phase as u8 {
+                        tokio::task::yield_now().await;
+                    }
+                })
+                .await
+                .expect("the timer moved the phase on");
+                assert!(Instant::now() >= at);
+            }
+        });
+    }
+
+    // A current-thread runtime runs its timers only while driven: the phase is read
+    // from the clock. Here the token is made on one runtime that is then left idle,
+    // and read from another whose (paused) clock is past its expiry.
+    #[test]
+    fn on_a_current_thread_runtime_the_phase_comes_from_the_clock() {
+        let paused = || {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .start_paused(true)
+                .build()
+                .unwrap()
+        };
+        let idle = paused();
+        let token = idle.block_on(async {
+            let now = Instant::now();
+            let token = Arc::new(Token::new(
+                bearer(),
+                1,
+                now + Duration::from_secs(10),
+                now + Duration::from_secs(20),
+            ));
+            Token::schedule(&token);
+            token
+        });
+        assert_eq!(token.timed_phase(), Phase::Untimed);
+        assert!(!token.is_fresh());
+        paused().block_on(async {
+            assert_eq!(token.phase_now(), Phase::Fresh);
+            tokio::time::advance(Duration::from_secs(15)).await;
+            assert_eq!(token.phase_now(), Phase::Stale);
+            tokio::time::advance(Duration::from_secs(10)).await;
+            assert_eq!(token.phase_now(), Phase::Expired);
+        });
+        drop(idle);
     }
 
     #[test]

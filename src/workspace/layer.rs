@@ -158,6 +158,33 @@ mod tests {
         });
     }
 
+    // A janitor started on a runtime that is shutting down is dropped unrun: the next
+    // warm request on a live runtime starts another.
+    #[test]
+    fn a_janitor_dropped_unrun_is_started_again() {
+        let layer = layer(10);
+        let registry = &layer.registry;
+        let acme = Workspace::new("acme");
+        let first = paused_runtime();
+        first.block_on(registry.resolve(acme.clone())).unwrap();
+        let dead = first.handle().clone();
+        drop(first);
+        {
+            let _entered = dead.enter();
+            assert!(registry.warm(&acme, false).is_some());
+        }
+        paused_runtime().block_on(async {
+            assert!(registry.warm(&acme, false).is_some());
+            let before = registry.ticks();
+            tokio::time::sleep(Duration::from_secs(10)).await;
+            assert!(
+                registry.ticks() >= before + 9,
+                "{} ticks",
+                registry.ticks() - before
+            );
+        });
+    }
+
     // The cache may hold a dropped slot until its next housekeeping: the listener
     // (or, for a workspace it declined, the lookup) stops the refresher at once.
     #[test]
@@ -180,12 +207,14 @@ mod tests {
     #[test]
     fn a_workspace_declined_during_its_lookup_gets_no_refresher() {
         let gate = Arc::new(tokio::sync::Semaphore::new(0));
+        let asked = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let layer = {
-            let gate = gate.clone();
+            let (gate, asked) = (gate.clone(), asked.clone());
             EshopboxAuthLayer::per_workspace(move |workspace: Workspace| {
-                let gate = gate.clone();
+                let (gate, asked) = (gate.clone(), asked.clone());
                 async move {
                     if workspace.name() == "globex" {
+                        asked.store(true, std::sync::atomic::Ordering::SeqCst);
                         gate.acquire().await.unwrap().forget();
                     }
                     Ok(Some(Credentials::new("id", "secret", "refresh")))
@@ -199,7 +228,14 @@ mod tests {
         paused_runtime().block_on(async {
             let acme = registry.resolve(Workspace::new("acme")).await.unwrap();
             let globex = tokio::spawn(registry.resolve(Workspace::new("globex")));
-            tokio::task::yield_now().await;
+            // Until the resolver is asked for globex (its slot is in the cache by then).
+            for _ in 0..1000 {
+                if asked.load(std::sync::atomic::Ordering::SeqCst) {
+                    break;
+                }
+                tokio::task::yield_now().await;
+            }
+            assert!(asked.load(std::sync::atomic::Ordering::SeqCst));
             // The cache settles on one of the two while globex has no cell yet.
             assert_eq!(registry.len(), 1);
             gate.add_permits(1);

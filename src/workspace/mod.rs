@@ -124,8 +124,15 @@ impl fmt::Debug for Workspace {
 
 impl fmt::Display for Workspace {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        // Escaped: the name comes from the caller and may contain anything.
-        write!(f, "{}", self.name().escape_debug())
+        // Escaped: the name comes from the caller and may contain anything. A name
+        // longer than a workspace name may be (a DNS name's 253 bytes) shows its
+        // start only.
+        const SHOWN: usize = 253;
+        let name = self.name();
+        match name.char_indices().nth(SHOWN) {
+            None => write!(f, "{}", name.escape_debug()),
+            Some((end, _)) => write!(f, "{}… ({} bytes)", name[..end].escape_debug(), name.len()),
+        }
     }
 }
 

@@ -266,8 +266,11 @@ impl Registry {
         let _ = self.this.set(weak.clone());
         let tick = self.tick_every;
         let housekeeping = self.janitor_every;
+        // Made before the task: a runtime that is shutting down drops the task
+        // without running it, and the guard then still says the janitor is gone.
+        let gone = JanitorGone(weak.clone());
         runtime.spawn(async move {
-            let _gone = JanitorGone(weak.clone());
+            let _gone = gone;
             let mut since = Duration::ZERO;
             loop {
                 tokio::time::sleep(tick).await;
@@ -295,7 +298,8 @@ impl Registry {
         self.used(workspace, hot);
         if snapshot_allowed {
             if let Some(snapshot) = &hot.token {
-                if snapshot.token.is_fresh() && matches!(snapshot.changes.has_changed(), Ok(false))
+                if snapshot.token.is_fresh_now()
+                    && matches!(snapshot.changes.has_changed(), Ok(false))
                 {
                     return Some(Warm::Fresh {
                         proxy_host: hot.proxy_host.clone(),
@@ -344,7 +348,7 @@ impl Registry {
     ) {
         // Subscribed before the read: a change after it shows in the receiver.
         let changes = entry.cell.subscribe();
-        let Some(token) = entry.cell.peek().filter(|token| token.is_fresh()) else {
+        let Some(token) = entry.cell.peek().filter(|token| token.is_fresh_now()) else {
             return;
         };
         let entry = Arc::downgrade(entry);
@@ -491,7 +495,9 @@ impl Registry {
             // of leaving the slot behind.
             let lookup = tokio::spawn({
                 let (registry, workspace) = (registry.clone(), workspace.clone());
-                async move { registry.lookup(&workspace, proxy_host).await }
+                tracing::Instrument::in_current_span(async move {
+                    registry.lookup(&workspace, proxy_host).await
+                })
             });
             let mut outcome = match lookup.await {
                 Ok(outcome) => outcome,
@@ -753,12 +759,19 @@ fn unfront(front: &Front, workspace: &Workspace, slot: &Slot) {
         .remove_if(workspace, |_, hot| Weak::ptr_eq(&hot.entry, &entry));
 }
 
-/// The `ProxyHost` value for a workspace name: non-empty, no whitespace, a valid
-/// header value; else the request fails with `UnknownWorkspace`.
+/// The longest workspace name: a DNS name's longest text form.
+const MAX_NAME: usize = 253;
+
+/// The `ProxyHost` value for a workspace name: non-empty, no whitespace, at most
+/// [`MAX_NAME`] bytes, a valid header value; else the request fails with
+/// `UnknownWorkspace`.
 fn proxy_host(workspace: &Workspace) -> Result<HeaderValue, Error> {
     let name = workspace.name();
     if name.is_empty() || name.bytes().any(|b| b.is_ascii_whitespace()) {
         return Err(unknown(workspace, "not a workspace name"));
+    }
+    if name.len() > MAX_NAME {
+        return Err(unknown(workspace, "longer than a workspace name may be"));
     }
     HeaderValue::from_str(name).map_err(|_| unknown(workspace, "not a valid header value"))
 }

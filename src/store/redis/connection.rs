@@ -24,10 +24,12 @@ const CLUSTER_ATTEMPTS: u32 = 20;
 
 /// The Redis deployment a store talks to.
 pub(super) enum Connector {
-    /// One server (or a proxy in front of several).
+    /// One server (or a proxy in front of several). The connection manager
+    /// reconnects after I/O errors by itself; after a failure it does not recover
+    /// from (a reconnect whose password was refused, say) it is made anew.
     Single {
         client: redis::Client,
-        connection: OnceCell<ConnectionManager>,
+        connection: Mutex<Option<ConnectionManager>>,
     },
     /// A Redis Cluster: the client follows `MOVED` and `ASK` redirections, waits
     /// out `TRYAGAIN`, and learns the new slot map after a failover.
@@ -48,7 +50,7 @@ impl Connector {
     pub(super) fn single(client: redis::Client) -> Self {
         Connector::Single {
             client,
-            connection: OnceCell::new(),
+            connection: Mutex::new(None),
         }
     }
 
@@ -76,23 +78,37 @@ impl Connector {
                 // No connection retries inside the manager: its first pause is a
                 // second or more, longer than the layer's default store timeout, so a
                 // refused password or a server that is down showed only as a timeout.
-                // A failed connection is made again at the next command; a dropped
-                // one is retried once below.
-                let config = ConnectionManagerConfig::new()
-                    .set_connection_timeout(TIMEOUT)
-                    .set_response_timeout(TIMEOUT)
-                    .set_number_of_retries(0);
-                let mut connection = connection
-                    .get_or_try_init(|| ConnectionManager::new_with_config(client.clone(), config))
-                    .await?
-                    .clone();
-                match command.query_async(&mut connection).await {
+                // A dropped connection is retried once below; after a failure that is
+                // not the command's own, the next command makes a new manager.
+                let mut manager = {
+                    let mut kept = connection.lock().await;
+                    match kept.as_ref() {
+                        Some(manager) => manager.clone(),
+                        None => {
+                            let config = ConnectionManagerConfig::new()
+                                .set_connection_timeout(TIMEOUT)
+                                .set_response_timeout(TIMEOUT)
+                                .set_number_of_retries(0);
+                            let manager =
+                                ConnectionManager::new_with_config(client.clone(), config).await?;
+                            *kept = Some(manager.clone());
+                            manager
+                        }
+                    }
+                };
+                let result = match command.query_async(&mut manager).await {
                     Err(e) if lost(&e) => {
                         tracing::debug!(error = %e, "Redis connection lost; sending the command again");
-                        command.query_async(&mut connection).await
+                        command.query_async(&mut manager).await
                     }
                     result => result,
+                };
+                if let Err(e) = &result {
+                    if !answered(e) {
+                        *connection.lock().await = None;
+                    }
                 }
+                result
             }
             // The cluster connection follows redirections, retries and reconnects by
             // itself; what it gives up on while the cluster is failing over is tried
@@ -176,6 +192,20 @@ fn in_transit(error: &RedisError) -> bool {
                 | ErrorKind::ClusterConnectionNotFound
                 | ErrorKind::Moved
                 | ErrorKind::Ask
+        )
+}
+
+/// Whether the server answered the command (with an error of the command's own, such
+/// as a script's `NOPERM`), as opposed to a failure of the connection or of
+/// reconnecting (a refused password, a timeout, a TLS error).
+fn answered(error: &RedisError) -> bool {
+    !lost(error)
+        && !error.is_timeout()
+        && !matches!(
+            error.kind(),
+            ErrorKind::AuthenticationFailed
+                | ErrorKind::InvalidClientConfig
+                | ErrorKind::ClientError
         )
 }
 
