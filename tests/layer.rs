@@ -771,6 +771,39 @@ async fn an_api_refusing_every_token_costs_one_token_call_per_cooldown() {
     assert_eq!(layer.handle().stats().invalidations, 10);
 }
 
+// The background refresher, woken by the invalidation, is spaced the same way: with
+// retry off every 401 invalidates the token, and the refresher would otherwise call
+// at once each time.
+#[tokio::test(start_paused = true)]
+async fn with_background_refresh_an_api_refusing_every_token_costs_one_call_per_cooldown() {
+    let script = Script::new(DAY);
+    let inner = service_fn(|_: Request<Empty<Bytes>>| async {
+        let mut res = Response::new(());
+        *res.status_mut() = StatusCode::UNAUTHORIZED;
+        Ok::<_, Infallible>(res)
+    });
+    let layer = script
+        .builder()
+        .background_refresh(true)
+        .retry_on_unauthorized(false)
+        .build()
+        .unwrap();
+    let mut svc = layer.layer(inner);
+    // 20 s of requests, one every 10 ms (each waits for the refresh its 401 caused).
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_secs(20) {
+        let res = send(&mut svc, get()).await.unwrap();
+        assert_eq!(res.status(), StatusCode::UNAUTHORIZED);
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // The first token, one at once after the first 401, then one per 2 s.
+    let gaps = script.gaps();
+    assert!(script.calls() <= 12, "{} calls: {gaps:?}", script.calls());
+    for gap in &gaps[2..] {
+        assert!(*gap >= Duration::from_secs(2), "{gaps:?}");
+    }
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_closure_policy_decides_which_bodies_are_replayed() {
     let script = Script::new(DAY);
@@ -1474,6 +1507,48 @@ fn a_token_got_on_an_idle_current_thread_runtime_is_not_sent_once_expired() {
     });
     assert_eq!(script.calls(), 2);
     drop(idle);
+}
+
+// An early refresh (the token still valid) gives up after a few attempts, since its
+// failure costs nothing; once the token has expired, requests wait for it, and it
+// goes on until its deadline like any refresh they wait for.
+#[tokio::test(start_paused = true)]
+async fn an_early_refresh_that_outlives_the_token_keeps_trying_for_its_waiters() {
+    let start = Instant::now();
+    let calls = Arc::new(AtomicUsize::new(0));
+    let source = {
+        let calls = calls.clone();
+        source_fn(move || {
+            let n = calls.fetch_add(1, Ordering::SeqCst) + 1;
+            async move {
+                if n == 1 {
+                    return Ok(FetchedToken::new("tok-1").expires_in(Duration::from_secs(100)));
+                }
+                // Down from just before the expiry until 4 s after it; each failure
+                // takes 600 ms.
+                tokio::time::sleep(Duration::from_millis(600)).await;
+                if Instant::now() < start + Duration::from_secs(104) {
+                    return Err(Error::unavailable("down"));
+                }
+                Ok(FetchedToken::new("tok-2").expires_in(Duration::from_secs(100)))
+            }
+        })
+    };
+    let layer = EshopboxAuthLayer::with_source(source)
+        .refresh_margin(Duration::from_secs(2))
+        .build()
+        .unwrap();
+    let api = Api::new();
+    let mut svc = layer.layer(api.service());
+    assert_eq!(send(&mut svc, get()).await.unwrap().body(), "Bearer tok-1");
+    // In the soft window: the old token goes out, an early refresh starts.
+    tokio::time::sleep_until(start + Duration::from_millis(99_700)).await;
+    assert_eq!(send(&mut svc, get()).await.unwrap().body(), "Bearer tok-1");
+    // Past the expiry: this request waits for that refresh.
+    tokio::time::sleep_until(start + Duration::from_millis(100_010)).await;
+    let res = send(&mut svc, get()).await.unwrap();
+    assert_eq!(res.body(), "Bearer tok-2");
+    assert!(Instant::now() >= start + Duration::from_secs(104));
 }
 
 // Handle and counters ------------------------------------------------------------

@@ -232,6 +232,12 @@ impl TokenCell {
         }
     }
 
+    /// Whether a refresh now follows an invalidation (a 401), whoever starts it: a
+    /// request, the background refresher or the handle. Such refreshes are spaced.
+    pub(super) fn after_invalidation(&self) -> bool {
+        self.invalidated.load(Ordering::Relaxed)
+    }
+
     /// Whether the current token is due for a refresh (re-checked under the flight
     /// lock before a background refresh starts).
     pub(super) fn due(&self) -> bool {
@@ -262,10 +268,10 @@ impl TokenCell {
         deadline: Instant,
         space: bool,
     ) -> Result<Fetched, Error> {
-        let early = self.need(Instant::now()).is_ok();
+        let early_until = self.need(Instant::now()).ok().map(|token| token.expires_at);
         let fetched = self
             .fetcher
-            .fetch(&self.counters, reason, deadline, early, space)
+            .fetch(&self.counters, reason, deadline, early_until, space)
             .await;
         if let Err(error) = &fetched {
             self.back_off(error);

@@ -107,21 +107,25 @@ impl Fetcher {
     /// Token requests until one succeeds, all before `deadline`: transient failures
     /// are retried with jittered exponential back-off (or the endpoint's
     /// `Retry-After`, if longer) as long as the next attempt would start before the deadline —
-    /// at most [`EARLY_ATTEMPTS`] when `early`. Each attempt is abandoned after its
-    /// own bound ([`Fetcher::attempt_bound`]). With `space` (the first token call of
-    /// a refresh that follows an invalidation), the first attempt waits until the
-    /// failure cooldown has passed since the last such call.
+    /// at most [`EARLY_ATTEMPTS`] while the refresh is early: `early_until` is when
+    /// the token still served expires (`None`: none is). Requests that come after that
+    /// wait for this refresh, so it then goes on to the deadline. Each attempt is
+    /// abandoned after its own bound ([`Fetcher::attempt_bound`]). With `space` (the
+    /// first token call of a refresh that follows an invalidation), the first attempt
+    /// waits until the failure cooldown has passed since the last such call.
     pub(crate) async fn fetch(
         &self,
         counters: &Counters,
         reason: Reason,
         deadline: Instant,
-        early: bool,
+        early_until: Option<Instant>,
         space: bool,
     ) -> Result<Fetched, Error> {
         if space {
             self.space_out(deadline).await?;
         }
+        let early_at = |now: Instant| early_until.is_some_and(|until| now < until);
+        let early = early_at(Instant::now());
         let mut attempt = 1;
         let resume = self
             .resume
@@ -163,6 +167,7 @@ impl Fetcher {
                 Err(error) => error,
             };
             counters.failure(error.kind());
+            let early = early_at(Instant::now());
             let more = error.is_transient() && !(early && attempt >= EARLY_ATTEMPTS);
             // A `Retry-After` waits at least the back-off: `0` or a date in the past
             // must not turn the retries into a tight loop.

@@ -210,6 +210,7 @@ impl Token {
 
     /// Whether the token is fresh now: by its timer, or by the clock when it has none
     /// (one load while a timer keeps it fresh).
+    #[cfg(feature = "workspaces")]
     #[inline]
     pub(crate) fn is_fresh_now(&self) -> bool {
         self.is_fresh()
