@@ -1551,6 +1551,60 @@ async fn an_early_refresh_that_outlives_the_token_keeps_trying_for_its_waiters()
     assert!(Instant::now() >= start + Duration::from_secs(104));
 }
 
+// A `Retry-After` an early refresh was given holds for the refresh at expiry too.
+#[tokio::test(start_paused = true)]
+async fn a_retry_after_given_to_an_early_refresh_holds_at_expiry() {
+    let start = Instant::now();
+    let calls = Arc::new(Mutex::new(Vec::new()));
+    let source = {
+        let calls = calls.clone();
+        source_fn(move || {
+            let mut calls = calls.lock().unwrap();
+            calls.push(Instant::now());
+            let n = calls.len();
+            async move {
+                if n == 1 {
+                    return Ok(FetchedToken::new("tok-1").expires_in(Duration::from_secs(600)));
+                }
+                if Instant::now() < start + Duration::from_secs(660) {
+                    return Err(Error::unavailable("slow down")
+                        .with_retry_after(Some(Duration::from_secs(60))));
+                }
+                Ok(FetchedToken::new("tok-2").expires_in(Duration::from_secs(600)))
+            }
+        })
+    };
+    let layer = EshopboxAuthLayer::with_source(source)
+        .refresh_margin(Duration::from_secs(20))
+        .build()
+        .unwrap();
+    let api = Api::new();
+    let mut svc = layer.layer(api.service());
+    assert_eq!(send(&mut svc, get()).await.unwrap().body(), "Bearer tok-1");
+    // In the soft window: an early refresh, told to wait 60 s.
+    tokio::time::sleep_until(start + Duration::from_secs(590)).await;
+    assert_eq!(send(&mut svc, get()).await.unwrap().body(), "Bearer tok-1");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let told = calls.lock().unwrap()[1];
+    // Past the expiry, requests keep asking until a token comes.
+    tokio::time::sleep_until(start + Duration::from_millis(600_250)).await;
+    loop {
+        if let Ok(res) = send(&mut svc, get()).await {
+            assert_eq!(res.body(), "Bearer tok-2");
+            break;
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    let calls = calls.lock().unwrap();
+    assert!(
+        calls[2..]
+            .iter()
+            .all(|at| *at >= told + Duration::from_secs(60)),
+        "a call within the Retry-After: {:?}",
+        calls.iter().map(|at| *at - start).collect::<Vec<_>>()
+    );
+}
+
 // Handle and counters ------------------------------------------------------------
 
 #[tokio::test(start_paused = true)]

@@ -196,7 +196,10 @@ impl Fetcher {
                         error = &error as &dyn std::error::Error,
                         "token refresh ran out of time"
                     );
-                    if !early {
+                    // The next refresh resumes this back-off; after an early refresh,
+                    // only an endpoint's explicit `Retry-After` (which the refresh at
+                    // expiry must honour too).
+                    if !early || error.retry_after().is_some() {
                         *self.resume.lock().unwrap_or_else(PoisonError::into_inner) =
                             Some((Instant::now() + wait, attempt + 1));
                     }
