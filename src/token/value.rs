@@ -352,18 +352,20 @@ mod tests {
         assert_eq!(expired.phase_now(), Phase::Expired);
     }
 
+    /// A token due for refresh after `refresh` and expiring after `expire`, from now,
+    /// with its phase scheduled on the current runtime.
+    fn scheduled(refresh: Duration, expire: Duration) -> Arc<Token> {
+        let now = Instant::now();
+        let token = Arc::new(Token::new(bearer(), 1, now + refresh, now + expire));
+        Token::schedule(&token);
+        token
+    }
+
     #[test]
     fn the_timer_moves_the_phase_on_at_refresh_and_expiry() {
         let runtime = multi_thread();
         runtime.block_on(async {
-            let now = Instant::now();
-            let token = Arc::new(Token::new(
-                bearer(),
-                1,
-                now + Duration::from_millis(20),
-                now + Duration::from_millis(40),
-            ));
-            Token::schedule(&token);
+            let token = scheduled(Duration::from_millis(20), Duration::from_millis(40));
             // Each phase is reached by the timer (not read from the clock), and never
             // before its time; the wait for it is bounded.
             for (phase, at) in [
@@ -396,17 +398,8 @@ mod tests {
                 .unwrap()
         };
         let idle = paused();
-        let token = idle.block_on(async {
-            let now = Instant::now();
-            let token = Arc::new(Token::new(
-                bearer(),
-                1,
-                now + Duration::from_secs(10),
-                now + Duration::from_secs(20),
-            ));
-            Token::schedule(&token);
-            token
-        });
+        let token =
+            idle.block_on(async { scheduled(Duration::from_secs(10), Duration::from_secs(20)) });
         assert_eq!(token.timed_phase(), Phase::Untimed);
         assert!(!token.is_fresh());
         paused().block_on(async {
