@@ -1,5 +1,6 @@
 //! The token as the cell holds it: its secret, the header built from it once, and
-//! its phase (fresh, in the soft window, expired), moved on by a timer.
+//! its phase (fresh, in the soft window, expired), moved on by a timer on a
+//! multi-thread runtime and read from the clock on a current-thread one.
 
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, Weak};
@@ -142,7 +143,8 @@ pub(crate) struct Token {
     pub(crate) issued_at: SystemTime,
     /// How long it lives from `issued_at`.
     pub(crate) lifetime: Duration,
-    /// A [`Phase`], moved on by a timer task at `refresh_at` and `expires_at`.
+    /// A [`Phase`], moved on by a timer task at `refresh_at` and `expires_at`, or
+    /// [`Phase::Untimed`] when there is no timer (then the clock decides).
     phase: AtomicU8,
     /// Dropped with the token, which ends its phase timer early.
     _alive: oneshot::Sender<()>,

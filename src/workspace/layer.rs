@@ -148,6 +148,20 @@ mod tests {
         ticks_on_a_new_runtime(registry, &acme);
     }
 
+    // A warm request outside any runtime cannot start a janitor: it leaves the next
+    // request to try again.
+    #[test]
+    fn a_warm_request_outside_a_runtime_leaves_the_janitor_to_the_next() {
+        let layer = layer(10);
+        let registry = &layer.registry;
+        let acme = Workspace::new("acme");
+        paused_runtime()
+            .block_on(registry.resolve(acme.clone()))
+            .unwrap();
+        assert!(registry.warm(&acme, false).is_some());
+        ticks_on_a_new_runtime(registry, &acme);
+    }
+
     /// On a new runtime, a warm request for `workspace`, then ten seconds: the clock
     /// ticks every second (the default idle timeout's tick).
     fn ticks_on_a_new_runtime(registry: &Registry, workspace: &Workspace) {
