@@ -109,7 +109,11 @@ impl TokenHandle {
     }
 
     /// Gets a new token now, even if the current one is valid. If a refresh is already
-    /// running, waits for that one instead of starting another.
+    /// running, waits for that one instead of starting another. After an
+    /// [`invalidate`](Self::invalidate) (or a 401), it waits out the failure cooldown
+    /// since the last refresh that followed one, as every such refresh does; and
+    /// while the token endpoint's `Retry-After` has not passed, it fails without a
+    /// token call.
     pub async fn refresh(&self) -> Result<TokenInfo, Error> {
         let token = self.cell.force().await?;
         Ok(token.info())

@@ -1584,17 +1584,28 @@ async fn a_retry_after_given_to_an_early_refresh_holds_at_expiry() {
     // In the soft window: an early refresh, told to wait 60 s.
     tokio::time::sleep_until(start + Duration::from_secs(590)).await;
     assert_eq!(send(&mut svc, get()).await.unwrap().body(), "Bearer tok-1");
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    for _ in 0..1000 {
+        if calls.lock().unwrap().len() >= 2 {
+            break;
+        }
+        tokio::task::yield_now().await;
+    }
     let told = calls.lock().unwrap()[1];
+    // A refresh asked for meanwhile makes no call either.
+    assert!(layer.handle().refresh().await.is_err());
+    assert_eq!(calls.lock().unwrap().len(), 2);
     // Past the expiry, requests keep asking until a token comes.
     tokio::time::sleep_until(start + Duration::from_millis(600_250)).await;
-    loop {
+    let mut served = false;
+    for _ in 0..120 {
         if let Ok(res) = send(&mut svc, get()).await {
             assert_eq!(res.body(), "Bearer tok-2");
+            served = true;
             break;
         }
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
+    assert!(served);
     let calls = calls.lock().unwrap();
     assert!(
         calls[2..]

@@ -841,6 +841,69 @@ async fn a_store_recovers_after_a_refused_reconnect() {
     store.load().await.unwrap();
 }
 
+/// A connection that goes silent (a failover behind a virtual IP, lost NAT state) is
+/// given up at the store timeout, and the next call makes a new connection instead of
+/// waiting on the silent one again. Here a proxy on 127.0.0.1 silences the
+/// connections it has, and serves new ones.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_connection_is_replaced_after_a_timeout() {
+    use std::sync::Mutex;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let redis = RedisServer::start();
+    let target = redis
+        .url()
+        .trim_start_matches("redis://")
+        .trim_end_matches('/')
+        .to_owned();
+    let proxy = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = proxy.local_addr().unwrap();
+    let silenced: Arc<Mutex<Vec<Arc<AtomicBool>>>> = Arc::default();
+    let accepting = {
+        let silenced = silenced.clone();
+        tokio::spawn(async move {
+            loop {
+                let (inbound, _) = proxy.accept().await.unwrap();
+                let outbound = tokio::net::TcpStream::connect(&target).await.unwrap();
+                let silent = Arc::new(AtomicBool::new(false));
+                silenced.lock().unwrap().push(silent.clone());
+                let (in_read, in_write) = inbound.into_split();
+                let (out_read, out_write) = outbound.into_split();
+                let forward = |silent: Arc<AtomicBool>| {
+                    move |mut from: tokio::net::tcp::OwnedReadHalf,
+                          mut to: tokio::net::tcp::OwnedWriteHalf| async move {
+                        let mut buffer = [0u8; 4096];
+                        while let Ok(n @ 1..) = from.read(&mut buffer).await {
+                            if !silent.load(Ordering::SeqCst)
+                                && to.write_all(&buffer[..n]).await.is_err()
+                            {
+                                break;
+                            }
+                        }
+                    }
+                };
+                tokio::spawn(forward(silent.clone())(in_read, out_write));
+                tokio::spawn(forward(silent)(out_read, in_write));
+            }
+        })
+    };
+    let store = RedisStore::new(&format!("redis://{address}/")).unwrap();
+    store.load().await.unwrap();
+
+    for silent in silenced.lock().unwrap().iter() {
+        silent.store(true, Ordering::SeqCst);
+    }
+    // Given up (the layer's default store timeout is 1 s).
+    let first = tokio::time::timeout(Duration::from_millis(1500), store.load()).await;
+    assert!(
+        !matches!(first, Ok(Ok(_))),
+        "answered on a silent connection"
+    );
+    // A new connection, through the proxy, answers.
+    let second = tokio::time::timeout(Duration::from_secs(10), store.load()).await;
+    assert!(matches!(second, Ok(Ok(_))), "{second:?}");
+    accepting.abort();
+}
+
 /// An error with its causes.
 fn full_report_of(error: &Error) -> String {
     let mut text = format!("{error}");

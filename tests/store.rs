@@ -582,6 +582,26 @@ async fn with_store_required_a_failing_store_fails_the_refresh_without_a_token_c
     assert!(now.refresh_at > token.info().refresh_at, "put off");
 }
 
+// After a 401, a refresh the request did not start (the background refresher's, the
+// handle's) must not take the refused token back from the store.
+#[tokio::test(start_paused = true)]
+async fn a_refused_token_is_not_taken_back_from_the_store_by_any_refresh() {
+    let calls = Arc::new(AtomicUsize::new(0));
+    let layer = EshopboxAuthLayer::with_source(counting(calls.clone()))
+        .token_store(InProcessStore::new())
+        .build()
+        .unwrap();
+    let handle = layer.handle();
+    let first = handle.get().await.unwrap();
+    assert!(handle.invalidate());
+    let next = handle.refresh().await.unwrap();
+    assert_ne!(next.generation, first.info().generation);
+    use secrecy::ExposeSecret;
+    let token = handle.token().unwrap();
+    assert_eq!(token.secret().expose_secret(), "tok-2");
+    assert_eq!(calls.load(Ordering::SeqCst), 2);
+}
+
 #[test]
 fn store_required_without_a_store_is_a_config_error() {
     let error = EshopboxAuthLayer::with_source(counting(Arc::default()))

@@ -115,9 +115,9 @@
 //! rotated meanwhile is offered to Redis every 3 s until it takes it (or holds a newer
 //! one). Requests only ever see the replica's local token, so none fails because Redis
 //! did — with the exceptions below: `store_required`, and a provider that rotates
-//! refresh tokens while replicas refresh on their own. (During an outage each replica refreshes on its own; with a provider that
-//! rotates refresh tokens, replicas can then spend each other's refresh token — the
-//! store cannot help while it is down. With
+//! refresh tokens while replicas refresh on their own. (During an outage each replica
+//! refreshes on its own; with a provider that rotates refresh tokens, replicas can then
+//! spend each other's refresh token — the store cannot help while it is down. With
 //! [`store_required`](crate::EshopboxAuthBuilder::store_required) a replica does not
 //! refresh on its own: its refreshes fail while the store is out, and requests use
 //! the still-valid token meanwhile.) In a Redis Cluster the client follows `MOVED`

@@ -1,8 +1,10 @@
 //! The token cell: the current token in an [`ArcSwapOption`], and whether a request
 //! may use it.
 //!
-//! A request loads the token (no lock, no allocation, no clock read: a timer task
-//! moves the token's [`Phase`] on) and, depending on that phase:
+//! A request loads the token (no lock, no allocation; on a multi-thread runtime no
+//! clock read either: a timer task moves the token's [`Phase`] on, while on a
+//! current-thread runtime, whose timers run only while it is driven, the phase is
+//! read from the clock) and, depending on that phase:
 //!
 //! - fresh: uses it;
 //! - in the soft window (between `refresh_at` and `expires_at`): uses it and makes

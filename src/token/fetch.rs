@@ -127,12 +127,21 @@ impl Fetcher {
         let early_at = |now: Instant| early_until.is_some_and(|until| now < until);
         let early = early_at(Instant::now());
         let mut attempt = 1;
-        let resume = self
-            .resume
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .take();
         let now = Instant::now();
+        let resume = {
+            let mut resume = self.resume.lock().unwrap_or_else(PoisonError::into_inner);
+            match *resume {
+                // An early refresh within a wait the endpoint asked for (or a back-off
+                // not over yet) makes no call, and leaves the wait to the next refresh.
+                Some((at, _)) if early && now < at => {
+                    return Err(Error::unavailable(
+                        "the token endpoint's Retry-After (or back-off) has not passed yet",
+                    )
+                    .with_retry_after(Some(at - now)));
+                }
+                _ => resume.take(),
+            }
+        };
         // The last refresh ran out of time moments ago: its back-off goes on. (Long
         // after, a refresh starts afresh.)
         if let Some((at, next)) = resume.filter(|(at, _)| !early && now < *at + BACKOFF_MAX) {
@@ -212,6 +221,12 @@ impl Fetcher {
                         error = &error as &dyn std::error::Error,
                         "token refresh failed"
                     );
+                    // An early refresh out of attempts: a `Retry-After` still holds
+                    // for the next refresh.
+                    if let Some(after) = error.retry_after().filter(|_| error.is_transient()) {
+                        *self.resume.lock().unwrap_or_else(PoisonError::into_inner) =
+                            Some((Instant::now() + after, attempt + 1));
+                    }
                     return Err(error);
                 }
             }

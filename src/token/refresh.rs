@@ -108,12 +108,11 @@ impl<'a> Job<'a> {
         self.cell.peek().map(|t| t.store_id)
     }
 
-    /// The store id of the token a 401 refused, when that is why the refresh runs.
+    /// The store id of the token a 401 refused, until the store no longer holds it:
+    /// whoever starts the refresh (a request, the background refresher, the handle),
+    /// that token is no use.
     pub(crate) fn refused(&self) -> Option<u64> {
-        match self.reason {
-            Reason::Invalidated => self.cell.failed_store_id(),
-            _ => None,
-        }
+        self.cell.failed_store_id()
     }
 
     /// The store no longer holds the refused token `id`.

@@ -1,5 +1,6 @@
 //! The token as the cell holds it: its secret, the header built from it once, and
-//! its phase (fresh, in the soft window, expired), moved on by a timer.
+//! its phase (fresh, in the soft window, expired), moved on by a timer on a
+//! multi-thread runtime and read from the clock on a current-thread one.
 
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, Weak};
@@ -142,7 +143,8 @@ pub(crate) struct Token {
     pub(crate) issued_at: SystemTime,
     /// How long it lives from `issued_at`.
     pub(crate) lifetime: Duration,
-    /// A [`Phase`], moved on by a timer task at `refresh_at` and `expires_at`.
+    /// A [`Phase`], moved on by a timer task at `refresh_at` and `expires_at`, or
+    /// [`Phase::Untimed`] when there is no timer (then the clock decides).
     phase: AtomicU8,
     /// Dropped with the token, which ends its phase timer early.
     _alive: oneshot::Sender<()>,
@@ -352,18 +354,20 @@ mod tests {
         assert_eq!(expired.phase_now(), Phase::Expired);
     }
 
+    /// A token due for refresh after `refresh` and expiring after `expire`, from now,
+    /// with its phase scheduled on the current runtime.
+    fn scheduled(refresh: Duration, expire: Duration) -> Arc<Token> {
+        let now = Instant::now();
+        let token = Arc::new(Token::new(bearer(), 1, now + refresh, now + expire));
+        Token::schedule(&token);
+        token
+    }
+
     #[test]
     fn the_timer_moves_the_phase_on_at_refresh_and_expiry() {
         let runtime = multi_thread();
         runtime.block_on(async {
-            let now = Instant::now();
-            let token = Arc::new(Token::new(
-                bearer(),
-                1,
-                now + Duration::from_millis(20),
-                now + Duration::from_millis(40),
-            ));
-            Token::schedule(&token);
+            let token = scheduled(Duration::from_millis(20), Duration::from_millis(40));
             // Each phase is reached by the timer (not read from the clock), and never
             // before its time; the wait for it is bounded.
             for (phase, at) in [
@@ -396,17 +400,8 @@ mod tests {
                 .unwrap()
         };
         let idle = paused();
-        let token = idle.block_on(async {
-            let now = Instant::now();
-            let token = Arc::new(Token::new(
-                bearer(),
-                1,
-                now + Duration::from_secs(10),
-                now + Duration::from_secs(20),
-            ));
-            Token::schedule(&token);
-            token
-        });
+        let token =
+            idle.block_on(async { scheduled(Duration::from_secs(10), Duration::from_secs(20)) });
         assert_eq!(token.timed_phase(), Phase::Untimed);
         assert!(!token.is_fresh());
         paused().block_on(async {

@@ -331,8 +331,14 @@ impl Registry {
     fn used(&self, workspace: &Workspace, hot: &Hot) {
         let now = self.ticks.load(Ordering::Relaxed);
         if hot.touched.load(Ordering::Relaxed) != now {
-            hot.touched.store(now, Ordering::Relaxed);
-            self.touch(workspace);
+            // Without a janitor (none could be started here, outside a runtime) the
+            // clock will not tick: the next request looks again.
+            let seen = if self.touch(workspace) {
+                now
+            } else {
+                now.wrapping_sub(1)
+            };
+            hot.touched.store(seen, Ordering::Relaxed);
         }
     }
 
@@ -368,10 +374,11 @@ impl Registry {
     }
 
     /// Records a use of the workspace with the cache (its idle clock and eviction
-    /// policy), and starts the janitor again if its runtime shut down.
+    /// policy), and starts the janitor again if its runtime shut down. Returns
+    /// whether a janitor runs.
     #[cold]
     #[inline(never)]
-    fn touch(&self, workspace: &Workspace) {
+    fn touch(&self, workspace: &Workspace) -> bool {
         let _ = self.cache.get(workspace);
         if !self.janitor_running.load(Ordering::Acquire) {
             if let (Some(this), Ok(runtime)) = (
@@ -381,6 +388,7 @@ impl Registry {
                 this.start_janitor(&runtime);
             }
         }
+        self.janitor_running.load(Ordering::Acquire)
     }
 
     /// Puts a resolved workspace in the front map, unless the cache no longer keeps

@@ -2,6 +2,7 @@
 //! or the master a set of Sentinels names.
 
 use std::fmt;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use redis::aio::{ConnectionManager, ConnectionManagerConfig, MultiplexedConnection};
@@ -30,6 +31,10 @@ pub(super) enum Connector {
     Single {
         client: redis::Client,
         connection: Mutex<Option<ConnectionManager>>,
+        /// Set when a command failed (or was given up, its future dropped by the
+        /// layer's store timeout) with the connection in doubt: the next command makes
+        /// a new manager.
+        stale: AtomicBool,
     },
     /// A Redis Cluster: the client follows `MOVED` and `ASK` redirections, waits
     /// out `TRYAGAIN`, and learns the new slot map after a failover.
@@ -51,6 +56,7 @@ impl Connector {
         Connector::Single {
             client,
             connection: Mutex::new(None),
+            stale: AtomicBool::new(false),
         }
     }
 
@@ -74,7 +80,11 @@ impl Connector {
     /// connection. Every command this store sends is safe to send twice.
     pub(super) async fn query<T: FromRedisValue>(&self, command: &Cmd) -> RedisResult<T> {
         match self {
-            Connector::Single { client, connection } => {
+            Connector::Single {
+                client,
+                connection,
+                stale,
+            } => {
                 // No connection retries inside the manager: its first pause is a
                 // second or more, longer than the layer's default store timeout, so a
                 // refused password or a server that is down showed only as a timeout.
@@ -82,6 +92,9 @@ impl Connector {
                 // not the command's own, the next command makes a new manager.
                 let mut manager = {
                     let mut kept = connection.lock().await;
+                    if stale.swap(false, Ordering::AcqRel) {
+                        *kept = None;
+                    }
                     match kept.as_ref() {
                         Some(manager) => manager.clone(),
                         None => {
@@ -96,18 +109,20 @@ impl Connector {
                         }
                     }
                 };
+                // Until the answer, the connection is in doubt: a command given up
+                // mid-way (a silent connection the manager would never replace) marks
+                // it stale.
+                let mut doubt = Doubt(stale, true);
                 let result = match command.query_async(&mut manager).await {
-                    Err(e) if lost(&e) => {
+                    // A dropped connection is made again by the manager: send once
+                    // more. A timeout is not: the next command gets a new manager.
+                    Err(e) if lost(&e) && !e.is_timeout() => {
                         tracing::debug!(error = %e, "Redis connection lost; sending the command again");
                         command.query_async(&mut manager).await
                     }
                     result => result,
                 };
-                if let Err(e) = &result {
-                    if !answered(e) {
-                        *connection.lock().await = None;
-                    }
-                }
+                doubt.1 = result.as_ref().is_err_and(|e| !answered(e));
                 result
             }
             // The cluster connection follows redirections, retries and reconnects by
@@ -193,6 +208,17 @@ fn in_transit(error: &RedisError) -> bool {
                 | ErrorKind::Moved
                 | ErrorKind::Ask
         )
+}
+
+/// Marks the connection stale when dropped armed.
+struct Doubt<'a>(&'a AtomicBool, bool);
+
+impl Drop for Doubt<'_> {
+    fn drop(&mut self) {
+        if self.1 {
+            self.0.store(true, Ordering::Release);
+        }
+    }
 }
 
 /// Whether the server answered the command (with an error of the command's own, such
