@@ -1616,6 +1616,38 @@ async fn a_retry_after_given_to_an_early_refresh_holds_at_expiry() {
     );
 }
 
+// A `Retry-After` longer than the token timeout: a forced refresh (the handle's, the
+// background refresher's) fails at once, as requests do, instead of sleeping out its
+// whole token timeout for a certain failure (and holding the requests that join it).
+#[tokio::test(start_paused = true)]
+async fn a_forced_refresh_within_a_long_retry_after_fails_at_once() {
+    let calls = Arc::new(AtomicUsize::new(0));
+    let source = {
+        let calls = calls.clone();
+        source_fn(move || {
+            let n = calls.fetch_add(1, Ordering::SeqCst) + 1;
+            async move {
+                if n == 1 {
+                    return Ok(FetchedToken::new("tok-1").expires_in(Duration::from_secs(3600)));
+                }
+                Err(Error::unavailable("busy").with_retry_after(Some(Duration::from_secs(50))))
+            }
+        })
+    };
+    let layer = EshopboxAuthLayer::with_source(source).build().unwrap();
+    let handle = layer.handle();
+    handle.get().await.unwrap();
+    assert!(handle.invalidate());
+    assert!(handle.get().await.is_err());
+    assert_eq!(calls.load(Ordering::SeqCst), 2);
+    // Past the failure cooldown that spaces refreshes after an invalidation.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let asked = Instant::now();
+    assert!(handle.refresh().await.is_err());
+    assert_eq!(Instant::now(), asked, "failed at once");
+    assert_eq!(calls.load(Ordering::SeqCst), 2);
+}
+
 // Handle and counters ------------------------------------------------------------
 
 #[tokio::test(start_paused = true)]
