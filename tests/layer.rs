@@ -1648,6 +1648,44 @@ async fn a_forced_refresh_within_a_long_retry_after_fails_at_once() {
     assert_eq!(calls.load(Ordering::SeqCst), 2);
 }
 
+// A refresh running on a current-thread runtime that nobody drives (a sync wrapper
+// between two calls) does not hold a request on another runtime for ever: it waits at
+// most three token timeouts.
+#[test]
+fn a_request_waits_for_a_stalled_refresh_at_most_three_token_timeouts() {
+    let source = source_fn(|| async {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        Ok(FetchedToken::new("tok-1"))
+    });
+    let layer = EshopboxAuthLayer::with_source(source)
+        .token_timeout(Duration::from_secs(5))
+        .build()
+        .unwrap();
+    let handle = layer.handle();
+    let paused = || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .start_paused(true)
+            .build()
+            .unwrap()
+    };
+    // The refresh starts on `idle`; the request that started it gives up first.
+    let idle = paused();
+    let gave_up = idle
+        .block_on(async { tokio::time::timeout(Duration::from_millis(10), handle.get()).await });
+    assert!(gave_up.is_err());
+    paused().block_on(async {
+        let started = Instant::now();
+        let waited = tokio::time::timeout(Duration::from_secs(60), handle.get()).await;
+        let error = waited
+            .expect("waited past three token timeouts")
+            .unwrap_err();
+        assert_eq!(error.kind(), ErrorKind::Unavailable);
+        assert_eq!(started.elapsed(), Duration::from_secs(15));
+    });
+    drop(idle);
+}
+
 // Handle and counters ------------------------------------------------------------
 
 #[tokio::test(start_paused = true)]
