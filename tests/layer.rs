@@ -1481,6 +1481,15 @@ fn a_refresh_cancelled_with_its_runtime_does_not_wedge_the_cell() {
     assert_eq!(script.calls(), 2);
 }
 
+/// A current-thread runtime on a paused clock, for tests that need more than one.
+fn paused_runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .start_paused(true)
+        .build()
+        .unwrap()
+}
+
 // A current-thread runtime runs timers only while driven (`block_on` now and then):
 // a token got on one that is then left idle must not be sent once expired. Here the
 // token comes from one paused runtime, and the next request runs on another whose
@@ -1490,17 +1499,10 @@ fn a_token_got_on_an_idle_current_thread_runtime_is_not_sent_once_expired() {
     let script = Script::new(Duration::from_secs(2));
     let api = Api::new();
     let svc = script.layer().layer(api.service());
-    let paused = || {
-        tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .start_paused(true)
-            .build()
-            .unwrap()
-    };
-    let idle = paused();
+    let idle = paused_runtime();
     let res = idle.block_on(send(&mut svc.clone(), get())).unwrap();
     assert_eq!(res.body(), "Bearer tok-1");
-    paused().block_on(async {
+    paused_runtime().block_on(async {
         tokio::time::advance(Duration::from_secs(3)).await;
         let res = send(&mut svc.clone(), get()).await.unwrap();
         assert_eq!(res.body(), "Bearer tok-2");
@@ -1662,19 +1664,12 @@ fn a_request_waits_for_a_stalled_refresh_at_most_three_token_timeouts() {
         .build()
         .unwrap();
     let handle = layer.handle();
-    let paused = || {
-        tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .start_paused(true)
-            .build()
-            .unwrap()
-    };
     // The refresh starts on `idle`; the request that started it gives up first.
-    let idle = paused();
+    let idle = paused_runtime();
     let gave_up = idle
         .block_on(async { tokio::time::timeout(Duration::from_millis(10), handle.get()).await });
     assert!(gave_up.is_err());
-    paused().block_on(async {
+    paused_runtime().block_on(async {
         let started = Instant::now();
         let waited = tokio::time::timeout(Duration::from_secs(60), handle.get()).await;
         let error = waited
