@@ -1481,6 +1481,15 @@ fn a_refresh_cancelled_with_its_runtime_does_not_wedge_the_cell() {
     assert_eq!(script.calls(), 2);
 }
 
+/// A current-thread runtime on a paused clock, for tests that need more than one.
+fn paused_runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .start_paused(true)
+        .build()
+        .unwrap()
+}
+
 // A current-thread runtime runs timers only while driven (`block_on` now and then):
 // a token got on one that is then left idle must not be sent once expired. Here the
 // token comes from one paused runtime, and the next request runs on another whose
@@ -1490,17 +1499,10 @@ fn a_token_got_on_an_idle_current_thread_runtime_is_not_sent_once_expired() {
     let script = Script::new(Duration::from_secs(2));
     let api = Api::new();
     let svc = script.layer().layer(api.service());
-    let paused = || {
-        tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .start_paused(true)
-            .build()
-            .unwrap()
-    };
-    let idle = paused();
+    let idle = paused_runtime();
     let res = idle.block_on(send(&mut svc.clone(), get())).unwrap();
     assert_eq!(res.body(), "Bearer tok-1");
-    paused().block_on(async {
+    paused_runtime().block_on(async {
         tokio::time::advance(Duration::from_secs(3)).await;
         let res = send(&mut svc.clone(), get()).await.unwrap();
         assert_eq!(res.body(), "Bearer tok-2");
@@ -1614,6 +1616,69 @@ async fn a_retry_after_given_to_an_early_refresh_holds_at_expiry() {
         "a call within the Retry-After: {:?}",
         calls.iter().map(|at| *at - start).collect::<Vec<_>>()
     );
+}
+
+// A `Retry-After` longer than the token timeout: a forced refresh (the handle's, the
+// background refresher's) fails at once, as requests do, instead of sleeping out its
+// whole token timeout for a certain failure (and holding the requests that join it).
+#[tokio::test(start_paused = true)]
+async fn a_forced_refresh_within_a_long_retry_after_fails_at_once() {
+    let calls = Arc::new(AtomicUsize::new(0));
+    let source = {
+        let calls = calls.clone();
+        source_fn(move || {
+            let n = calls.fetch_add(1, Ordering::SeqCst) + 1;
+            async move {
+                if n == 1 {
+                    return Ok(FetchedToken::new("tok-1").expires_in(Duration::from_secs(3600)));
+                }
+                Err(Error::unavailable("busy").with_retry_after(Some(Duration::from_secs(50))))
+            }
+        })
+    };
+    let layer = EshopboxAuthLayer::with_source(source).build().unwrap();
+    let handle = layer.handle();
+    handle.get().await.unwrap();
+    assert!(handle.invalidate());
+    assert!(handle.get().await.is_err());
+    assert_eq!(calls.load(Ordering::SeqCst), 2);
+    // Past the failure cooldown that spaces refreshes after an invalidation.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let asked = Instant::now();
+    assert!(handle.refresh().await.is_err());
+    assert_eq!(Instant::now(), asked, "failed at once");
+    assert_eq!(calls.load(Ordering::SeqCst), 2);
+}
+
+// A refresh running on a current-thread runtime that nobody drives (a sync wrapper
+// between two calls) does not hold a request on another runtime for ever: it waits at
+// most three token timeouts.
+#[test]
+fn a_request_waits_for_a_stalled_refresh_at_most_three_token_timeouts() {
+    let source = source_fn(|| async {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        Ok(FetchedToken::new("tok-1"))
+    });
+    let layer = EshopboxAuthLayer::with_source(source)
+        .token_timeout(Duration::from_secs(5))
+        .build()
+        .unwrap();
+    let handle = layer.handle();
+    // The refresh starts on `idle`; the request that started it gives up first.
+    let idle = paused_runtime();
+    let gave_up = idle
+        .block_on(async { tokio::time::timeout(Duration::from_millis(10), handle.get()).await });
+    assert!(gave_up.is_err());
+    paused_runtime().block_on(async {
+        let started = Instant::now();
+        let waited = tokio::time::timeout(Duration::from_secs(60), handle.get()).await;
+        let error = waited
+            .expect("waited past three token timeouts")
+            .unwrap_err();
+        assert_eq!(error.kind(), ErrorKind::Unavailable);
+        assert_eq!(started.elapsed(), Duration::from_secs(15));
+    });
+    drop(idle);
 }
 
 // Handle and counters ------------------------------------------------------------

@@ -434,3 +434,57 @@ async fn an_unusable_store_ends_the_command_without_a_token_call() {
         assert!(!text(&output.stderr).contains("-password"), "{why}");
     }
 }
+
+// The layer writes a rotated refresh token to the store after its call; if the store
+// fails just then (here writes are paused from the middle of the call), the command
+// writes it itself before it ends, instead of ending with the fleet's only valid
+// refresh token.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rotation_the_store_missed_is_stored_before_the_command_ends() {
+    let redis = RedisServer::start();
+    let admin = redis.client();
+    let mut current = support::REFRESH_TOKEN.to_owned();
+    let mut issued = 0;
+    let endpoint = support::TokenServer::start_seeing(move |_, seen| {
+        if support::sent_refresh_token(seen).as_deref() != Some(current.as_str()) {
+            return support::Reply::json(400, r#"{"error":"invalid_grant"}"#);
+        }
+        issued += 1;
+        current = format!("rt-{issued}");
+        let mut connection = admin.get_connection().unwrap();
+        redis::cmd("CLIENT")
+            .arg("PAUSE")
+            .arg(2500)
+            .arg("WRITE")
+            .query::<()>(&mut connection)
+            .unwrap();
+        support::Reply::json(
+            200,
+            &format!(
+                r#"{{"access_token":"tok-{issued}","refresh_token":"{current}","expires_in":3600,"token_type":"Bearer"}}"#
+            ),
+        )
+    })
+    .await;
+    let args = [
+        "--token-url",
+        &endpoint.url(),
+        "--redis-url",
+        &redis.url(),
+        "--redis-key-prefix",
+        "fleet:",
+        "--timeout",
+        "10",
+    ];
+    let output = run(&args, &[("ESHOPBOX_REFRESH_TOKEN", support::REFRESH_TOKEN)]).await;
+    assert!(output.status.success(), "{}", text(&output.stderr));
+    assert_eq!(text(&output.stdout).trim(), "tok-1");
+    let stored = RedisStore::new(&redis.url())
+        .unwrap()
+        .key_prefix("fleet:")
+        .load_refresh_token()
+        .await
+        .unwrap()
+        .expect("the rotated refresh token is in the store");
+    assert_eq!(stored.refresh_token().expose_secret(), "rt-1");
+}

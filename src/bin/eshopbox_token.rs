@@ -10,11 +10,13 @@
 //! a secret.
 
 use std::process::ExitCode;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use clap::Parser;
 use eshopbox_auth::secrecy::ExposeSecret;
-use eshopbox_auth::store::{RedisStore, TokenStore};
+use eshopbox_auth::secrecy::SecretString;
+use eshopbox_auth::store::{RedisStore, SharedRefreshToken, TokenStore};
 use eshopbox_auth::{AccessToken, Credentials, EshopboxAuthLayer, TokenHandle, DEFAULT_TOKEN_URL};
 
 const AFTER_HELP: &str = "\
@@ -145,17 +147,25 @@ async fn run(mut args: Args) -> Result<String, Failure> {
     );
     let timeout = Duration::from_secs(args.timeout);
     let with_store = args.redis_url.is_some();
+    // The refresh token the endpoint rotated to, if it did.
+    let rotated: Arc<Mutex<Option<SecretString>>> = Arc::default();
+    let mut kept: Option<(RedisStore, Option<SharedRefreshToken>)> = None;
     let mut builder = EshopboxAuthLayer::builder(credentials)
         .token_url(&args.token_url)
         .token_timeout(timeout)
-        .on_refresh_token_rotated(move |_| {
-            // With a store, the new refresh token is kept there for the fleet.
-            if !with_store {
-                eprintln!(
-                    "eshopbox-token: warning: the token endpoint rotated the refresh token; \
-                     the one in ESHOPBOX_REFRESH_TOKEN is spent (use --redis-url to keep the \
-                     new one in the fleet's store)"
-                );
+        .on_refresh_token_rotated({
+            let rotated = rotated.clone();
+            move |refresh_token| {
+                *rotated.lock().unwrap_or_else(PoisonError::into_inner) =
+                    Some(refresh_token.clone());
+                // With a store, the new refresh token is kept there for the fleet.
+                if !with_store {
+                    eprintln!(
+                        "eshopbox-token: warning: the token endpoint rotated the refresh \
+                         token; the one in ESHOPBOX_REFRESH_TOKEN is spent (use --redis-url \
+                         to keep the new one in the fleet's store)"
+                    );
+                }
             }
         });
     if let Some(workspace) = &args.workspace {
@@ -169,7 +179,8 @@ async fn run(mut args: Args) -> Result<String, Failure> {
         if let Some(key) = optional("ESHOPBOX_REDIS_ENCRYPTION_KEY") {
             store = store.encryption_key(hex_key(&key)?);
         }
-        check_store(&store, timeout).await?;
+        let before = check_store(&store, timeout).await?;
+        kept = Some((store.clone(), before));
         // The lease must be shorter than the token timeout, however short --timeout is.
         // Required: a store that fails later (it can be read but not written, say)
         // must not let the command spend the fleet's refresh token on its own.
@@ -185,6 +196,13 @@ async fn run(mut args: Args) -> Result<String, Failure> {
     let token = tokio::time::timeout(bound, usable_token(&layer.handle()))
         .await
         .map_err(|_| Failure::token("timed out waiting for a token"))??;
+    let rotated = rotated
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .take();
+    if let (Some((store, before)), Some(rotated)) = (kept, rotated) {
+        rotation_stored(&store, before, rotated, timeout).await?;
+    }
 
     if !args.json {
         return Ok(token.secret().expose_secret().to_owned());
@@ -211,7 +229,10 @@ async fn run(mut args: Args) -> Result<String, Failure> {
 /// (and, if the endpoint rotates it, lose the new one when the command exits). So a
 /// store that cannot be reached, refuses the password or holds values sealed with
 /// another key ends the command with no token call.
-async fn check_store(store: &RedisStore, timeout: Duration) -> Result<(), Failure> {
+async fn check_store(
+    store: &RedisStore,
+    timeout: Duration,
+) -> Result<Option<SharedRefreshToken>, Failure> {
     let unusable = |error: &dyn std::fmt::Display| {
         Failure::token(format!(
             "the token store cannot be used, so no token was requested outside it: {error}"
@@ -219,13 +240,68 @@ async fn check_store(store: &RedisStore, timeout: Duration) -> Result<(), Failur
     };
     let read = async {
         store.load().await?;
-        store.load_refresh_token().await.map(drop)
+        store.load_refresh_token().await
     };
     match tokio::time::timeout(timeout, read).await {
-        Ok(Ok(())) => Ok(()),
+        Ok(Ok(stored)) => Ok(stored),
         Ok(Err(error)) => Err(unusable(&with_causes(&error))),
         Err(_) => Err(unusable(&format!("no answer within {timeout:?}"))),
     }
+}
+
+/// After a token call that rotated the refresh token: makes sure the fleet's store
+/// holds the new one before the command ends. The layer writes it after its call, but
+/// if the store failed just then, the retry it keeps making would end with this
+/// process, and the fleet's only valid refresh token with it. So it is written here,
+/// over the version the store held before (`before`), until the store takes it or the
+/// timeout passes; then the command fails, and prints no token.
+async fn rotation_stored(
+    store: &RedisStore,
+    before: Option<SharedRefreshToken>,
+    rotated: SecretString,
+    timeout: Duration,
+) -> Result<(), Failure> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    let version = SharedRefreshToken::new(fastrand::u64(..), rotated.clone());
+    let mut last = String::from("no answer");
+    while tokio::time::Instant::now() < deadline {
+        let attempt = async {
+            let stored = store.load_refresh_token().await?;
+            match stored {
+                Some(stored)
+                    if stored.refresh_token().expose_secret() == rotated.expose_secret() =>
+                {
+                    Ok(true)
+                }
+                // Still the version the call replaced (or none): put ours over it.
+                stored
+                    if stored.as_ref().map(SharedRefreshToken::id)
+                        == before.as_ref().map(SharedRefreshToken::id) =>
+                {
+                    store
+                        .save_refresh_token(&version, before.as_ref().map(SharedRefreshToken::id))
+                        .await
+                }
+                // Emptied meanwhile (a restart that lost the data): ours is the newest.
+                None => store.save_refresh_token(&version, None).await,
+                Some(_) => Err(eshopbox_auth::Error::unavailable(
+                    "the store holds another refresh token than the one this call got",
+                )),
+            }
+        };
+        match tokio::time::timeout(Duration::from_secs(1), attempt).await {
+            Ok(Ok(true)) => return Ok(()),
+            Ok(Ok(false)) => last = "the store kept another refresh token".into(),
+            Ok(Err(error)) => last = with_causes(&error),
+            Err(_) => last = "no answer within 1s".into(),
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    Err(Failure::token(format!(
+        "the token endpoint rotated the refresh token, and the token store did not take \
+         the new one within {timeout:?} ({last}): the fleet's refresh token may be lost; \
+         no token is printed"
+    )))
 }
 
 fn optional(name: &str) -> Option<String> {

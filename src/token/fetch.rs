@@ -145,14 +145,16 @@ impl Fetcher {
         // The last refresh ran out of time moments ago: its back-off goes on. (Long
         // after, a refresh starts afresh.)
         if let Some((at, next)) = resume.filter(|(at, _)| !early && now < *at + BACKOFF_MAX) {
-            tokio::time::sleep_until(at.min(deadline)).await;
             if at >= deadline {
-                // No call fits in this refresh's time: the next one goes on waiting.
+                // No call fits in this refresh's time: fail at once, and the next
+                // refresh goes on waiting.
                 *self.resume.lock().unwrap_or_else(PoisonError::into_inner) = Some((at, next));
                 return Err(Error::unavailable(
-                    "the token endpoint's back-off ran past the token timeout",
-                ));
+                    "the token endpoint's back-off (or Retry-After) runs past the token timeout",
+                )
+                .with_retry_after(Some(at - now)));
             }
+            tokio::time::sleep_until(at).await;
             attempt = next;
         }
         loop {

@@ -60,7 +60,7 @@ impl TokenCell {
                 Joined::Valid(token) => return Ok(token),
                 Joined::Refresh(rx) => rx,
             };
-            answer(rx).await
+            answer(rx, cell.longest_refresh()).await
         })
     }
 
@@ -81,8 +81,17 @@ impl TokenCell {
                     }
                 }
             };
-            answer(rx).await
+            answer(rx, cell.longest_refresh()).await
         })
+    }
+
+    /// How long a request waits for a refresh at most, whatever becomes of the task
+    /// that runs it (its runtime may not be driven: a current-thread runtime that
+    /// another thread enters only now and then). A refresh takes at most about three
+    /// token timeouts: with a token store, waiting for another process's lock, its own
+    /// token call, and the configured refresh token's if the stored one was refused.
+    fn longest_refresh(&self) -> std::time::Duration {
+        self.fetcher().timeout().saturating_mul(3)
     }
 
     /// Makes sure a refresh runs, without waiting for it (the token is in its soft
@@ -240,11 +249,20 @@ impl Drop for Finish {
     }
 }
 
-/// The result of the refresh behind `rx`, once it is done.
-async fn answer(mut rx: watch::Receiver<Outcome>) -> Result<Arc<Token>, Error> {
-    let outcome = match rx.wait_for(Option::is_some).await {
-        Ok(outcome) => outcome.clone(),
-        Err(_) => None,
+/// The result of the refresh behind `rx`, once it is done, waiting at most `bound`.
+async fn answer(
+    mut rx: watch::Receiver<Outcome>,
+    bound: std::time::Duration,
+) -> Result<Arc<Token>, Error> {
+    let outcome = match tokio::time::timeout(bound, rx.wait_for(Option::is_some)).await {
+        Ok(Ok(outcome)) => outcome.clone(),
+        Ok(Err(_)) => None,
+        Err(_) => {
+            return Err(Error::unavailable(format!(
+                "the token refresh did not finish within {bound:?}: the runtime running it \
+                 may not be driven"
+            )))
+        }
     };
     outcome.unwrap_or_else(|| {
         Err(Error::unavailable(
