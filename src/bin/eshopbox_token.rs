@@ -60,7 +60,8 @@ struct Args {
     json: bool,
 
     /// Give up on the token after this many seconds (1 to 3600; with --redis-url,
-    /// waiting for another replica's refresh may take as long again).
+    /// waiting for another replica's refresh may take as long again, and so may
+    /// writing a rotated refresh token the store missed).
     #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=3600))]
     timeout: u64,
 }
@@ -193,9 +194,8 @@ async fn run(mut args: Args) -> Result<String, Failure> {
     // With a store, a replica may wait up to the token timeout for another one's
     // refresh before its own token call, which has the token timeout again.
     let bound = timeout * if with_store { 2 } else { 1 } + Duration::from_secs(5);
-    let token = tokio::time::timeout(bound, usable_token(&layer.handle()))
-        .await
-        .map_err(|_| Failure::token("timed out waiting for a token"))??;
+    let got = tokio::time::timeout(bound, usable_token(&layer.handle())).await;
+    // Whether or not a token came of it, a rotation must reach the store.
     let rotated = rotated
         .lock()
         .unwrap_or_else(PoisonError::into_inner)
@@ -203,6 +203,7 @@ async fn run(mut args: Args) -> Result<String, Failure> {
     if let (Some((store, before)), Some(rotated)) = (kept, rotated) {
         rotation_stored(&store, before, rotated, timeout).await?;
     }
+    let token = got.map_err(|_| Failure::token("timed out waiting for a token"))??;
 
     if !args.json {
         return Ok(token.secret().expose_secret().to_owned());
@@ -254,7 +255,9 @@ async fn check_store(
 /// if the store failed just then, the retry it keeps making would end with this
 /// process, and the fleet's only valid refresh token with it. So it is written here,
 /// over the version the store held before (`before`), until the store takes it or the
-/// timeout passes; then the command fails, and prints no token.
+/// timeout passes; then the command fails, and prints no token. A store that holds
+/// yet another version has moved on without this command (another replica's refresh):
+/// nothing is written over it, and the command fails at once, saying so.
 async fn rotation_stored(
     store: &RedisStore,
     before: Option<SharedRefreshToken>,
@@ -263,35 +266,38 @@ async fn rotation_stored(
 ) -> Result<(), Failure> {
     let deadline = tokio::time::Instant::now() + timeout;
     let version = SharedRefreshToken::new(fastrand::u64(..), rotated.clone());
+    let before_id = before.as_ref().map(SharedRefreshToken::id);
     let mut last = String::from("no answer");
     while tokio::time::Instant::now() < deadline {
         let attempt = async {
-            let stored = store.load_refresh_token().await?;
-            match stored {
+            let seen = match store.load_refresh_token().await? {
                 Some(stored)
                     if stored.refresh_token().expose_secret() == rotated.expose_secret() =>
                 {
-                    Ok(true)
+                    Seen::Ours
                 }
-                // Still the version the call replaced (or none): put ours over it.
-                stored
-                    if stored.as_ref().map(SharedRefreshToken::id)
-                        == before.as_ref().map(SharedRefreshToken::id) =>
-                {
-                    store
-                        .save_refresh_token(&version, before.as_ref().map(SharedRefreshToken::id))
-                        .await
+                // Still the version the call replaced: put ours over it.
+                Some(stored) if Some(stored.id()) == before_id => {
+                    Seen::Written(store.save_refresh_token(&version, before_id).await?)
                 }
-                // Emptied meanwhile (a restart that lost the data): ours is the newest.
-                None => store.save_refresh_token(&version, None).await,
-                Some(_) => Err(eshopbox_auth::Error::unavailable(
-                    "the store holds another refresh token than the one this call got",
-                )),
-            }
+                // Empty (it was at the start, or a restart lost the data): ours is the
+                // newest.
+                None => Seen::Written(store.save_refresh_token(&version, None).await?),
+                Some(_) => Seen::Another,
+            };
+            Ok::<_, eshopbox_auth::Error>(seen)
         };
         match tokio::time::timeout(Duration::from_secs(1), attempt).await {
-            Ok(Ok(true)) => return Ok(()),
-            Ok(Ok(false)) => last = "the store kept another refresh token".into(),
+            Ok(Ok(Seen::Ours | Seen::Written(true))) => return Ok(()),
+            Ok(Ok(Seen::Written(false))) => last = "the store kept another refresh token".into(),
+            Ok(Ok(Seen::Another)) => {
+                return Err(Failure::token(
+                    "the token endpoint rotated the refresh token, and the token store now \
+                     holds another one than the command read at its start or got: it was \
+                     not overwritten; check that the fleet's token calls succeed (no token \
+                     is printed)",
+                ))
+            }
             Ok(Err(error)) => last = with_causes(&error),
             Err(_) => last = "no answer within 1s".into(),
         }
@@ -302,6 +308,16 @@ async fn rotation_stored(
          the new one within {timeout:?} ({last}): the fleet's refresh token may be lost; \
          no token is printed"
     )))
+}
+
+/// What the store held when the command looked to store a rotation.
+enum Seen {
+    /// The rotated refresh token: nothing to do.
+    Ours,
+    /// The version the call replaced (or nothing), and whether ours was written over it.
+    Written(bool),
+    /// Yet another version.
+    Another,
 }
 
 fn optional(name: &str) -> Option<String> {

@@ -89,9 +89,13 @@ impl TokenCell {
     /// that runs it (its runtime may not be driven: a current-thread runtime that
     /// another thread enters only now and then). A refresh takes at most about three
     /// token timeouts: with a token store, waiting for another process's lock, its own
-    /// token call, and the configured refresh token's if the stored one was refused.
+    /// token call, and the configured refresh token's if the stored one was refused;
+    /// and a minute more for its store calls.
     fn longest_refresh(&self) -> std::time::Duration {
-        self.fetcher().timeout().saturating_mul(3)
+        self.fetcher()
+            .timeout()
+            .saturating_mul(3)
+            .saturating_add(std::time::Duration::from_secs(60))
     }
 
     /// Makes sure a refresh runs, without waiting for it (the token is in its soft
@@ -254,15 +258,24 @@ async fn answer(
     mut rx: watch::Receiver<Outcome>,
     bound: std::time::Duration,
 ) -> Result<Arc<Token>, Error> {
-    let outcome = match tokio::time::timeout(bound, rx.wait_for(Option::is_some)).await {
-        Ok(Ok(outcome)) => outcome.clone(),
-        Ok(Err(_)) => None,
-        Err(_) => {
-            return Err(Error::unavailable(format!(
-                "the token refresh did not finish within {bound:?}: the runtime running it \
-                 may not be driven"
-            )))
+    // Bounded only inside a runtime, whose timer can bound it (a request polled
+    // outside one joins the refresh as before).
+    let waited = if tokio::runtime::Handle::try_current().is_ok() {
+        match tokio::time::timeout(bound, rx.wait_for(Option::is_some)).await {
+            Ok(waited) => waited,
+            Err(_) => {
+                return Err(Error::unavailable(format!(
+                    "the token refresh did not finish within {bound:?}: the runtime running \
+                     it may not be driven"
+                )))
+            }
         }
+    } else {
+        rx.wait_for(Option::is_some).await
+    };
+    let outcome = match waited {
+        Ok(outcome) => outcome.clone(),
+        Err(_) => None,
     };
     outcome.unwrap_or_else(|| {
         Err(Error::unavailable(
