@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use eshopbox_auth::mock::{MockEshopbox, CLIENT_SECRET, REFRESH_TOKEN};
 use eshopbox_auth::secrecy::{ExposeSecret, SecretString};
-use eshopbox_auth::store::{RedisStore, SharedToken, TokenStore};
+use eshopbox_auth::store::{RedisStore, SharedRefreshToken, SharedToken, TokenStore};
 use eshopbox_auth::EshopboxAuthLayer;
 use http::StatusCode;
 use support::redis::RedisServer;
@@ -435,23 +435,24 @@ async fn an_unusable_store_ends_the_command_without_a_token_call() {
     }
 }
 
-// The layer writes a rotated refresh token to the store after its call; if the store
-// fails just then (here writes are paused from the middle of the call), the command
-// writes it itself before it ends, instead of ending with the fleet's only valid
-// refresh token.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_rotation_the_store_missed_is_stored_before_the_command_ends() {
-    let redis = RedisServer::start();
+/// A token endpoint that rotates the refresh token on every call (and refuses spent
+/// ones), and in the middle of each call runs `meanwhile` on Redis and then pauses
+/// its writes for 2.5 s: the layer's write after the call fails.
+async fn rotating_and_pausing(
+    redis: &RedisServer,
+    meanwhile: impl Fn(&mut redis::Connection) + Send + 'static,
+) -> support::TokenServer {
     let admin = redis.client();
     let mut current = support::REFRESH_TOKEN.to_owned();
     let mut issued = 0;
-    let endpoint = support::TokenServer::start_seeing(move |_, seen| {
+    support::TokenServer::start_seeing(move |_, seen| {
         if support::sent_refresh_token(seen).as_deref() != Some(current.as_str()) {
             return support::Reply::json(400, r#"{"error":"invalid_grant"}"#);
         }
         issued += 1;
         current = format!("rt-{issued}");
         let mut connection = admin.get_connection().unwrap();
+        meanwhile(&mut connection);
         redis::cmd("CLIENT")
             .arg("PAUSE")
             .arg(2500)
@@ -465,8 +466,12 @@ async fn a_rotation_the_store_missed_is_stored_before_the_command_ends() {
             ),
         )
     })
-    .await;
-    let args = [
+    .await
+}
+
+/// The command's arguments for `endpoint` and `redis`, key prefix `fleet:`.
+fn fleet_args(endpoint: &support::TokenServer, redis: &RedisServer) -> Vec<String> {
+    [
         "--token-url",
         &endpoint.url(),
         "--redis-url",
@@ -475,16 +480,74 @@ async fn a_rotation_the_store_missed_is_stored_before_the_command_ends() {
         "fleet:",
         "--timeout",
         "10",
-    ];
-    let output = run(&args, &[("ESHOPBOX_REFRESH_TOKEN", support::REFRESH_TOKEN)]).await;
-    assert!(output.status.success(), "{}", text(&output.stderr));
-    assert_eq!(text(&output.stdout).trim(), "tok-1");
-    let stored = RedisStore::new(&redis.url())
+    ]
+    .map(str::to_owned)
+    .to_vec()
+}
+
+/// The fleet's stored refresh token.
+async fn fleet_refresh_token(redis: &RedisServer) -> Option<String> {
+    RedisStore::new(&redis.url())
         .unwrap()
         .key_prefix("fleet:")
         .load_refresh_token()
         .await
         .unwrap()
-        .expect("the rotated refresh token is in the store");
-    assert_eq!(stored.refresh_token().expose_secret(), "rt-1");
+        .map(|stored| stored.refresh_token().expose_secret().to_owned())
+}
+
+// The layer writes a rotated refresh token to the store after its call; if the store
+// fails just then (here writes are paused from the middle of the call), the command
+// writes it itself before it ends, instead of ending with the fleet's only valid
+// refresh token.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rotation_the_store_missed_is_stored_before_the_command_ends() {
+    let redis = RedisServer::start();
+    let endpoint = rotating_and_pausing(&redis, |_| {}).await;
+    let args = fleet_args(&endpoint, &redis);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let output = run(&args, &[("ESHOPBOX_REFRESH_TOKEN", support::REFRESH_TOKEN)]).await;
+    assert!(output.status.success(), "{}", text(&output.stderr));
+    assert_eq!(text(&output.stdout).trim(), "tok-1");
+    assert_eq!(fleet_refresh_token(&redis).await.as_deref(), Some("rt-1"));
+}
+
+// If by then the store holds a refresh token the command neither read at its start nor
+// got (another replica's), the command writes nothing over it and fails at once,
+// printing no token.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rotation_is_not_written_over_a_refresh_token_the_command_did_not_expect() {
+    let redis = RedisServer::start();
+    RedisStore::new(&redis.url())
+        .unwrap()
+        .key_prefix("scratch:")
+        .save_refresh_token(
+            &SharedRefreshToken::new(99, SecretString::from("rt-other")),
+            None,
+        )
+        .await
+        .unwrap();
+    let other = redis.get("{scratch:}refresh-token").unwrap();
+    let endpoint = rotating_and_pausing(&redis, move |connection| {
+        redis::cmd("SET")
+            .arg("{fleet:}refresh-token")
+            .arg(&other)
+            .query::<()>(connection)
+            .unwrap();
+    })
+    .await;
+    let args = fleet_args(&endpoint, &redis);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let output = run(&args, &[("ESHOPBOX_REFRESH_TOKEN", support::REFRESH_TOKEN)]).await;
+    assert_eq!(output.status.code(), Some(1), "{}", text(&output.stderr));
+    assert_eq!(text(&output.stdout), "");
+    assert!(
+        text(&output.stderr).contains("not overwritten"),
+        "{}",
+        text(&output.stderr)
+    );
+    assert_eq!(
+        fleet_refresh_token(&redis).await.as_deref(),
+        Some("rt-other")
+    );
 }
