@@ -1377,20 +1377,19 @@ async fn a_workspace_forgotten_during_its_lookup_gets_no_token() {
     use eshopbox_auth::store::{InProcessStore, TokenStore};
 
     let eshopbox = MockEshopbox::start().await.unwrap();
-    let credentials = eshopbox.add_workspace("acme");
     let asked = Arc::new(tokio::sync::Notify::new());
     let answer = Arc::new(tokio::sync::Semaphore::new(0));
-    let resolver = {
+    // The first lookup says it was asked, then waits for its answer.
+    let (resolver, _) = resolver_with_first(eshopbox.add_workspace("acme"), {
         let (asked, answer) = (asked.clone(), answer.clone());
-        move |_: Workspace| -> Lookup {
-            let (asked, answer, credentials) = (asked.clone(), answer.clone(), credentials.clone());
-            Box::pin(async move {
+        move || {
+            let (asked, answer) = (asked.clone(), answer.clone());
+            async move {
                 asked.notify_one();
                 answer.acquire().await.unwrap().forget();
-                Ok(Some(credentials))
-            })
+            }
         }
-    };
+    });
     let store = InProcessStore::new();
     let layer = EshopboxAuthLayer::per_workspace(resolver)
         .token_url(&eshopbox.token_url())
@@ -1418,7 +1417,6 @@ async fn a_workspace_forgotten_during_its_lookup_gets_no_token() {
     let part = store.for_workspace("acme").unwrap();
     assert!(part.load().await.unwrap().is_none());
     // The next request looks the workspace up again and is served.
-    answer.add_permits(1);
     let response = within(
         service
             .clone()

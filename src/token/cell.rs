@@ -236,7 +236,7 @@ impl TokenCell {
 
     /// Whether a refresh now follows an invalidation (a 401), whoever starts it: a
     /// request, the background refresher or the handle. Such refreshes are spaced.
-    pub(super) fn after_invalidation(&self) -> bool {
+    fn after_invalidation(&self) -> bool {
         self.invalidated.load(Ordering::Relaxed)
     }
 
@@ -263,13 +263,17 @@ impl TokenCell {
 
     /// The fetcher's attempts: a few while a valid token is still served (an early
     /// refresh), until the deadline when requests wait. A failure pushes a still-valid
-    /// token's next refresh back. `space`: see [`Fetcher::fetch`](super::fetch::Fetcher::fetch).
+    /// token's next refresh back. The first token call of a refresh that follows an
+    /// invalidation, whoever started it, is spaced (see
+    /// [`Fetcher::fetch`](super::fetch::Fetcher::fetch)); `first_call` is false for a
+    /// second call in the same refresh.
     pub(super) async fn fetch(
         &self,
         reason: Reason,
         deadline: Instant,
-        space: bool,
+        first_call: bool,
     ) -> Result<Fetched, Error> {
+        let space = first_call && self.after_invalidation();
         let early_until = self.need(Instant::now()).ok().map(|token| token.expires_at);
         let fetched = self
             .fetcher

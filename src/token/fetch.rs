@@ -148,7 +148,7 @@ impl Fetcher {
             if at >= deadline {
                 // No call fits in this refresh's time: fail at once, and the next
                 // refresh goes on waiting.
-                *self.resume.lock().unwrap_or_else(PoisonError::into_inner) = Some((at, next));
+                self.resume_at(at, next);
                 return Err(Error::unavailable(
                     "the token endpoint's back-off (or Retry-After) runs past the token timeout",
                 )
@@ -211,8 +211,7 @@ impl Fetcher {
                     // only an endpoint's explicit `Retry-After` (which the refresh at
                     // expiry must honour too).
                     if !early || error.retry_after().is_some() {
-                        *self.resume.lock().unwrap_or_else(PoisonError::into_inner) =
-                            Some((Instant::now() + wait, attempt + 1));
+                        self.resume_at(Instant::now() + wait, attempt + 1);
                     }
                     return Err(error);
                 }
@@ -226,13 +225,18 @@ impl Fetcher {
                     // An early refresh out of attempts: a `Retry-After` still holds
                     // for the next refresh.
                     if let Some(after) = error.retry_after().filter(|_| error.is_transient()) {
-                        *self.resume.lock().unwrap_or_else(PoisonError::into_inner) =
-                            Some((Instant::now() + after, attempt + 1));
+                        self.resume_at(Instant::now() + after, attempt + 1);
                     }
                     return Err(error);
                 }
             }
         }
+    }
+
+    /// The next refresh makes no token call before `at`, and goes on with `attempt`'s
+    /// back-off.
+    fn resume_at(&self, at: Instant, attempt: u32) {
+        *self.resume.lock().unwrap_or_else(PoisonError::into_inner) = Some((at, attempt));
     }
 
     /// A refresh after an invalidation (a 401) waits until the spacing has passed

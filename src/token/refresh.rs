@@ -162,8 +162,7 @@ impl<'a> Job<'a> {
     pub(crate) async fn fetch(&self) -> Result<Fetched, Error> {
         let deadline = Instant::now() + self.cell.fetcher().timeout();
         let first = !self.called.swap(true, Ordering::Relaxed);
-        let space = first && (self.reason == Reason::Invalidated || self.cell.after_invalidation());
-        self.cell.fetch(self.reason, deadline, space).await
+        self.cell.fetch(self.reason, deadline, first).await
     }
 
     /// The refresh token the source sends next, if it has one.
@@ -228,8 +227,7 @@ impl TokenCell {
         }
         // Straight to the source, with the whole token timeout.
         let before = self.fetcher().refresh_token();
-        let space = reason == Reason::Invalidated || self.after_invalidation();
-        let fetched = self.fetch(reason, Instant::now() + timeout, space).await;
+        let fetched = self.fetch(reason, Instant::now() + timeout, true).await;
         if let Some(coordinator) = self.coordinator().filter(|_| !self.retired()) {
             if let Some(rotated) = self.fetcher().rotated_since(before) {
                 // A rotation (even from an otherwise unusable answer) reaches the

@@ -215,8 +215,7 @@ impl Token {
     #[cfg(feature = "workspaces")]
     #[inline]
     pub(crate) fn is_fresh_now(&self) -> bool {
-        self.is_fresh()
-            || (self.timed_phase() == Phase::Untimed && self.phase_now() == Phase::Fresh)
+        self.is_fresh() || self.phase_now() == Phase::Fresh
     }
 
     /// The timer-driven phase ([`Phase::Untimed`] once the timer is gone).

@@ -693,6 +693,16 @@ impl Registry {
     pub(crate) fn refused(&self) {
         count(&self.counters.refused, names::REFUSED);
     }
+
+    /// A request without a `Workspace` extension: counted with the unknown ones.
+    #[cold]
+    pub(crate) fn unnamed(&self) -> Error {
+        count(&self.counters.unknown, names::UNKNOWN);
+        Error::new(
+            ErrorKind::UnknownWorkspace,
+            "the request names no workspace (no Workspace extension)",
+        )
+    }
 }
 
 /// Deletes the workspace's keys from the token store, in a spawned task (bounded by
@@ -782,18 +792,6 @@ fn proxy_host(workspace: &Workspace) -> Result<HeaderValue, Error> {
         return Err(unknown(workspace, "longer than a workspace name may be"));
     }
     HeaderValue::from_str(name).map_err(|_| unknown(workspace, "not a valid header value"))
-}
-
-impl Registry {
-    /// A request without a `Workspace` extension: counted with the unknown ones.
-    #[cold]
-    pub(crate) fn unnamed(&self) -> Error {
-        count(&self.counters.unknown, names::UNKNOWN);
-        Error::new(
-            ErrorKind::UnknownWorkspace,
-            "the request names no workspace (no Workspace extension)",
-        )
-    }
 }
 
 /// The error of requests whose workspace was forgotten while they waited for its
